@@ -1,0 +1,231 @@
+"""LightningDataModule over an ANI-1x-layout or COMP6-layout HDF5 file.
+
+Each conformation becomes a PyTorch Geometric ``Data`` graph with fields
+``z`` (n_atoms,) atomic numbers, ``pos`` (n_atoms, 3) Å, ``energy`` (1,) Hartree, optionally
+``forces`` (n_atoms, 3) Hartree/Å (reference forces: metrics, and training only in the oracle
+stage), ``label_forces`` (n_atoms, 3) and ``label_force_var`` (n_atoms,) (distilled ensemble
+mean and variance, student stage), and ``mol``/``conf`` (1,), the record index and the
+conformation index in the file, so every prediction can be traced back to its HDF5 group.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch_geometric.data import Data
+from torch_geometric.loader import DataLoader
+
+from ..errors import DataError
+from ..units import symbol_to_number
+from .readers import MoleculeRecord, read_molecules
+
+log = logging.getLogger(__name__)
+
+
+def fit_self_energies(
+    records: Sequence[MoleculeRecord], index: np.ndarray, elements: Sequence[str]
+) -> tuple[np.ndarray, float]:
+    """Self atomic energies by least squares, E ≈ Σ_e n_e · SAE_e, over the chosen conformations.
+
+    Args:
+        records: the molecules.
+        index: (n, 2) rows of (record, conformation) to fit on (the training split).
+        elements: element symbols, fixing the order of the result.
+
+    Returns:
+        SAE (n_elements,) in Hartree, and the standard deviation (Hartree) of the residual energy
+        per atom, used as the models' output scale (1.0 floor-guarded).
+    """
+    numbers = [symbol_to_number(s) for s in elements]
+    counts = np.array([[np.sum(r.atomic_numbers == z) for z in numbers] for r in records], float)
+    rows = counts[index[:, 0]]
+    energies = np.array([records[m].energies[c] for m, c in index])
+    sae, *_ = np.linalg.lstsq(rows, energies, rcond=None)
+    residual_per_atom = (energies - rows @ sae) / rows.sum(axis=1)
+    scale = float(residual_per_atom.std())
+    return sae, scale if scale > 1e-8 else 1.0
+
+
+def split_indices(
+    records: Sequence[MoleculeRecord], val_fraction: float, test_fraction: float, seed: int,
+    by: str = "conformation",
+) -> dict[str, np.ndarray]:
+    """Deterministic train/val/test split; each value is an (n, 2) array of (record, conf) rows.
+
+    ``by="conformation"`` shuffles all conformations; ``by="molecule"`` keeps each molecule's
+    conformations together, so val/test molecules are unseen in training.
+    """
+    rng = np.random.default_rng(seed)
+    if by == "molecule":
+        order = rng.permutation(len(records))
+        sizes = np.array([records[m].num_conformations for m in order])
+        groups = [np.stack([np.full(s, m), np.arange(s)], 1) for m, s in zip(order, sizes)]
+        cum = np.cumsum(sizes) / sizes.sum()
+        test_end = np.searchsorted(cum, test_fraction, side="right") if test_fraction else 0
+        val_end = np.searchsorted(cum, test_fraction + val_fraction, side="right") if val_fraction else test_end
+        parts = {"test": groups[:test_end], "val": groups[test_end:val_end], "train": groups[val_end:]}
+        return {k: np.concatenate(v) if v else np.zeros((0, 2), int) for k, v in parts.items()}
+    if by != "conformation":
+        raise ValueError(f"split by '{by}': use 'conformation' or 'molecule'")
+    everything = np.concatenate(
+        [np.stack([np.full(r.num_conformations, m), np.arange(r.num_conformations)], 1)
+         for m, r in enumerate(records)]
+    )
+    everything = everything[rng.permutation(len(everything))]
+    n_test = int(round(test_fraction * len(everything)))
+    n_val = int(round(val_fraction * len(everything)))
+    return {
+        "test": everything[:n_test],
+        "val": everything[n_test:n_test + n_val],
+        "train": everything[n_test + n_val:],
+    }
+
+
+def conformation_graph(
+    record: MoleculeRecord, record_index: int, conf: int, labels: dict | None = None
+) -> Data:
+    """One conformation as a PyG ``Data`` (see the module docstring for the fields)."""
+    data = Data(
+        z=torch.from_numpy(record.atomic_numbers),
+        pos=torch.from_numpy(record.coordinates[conf]).float(),
+        energy=torch.tensor([record.energies[conf]], dtype=torch.float64),
+        mol=torch.tensor([record_index]),
+        conf=torch.tensor([int(record.conf_index[conf])]),
+    )
+    if record.forces is not None:
+        data.forces = torch.from_numpy(record.forces[conf]).float()
+    if labels is not None:
+        data.label_forces = torch.from_numpy(labels["forces"][conf]).float()
+        data.label_force_var = torch.from_numpy(labels["force_var"][conf]).float()
+    return data
+
+
+class EKDDataModule(pl.LightningDataModule):
+    """Molecules from one HDF5 file, split, with self energies fitted on the training split.
+
+    Args:
+        path: HDF5 file (ANI-1x release layout or COMP6 layout).
+        energy_key: energy dataset name (Hartree), e.g. ``ccsd(t)_cbs.energy``.
+        force_key: reference force dataset (Hartree/Å) or None; used for force metrics, and as
+            a training target only by the oracle stage.
+        file_format: ``ani1x``, ``comp6`` or ``auto``.
+        elements: element filter and the models' element list.
+        val_fraction, test_fraction: split sizes; ``split_by``: ``conformation`` or ``molecule``.
+        seed: split seed (the same seed gives the same split on every machine).
+        batch_size: conformations per batch.
+        labels: distilled label file (HDF5 written by distillation) for the student stage.
+        train_fraction: use only this random fraction of the training split (teacher diversity).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        energy_key: str,
+        force_key: str | None = None,
+        file_format: str = "auto",
+        elements: Sequence[str] = ("H", "C", "N", "O"),
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_by: str = "conformation",
+        seed: int = 0,
+        batch_size: int = 64,
+        labels: str | None = None,
+        train_fraction: float = 1.0,
+        train_subset_seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.path = Path(path)
+        self.energy_key, self.force_key, self.file_format = energy_key, force_key, file_format
+        self.elements = list(elements)
+        self.val_fraction, self.test_fraction, self.split_by = val_fraction, test_fraction, split_by
+        self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
+        self.labels_path = labels
+        self.train_fraction, self.train_subset_seed = train_fraction, train_subset_seed
+        self.records: list[MoleculeRecord] | None = None
+        self.splits: dict[str, np.ndarray] = {}
+        self.graphs: dict[str, list[Data]] = {}
+        self.self_energies: np.ndarray | None = None
+        self.energy_scale: float = 1.0
+
+    @property
+    def has_reference_forces(self) -> bool:
+        return self.force_key is not None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the file once, split, fit SAE on the training split and build the graphs."""
+        if self.records is not None:
+            return
+        self.records, _ = read_molecules(
+            self.path, self.energy_key, self.force_key, self.file_format, self.elements
+        )
+        self.splits = split_indices(
+            self.records, self.val_fraction, self.test_fraction, self.seed, self.split_by
+        )
+        if self.train_fraction < 1.0:
+            train = self.splits["train"]
+            rng = np.random.default_rng(self.train_subset_seed)
+            n = max(1, int(round(self.train_fraction * len(train))))
+            self.splits["train"] = train[np.sort(rng.choice(len(train), n, replace=False))]
+        if len(self.splits["train"]) == 0:
+            raise DataError(f"{self.path}: the training split is empty")
+        self.self_energies, self.energy_scale = fit_self_energies(
+            self.records, self.splits["train"], self.elements
+        )
+        labels = self._read_labels()
+        self.graphs = {
+            name: [
+                conformation_graph(self.records[m], m, c, None if labels is None else labels[m])
+                for m, c in rows
+            ]
+            for name, rows in self.splits.items()
+        }
+        if labels is not None:
+            self._drop_unlabelled()
+        log.info("split sizes: %s", {k: len(v) for k, v in self.graphs.items()})
+
+    def _read_labels(self) -> list[dict] | None:
+        if self.labels_path is None:
+            return None
+        from ..labels import read_labels
+
+        return read_labels(self.labels_path, self.records, dataset_path=self.path)
+
+    def _drop_unlabelled(self) -> None:
+        graphs = self.graphs["train"]
+        kept = [g for g in graphs if bool(torch.isfinite(g.label_forces).all())]
+        if len(kept) < len(graphs):
+            log.warning("%d training conformations have no distilled label and are skipped",
+                        len(graphs) - len(kept))
+        self.graphs["train"] = kept
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.graphs[split], batch_size=self.batch_size, shuffle=shuffle,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.all_dataloader()
+
+    def all_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """Every conformation of the file in stored order (used by distillation)."""
+        graphs = [
+            conformation_graph(r, m, c) for m, r in enumerate(self.records)
+            for c in range(r.num_conformations)
+        ]
+        return DataLoader(graphs, batch_size=batch_size or self.batch_size, shuffle=False)

@@ -1,0 +1,90 @@
+"""The contract every model follows: a batch of molecules in, one energy per molecule out.
+
+Energies are in Hartree. Each model predicts per-atom contributions; the total is
+``sum_atoms(energy_scale * contribution + self_energy[element])``, where the self atomic energies
+(SAE, Hartree) are fitted by linear regression on the training split and ``energy_scale`` is the
+spread of the residual energy per atom, so that networks see targets of order one. Forces are
+always -dE/dx by autograd (:func:`energy_and_forces`), never a separate output.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import DataError
+from ..units import number_to_symbol, symbol_to_number
+
+
+class AtomisticModel(nn.Module):
+    """Base class: subclasses implement :meth:`atomic_contributions`.
+
+    Args:
+        elements: element symbols the model knows, e.g. ``["H", "C", "N", "O"]``; their order
+            fixes the species index used by the networks.
+    """
+
+    def __init__(self, elements: Sequence[str]):
+        super().__init__()
+        self.elements = list(elements)
+        numbers = [symbol_to_number(s) for s in self.elements]
+        index = torch.full((119,), -1, dtype=torch.long)
+        index[torch.tensor(numbers)] = torch.arange(len(numbers))
+        self.register_buffer("species_of_number", index, persistent=False)
+        self.register_buffer("self_energies", torch.zeros(len(numbers), dtype=torch.float64))
+        self.register_buffer("energy_scale", torch.ones((), dtype=torch.float64))
+
+    @property
+    def num_species(self) -> int:
+        return len(self.elements)
+
+    def set_energy_statistics(self, self_energies: Sequence[float], energy_scale: float) -> None:
+        """Store the fitted SAE (Hartree, one per element in ``elements`` order) and scale."""
+        self.self_energies.copy_(torch.as_tensor(self_energies, dtype=torch.float64))
+        self.energy_scale.fill_(float(energy_scale))
+
+    def species(self, z: Tensor) -> Tensor:
+        """Species index (n_atoms,) of atomic numbers ``z``; DataError on an unknown element."""
+        species = self.species_of_number[z]
+        if bool((species < 0).any()):
+            unknown = sorted({number_to_symbol(n) for n in z[species < 0].tolist()})
+            raise DataError(
+                f"element(s) {unknown} are not among this model's elements {self.elements}; "
+                "filter them out of the data (data.elements) or train a model that includes them"
+            )
+        return species
+
+    def atomic_contributions(self, species: Tensor, pos: Tensor, batch: Tensor) -> Tensor:
+        """Dimensionless per-atom outputs (n_atoms,); scaled and shifted by :meth:`forward`."""
+        raise NotImplementedError
+
+    def forward(self, z: Tensor, pos: Tensor, batch: Tensor, num_molecules: int) -> Tensor:
+        """Energies (num_molecules,) in Hartree, float64.
+
+        Args:
+            z: (n_atoms,) atomic numbers.
+            pos: (n_atoms, 3) coordinates in Å (float32 or float64).
+            batch: (n_atoms,) molecule index of each atom, sorted ascending.
+            num_molecules: number of molecules in the batch.
+        """
+        species = self.species(z)
+        contributions = self.atomic_contributions(species, pos, batch).to(torch.float64)
+        atomic = self.energy_scale * contributions + self.self_energies[species]
+        energies = torch.zeros(num_molecules, dtype=torch.float64, device=pos.device)
+        return energies.index_add(0, batch, atomic)
+
+
+def energy_and_forces(
+    model: nn.Module, z: Tensor, pos: Tensor, batch: Tensor, num_molecules: int,
+    create_graph: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Energies (num_molecules,) in Hartree and forces F = -dE/dx (n_atoms, 3) in Hartree/Å.
+
+    ``create_graph=True`` keeps the graph so a force loss can be back-propagated.
+    """
+    if not pos.requires_grad:
+        pos = pos.detach().requires_grad_(True)
+    with torch.enable_grad():
+        energies = model(z, pos, batch, num_molecules)
+        (grad,) = torch.autograd.grad(energies.sum(), pos, create_graph=create_graph)
+    return energies, -grad

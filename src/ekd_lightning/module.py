@@ -1,0 +1,187 @@
+"""The Lightning module shared by every stage (teacher, baseline, student, oracle).
+
+Stages differ only in their loss: energy-only (teacher, baseline), energy plus distilled force
+labels (student), energy plus reference forces (oracle). Losses are in kcal/mol units: the
+energy term is the mean of ((E_pred - E_ref) / sqrt(n_atoms))², the force term the mean
+squared error per force component in (kcal/mol/Å)². Metrics are logged in kcal/mol and
+kcal/mol/Å: ``{split}/energy_mae|energy_rmse`` and, when the data has reference forces,
+``{split}/force_mae|force_rmse`` (per component, against the reference forces, never the labels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torchmetrics import MeanAbsoluteError, MeanSquaredError
+
+from .models import build_model
+from .units import HARTREE_TO_KCALMOL as KCAL
+
+FORCE_TARGETS = ("none", "labels", "reference")
+
+
+class PotentialModule(pl.LightningModule):
+    """An MLIP with its training recipe; the checkpoint holds everything needed to rebuild it.
+
+    Args:
+        model_name: a name from :data:`ekd_lightning.models.MODEL_NAMES`.
+        model_kwargs: keyword arguments of that model (sizes, cutoffs).
+        elements: element symbols.
+        self_energies: SAE per element (Hartree), fitted on the training split.
+        energy_scale: residual energy spread per atom (Hartree).
+        stage: ``teacher``, ``baseline``, ``student`` or ``oracle`` (recorded for provenance).
+        energy_weight, force_weight: loss weights.
+        force_target: ``none``, ``labels`` (distilled) or ``reference`` (the data's forces).
+        force_loss: ``mse``, or ``uncertainty`` to weight each atom by its inverse teacher
+            variance (floored at ``variance_floor`` (kcal/mol/Å)², weights normalised to mean 1).
+        force_warmup_epochs: ramp the force weight linearly from 0 over this many epochs.
+        lr, weight_decay, lr_factor, lr_patience: AdamW and ReduceLROnPlateau on ``val/loss``.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        model_kwargs: dict | None = None,
+        elements: Sequence[str] = ("H", "C", "N", "O"),
+        self_energies: Sequence[float] | None = None,
+        energy_scale: float = 1.0,
+        stage: str = "teacher",
+        energy_weight: float = 1.0,
+        force_weight: float = 0.0,
+        force_target: str = "none",
+        force_loss: str = "mse",
+        variance_floor: float = 1.0,
+        force_warmup_epochs: int = 0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        lr_factor: float = 0.5,
+        lr_patience: int = 5,
+    ):
+        super().__init__()
+        if force_target not in FORCE_TARGETS:
+            raise ValueError(f"force_target '{force_target}' is not one of {FORCE_TARGETS}")
+        if force_loss not in ("mse", "uncertainty"):
+            raise ValueError(f"force_loss '{force_loss}' is not 'mse' or 'uncertainty'")
+        elements = list(elements)
+        self_energies = [0.0] * len(elements) if self_energies is None else [float(e) for e in self_energies]
+        self.save_hyperparameters(
+            {"model_name": model_name, "model_kwargs": dict(model_kwargs or {}), "elements": elements,
+             "self_energies": self_energies, "energy_scale": float(energy_scale), "stage": stage,
+             "energy_weight": energy_weight, "force_weight": force_weight,
+             "force_target": force_target, "force_loss": force_loss,
+             "variance_floor": variance_floor, "force_warmup_epochs": force_warmup_epochs,
+             "lr": lr, "weight_decay": weight_decay, "lr_factor": lr_factor,
+             "lr_patience": lr_patience}
+        )
+        self.model = build_model(model_name, elements, **(model_kwargs or {}))
+        self.model.set_energy_statistics(self_energies, energy_scale)
+        self.metrics = torch.nn.ModuleDict({
+            f"{split}_{quantity}_{kind}": cls()
+            for split in ("val", "test") for quantity in ("energy", "force")
+            for kind, cls in (("mae", MeanAbsoluteError), ("mse", MeanSquaredError))
+        })
+
+    # ----------------------------------------------------------------- prediction
+    def forward(self, batch, create_graph: bool = False, with_forces: bool = True):
+        """Energies (n_molecules,) Hartree and forces (n_atoms, 3) Hartree/Å (None if not asked)."""
+        pos = batch.pos
+        if not with_forces:
+            return self.model(batch.z, pos, batch.batch, batch.num_graphs), None
+        pos = pos.detach().requires_grad_(True)
+        with torch.enable_grad():
+            energies = self.model(batch.z, pos, batch.batch, batch.num_graphs)
+            (grad,) = torch.autograd.grad(energies.sum(), pos, create_graph=create_graph)
+        return energies, -grad
+
+    # ----------------------------------------------------------------- losses
+    def current_force_weight(self) -> float:
+        hp = self.hparams
+        if hp.force_target == "none":
+            return 0.0
+        if hp.force_warmup_epochs > 0:
+            return hp.force_weight * min(1.0, (self.current_epoch + 1) / hp.force_warmup_epochs)
+        return hp.force_weight
+
+    def energy_loss(self, energies: Tensor, batch) -> Tensor:
+        n_atoms = torch.bincount(batch.batch, minlength=batch.num_graphs).to(energies.dtype)
+        return (((energies - batch.energy) * KCAL) ** 2 / n_atoms).mean().float()
+
+    def force_target(self, batch) -> Tensor:
+        return batch.label_forces if self.hparams.force_target == "labels" else batch.forces
+
+    def force_loss(self, forces: Tensor, batch) -> Tensor:
+        target = self.force_target(batch)
+        squared = ((forces - target) * KCAL) ** 2  # (n_atoms, 3)
+        valid = torch.isfinite(squared).all(dim=-1)
+        per_atom = torch.where(valid, squared.sum(-1) / 3, torch.zeros_like(squared[:, 0]))
+        weights = valid.to(per_atom.dtype)
+        if self.hparams.force_loss == "uncertainty":
+            variance = torch.nan_to_num(batch.label_force_var * KCAL**2, nan=float("inf"))
+            weights = weights / variance.clamp(min=self.hparams.variance_floor)
+        return (weights * per_atom).sum() / weights.sum().clamp(min=1e-12)
+
+    def loss(self, batch, create_graph: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Total loss, energies and forces (forces None when no force term is needed)."""
+        force_weight = self.current_force_weight()
+        energies, forces = self(batch, create_graph=create_graph, with_forces=force_weight > 0)
+        total = self.hparams.energy_weight * self.energy_loss(energies, batch)
+        if force_weight > 0:
+            total = total + force_weight * self.force_loss(forces, batch)
+        return total, energies, forces
+
+    # ----------------------------------------------------------------- steps
+    def training_step(self, batch, batch_idx):
+        loss, _, _ = self.loss(batch, create_graph=True)
+        self.log("train/loss", loss, batch_size=batch.num_graphs, prog_bar=True, on_epoch=True,
+                 on_step=False)
+        return loss
+
+    def _evaluate(self, batch, split: str) -> None:
+        has_reference = "forces" in batch
+        force_weight = self.current_force_weight()
+        energies, forces = self(batch, with_forces=has_reference or force_weight > 0)
+        loss = self.hparams.energy_weight * self.energy_loss(energies, batch)
+        if force_weight > 0:
+            loss = loss + force_weight * self.force_loss(forces, batch)
+        n = batch.num_graphs
+        self.log(f"{split}/loss", loss, batch_size=n, prog_bar=split == "val", sync_dist=True)
+        self._update(split, "energy", energies * KCAL, batch.energy * KCAL, n)
+        if has_reference:
+            self._update(split, "force", forces * KCAL, batch.forces * KCAL, n)
+
+    def _update(self, split: str, quantity: str, pred: Tensor, ref: Tensor, n: int) -> None:
+        mae, mse = self.metrics[f"{split}_{quantity}_mae"], self.metrics[f"{split}_{quantity}_mse"]
+        mae.update(pred.detach(), ref)
+        mse.update(pred.detach(), ref)
+        self.log(f"{split}/{quantity}_mae", mae, batch_size=n, prog_bar=quantity == "force")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_rmse("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_rmse("test")
+
+    def _log_rmse(self, split: str) -> None:
+        for quantity in ("energy", "force"):
+            mse = self.metrics[f"{split}_{quantity}_mse"]
+            if mse.update_called:
+                self.log(f"{split}/{quantity}_rmse", mse.compute().sqrt())
+                mse.reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=hp.lr_factor, patience=hp.lr_patience
+        )
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}

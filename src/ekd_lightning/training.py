@@ -1,0 +1,142 @@
+"""Train one model from a composed Hydra config (used by ``train.py`` and the pipeline)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from . import __version__
+from .checkpoint import AtomicCheckpointIO, file_sha256
+from .data import EKDDataModule
+from .module import PotentialModule
+
+log = logging.getLogger(__name__)
+
+
+def register_resolvers() -> None:
+    """``${bundled:NAME}``: path of a file shipped in ``ekd_lightning/bundled/data``."""
+    if not OmegaConf.has_resolver("bundled"):
+        from .bundled import DATA_DIR
+
+        OmegaConf.register_new_resolver("bundled", lambda name: str(DATA_DIR / name))
+
+
+def write_json_atomic(obj, path: str | Path) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(obj, handle, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def build_datamodule(cfg: DictConfig) -> EKDDataModule:
+    """The data module of a run; labels only for stages whose force target is ``labels``."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    labels = cfg.distill.labels if cfg.loss.force_target == "labels" else None
+    if cfg.loss.force_target == "labels" and labels is None:
+        raise ValueError(
+            f"stage={cfg.stage.name} trains on distilled forces: pass distill.labels=labels.h5 "
+            "(made by distill.py)"
+        )
+    if cfg.loss.force_target == "reference" and not data.get("force_key"):
+        raise ValueError(f"stage={cfg.stage.name} trains on reference forces: set data.force_key")
+    return EKDDataModule(**data, labels=labels)
+
+
+def build_module(cfg: DictConfig, datamodule: EKDDataModule) -> PotentialModule:
+    """A fresh model for ``cfg`` with the self energies fitted on the data's training split."""
+    return PotentialModule(
+        model_name=cfg.model.name,
+        model_kwargs=OmegaConf.to_container(cfg.model.kwargs, resolve=True),
+        elements=datamodule.elements,
+        self_energies=datamodule.self_energies.tolist(),
+        energy_scale=datamodule.energy_scale,
+        stage=cfg.stage.name,
+        **OmegaConf.to_container(cfg.loss, resolve=True),
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+    )
+
+
+def build_logger(cfg: DictConfig, run_dir: Path):
+    """W&B (offline unless logger.mode=online) or CSV logger writing into the run folder."""
+    if cfg.logger.name == "wandb":
+        from pytorch_lightning.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        return WandbLogger(
+            project=cfg.logger.project, mode=cfg.logger.mode, save_dir=str(run_dir),
+            name=cfg.run_name, config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    from pytorch_lightning.loggers import CSVLogger
+
+    return CSVLogger(save_dir=str(run_dir), name="csv")
+
+
+def provenance(cfg: DictConfig, datamodule: EKDDataModule) -> dict:
+    """What is needed to reproduce a run: config, versions, git revision, input hashes."""
+    versions = {}
+    for package in ("torch", "pytorch-lightning", "torch-geometric", "hydra-core", "h5py", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        revision = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=Path(__file__).parent,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        revision = None
+    labels = datamodule.labels_path
+    return {
+        "ekd_lightning": __version__, "versions": versions, "git_revision": revision,
+        "dataset": str(datamodule.path), "dataset_sha256": file_sha256(datamodule.path),
+        "labels": labels, "labels_sha256": file_sha256(labels) if labels else None,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
+    """Fit a model as ``cfg`` says, test the best checkpoint, return the final metrics.
+
+    The run folder receives ``checkpoints/{best,last}.ckpt``, ``metrics.json`` and
+    ``run_info.json`` (provenance). With ``cfg.resume`` an existing ``last.ckpt`` is resumed.
+    """
+    run_dir = Path(run_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    checkpoint_dir = run_dir / "checkpoints"
+    checkpointing = ModelCheckpoint(
+        dirpath=checkpoint_dir, filename="best", monitor="val/loss", save_last=True
+    )
+    trainer = pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        inference_mode=False, logger=build_logger(cfg, run_dir), callbacks=[checkpointing],
+        plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
+    )
+    write_json_atomic(provenance(cfg, datamodule), run_dir / "run_info.json")
+    last = checkpoint_dir / "last.ckpt"
+    resume_from = str(last) if cfg.get("resume", True) and last.is_file() else None
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    results = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
+    metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
+    metrics["best_checkpoint"] = checkpointing.best_model_path
+    if trainer.is_global_zero:
+        write_json_atomic(metrics, run_dir / "metrics.json")
+    return metrics

@@ -1,0 +1,119 @@
+"""Lightning training from Hydra configs: teacher and student fits, checkpoints, the CLI."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import write_label_file
+from ekd_lightning.checkpoint import load_potential
+from ekd_lightning.data import EKDDataModule
+from ekd_lightning.errors import CheckpointError
+from ekd_lightning.training import register_resolvers, run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_ANI = "model.kwargs.hidden={H:[32,32],C:[32,32],N:[32,32],O:[32,32]}"
+
+
+def make_cfg(data_file, *overrides):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[
+            f"data.path={data_file}", "data.energy_key=emt.energy", "data.force_key=emt.forces",
+            "data.batch_size=16", "logger=csv", "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false", *overrides,
+        ])
+
+
+def epoch_metrics(run_dir: Path, key: str) -> list[float]:
+    rows = list(csv.DictReader(open(next(run_dir.glob("csv/version_*/metrics.csv")))))
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(ani1x_file, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("teacher")
+    cfg = make_cfg(ani1x_file, "stage=teacher", "trainer.max_epochs=8", SMALL_ANI, "optim.lr=3e-3")
+    return run_dir, run_training(cfg, run_dir)
+
+
+def test_teacher_loss_goes_down(teacher_run):
+    run_dir, metrics = teacher_run
+    val = epoch_metrics(run_dir, "val/loss")
+    assert len(val) == 8 and val[-1] < 0.5 * val[0]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert {"test/energy_mae", "test/force_mae", "val/energy_rmse"} <= set(metrics)
+    info = (run_dir / "run_info.json").read_text()
+    assert "dataset_sha256" in info and "emt.energy" in info
+
+
+def test_student_on_force_labels_beats_energy_only_teacher(ani1x_file, teacher_run, tmp_path):
+    labels = write_label_file(tmp_path / "labels.h5", ani1x_file, "emt.energy", "emt.forces")
+    cfg = make_cfg(ani1x_file, "stage=student", f"distill.labels={labels}", "trainer.max_epochs=8",
+                   SMALL_ANI, "optim.lr=3e-3", "loss.force_weight=1.0")
+    metrics = run_training(cfg, tmp_path / "student")
+    assert epoch_metrics(tmp_path / "student", "val/loss")[-1] < epoch_metrics(tmp_path / "student", "val/loss")[0]
+    assert metrics["test/force_mae"] < 0.7 * teacher_run[1]["test/force_mae"]
+
+
+def test_student_without_labels_is_refused(ani1x_file, tmp_path):
+    with pytest.raises(ValueError, match="distill.labels"):
+        run_training(make_cfg(ani1x_file, "stage=student"), tmp_path)
+
+
+def test_checkpoint_round_trip(teacher_run, ani1x_file):
+    run_dir, _ = teacher_run
+    module = load_potential(run_dir / "checkpoints" / "best.ckpt")
+    again = load_potential(run_dir / "checkpoints" / "best.ckpt", expected_model="ani2x")
+    dm = EKDDataModule(str(ani1x_file), "emt.energy", batch_size=32)
+    dm.setup()
+    batch = next(iter(dm.test_dataloader()))
+    e1, f1 = module(batch)
+    e2, f2 = again(batch)
+    assert torch.equal(e1, e2) and torch.equal(f1, f2)
+    assert module.hparams.elements == ["H", "C", "N", "O"]
+    # the checkpoint carries the self energies fitted on the training split
+    assert torch.allclose(module.model.self_energies, torch.tensor(dm.self_energies), atol=1e-9)
+    assert float((e1.detach() - batch.energy).abs().mean()) < float((batch.energy - batch.energy.mean()).abs().mean())
+
+
+def test_bad_checkpoints_are_refused(teacher_run, tmp_path):
+    best = teacher_run[0] / "checkpoints" / "best.ckpt"
+    with pytest.raises(CheckpointError, match="is a 'ani2x' model, expected 'schnet'"):
+        load_potential(best, expected_model="schnet")
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes(best.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cut.ckpt: cannot read checkpoint"):
+        load_potential(truncated)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not an ekd-lightning checkpoint"):
+        load_potential(foreign)
+    tampered = torch.load(best, weights_only=False)
+    tampered["hyper_parameters"]["model_kwargs"] = {"hidden": {e: [8] for e in "HCNO"}}
+    torch.save(tampered, tmp_path / "tampered.ckpt")
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        load_potential(tmp_path / "tampered.ckpt")
+
+
+def test_cli_student_and_multirun_sweep(ani1x_file, tmp_path):
+    labels = write_label_file(tmp_path / "labels.h5", ani1x_file, "emt.energy", "emt.forces")
+    common = [f"data.path={ani1x_file}", "data.energy_key=emt.energy", "data.force_key=emt.forces",
+              f"distill.labels={labels}", "logger=csv", "trainer.max_epochs=1",
+              "trainer.enable_progress_bar=false", "model=schnet", "model.kwargs.num_interactions=1"]
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "stage=student",
+         "loss.force_weight=0.01,1", f"hydra.sweep.dir={sweep}", *common],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
+    assert [r.name.split(",")[0] for r in runs] == ["0_data.energy_key=emt.energy", "1_data.energy_key=emt.energy"]
+    weights = [yaml.safe_load((r / ".hydra" / "config.yaml").read_text())["loss"]["force_weight"] for r in runs]
+    assert weights == [0.01, 1]
