@@ -1,0 +1,183 @@
+"""Tests of the bundled GFN2-xTB dataset builder (tiny preset) and of the shipped files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+pytest.importorskip("tblite")
+pytest.importorskip("rdkit")
+
+from ekd_lightning import bundled  # noqa: E402
+from ekd_lightning.bundled import build  # noqa: E402
+
+ROOT_ATTRS = {"method", "program", "builder", "preset", "units_energy", "units_length",
+              "units_forces"}
+SUBSETS = {"gdb10to13", "drugbank", "tripeptides", "s66x8", "ani_md"}
+KCAL = 627.509474
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny preset built with two workers."""
+    return build.build(tmp_path_factory.mktemp("tiny2"), "tiny", workers=2, log=lambda m: None)
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+    return out
+
+
+def _comp6_groups(f: h5py.File) -> list[h5py.Group]:
+    return [f[s][m] for s in f for m in f[s]]
+
+
+def check_root(f: h5py.File, preset: str) -> None:
+    assert ROOT_ATTRS <= set(f.attrs)
+    assert f.attrs["method"] == "GFN2-xTB"
+    assert f.attrs["program"].startswith("tblite ")
+    assert f.attrs["builder"] == "ekd_lightning.bundled.build"
+    assert f.attrs["preset"] == preset
+    assert f.attrs["units_forces"] == "Hartree/angstrom"
+
+
+def check_train(path: Path, preset: str) -> None:
+    """ANI-1x release layout of the training file."""
+    with h5py.File(path, "r") as f:
+        check_root(f, preset)
+        assert len(f) >= 3
+        for name, g in f.items():
+            assert set(g) == {"atomic_numbers", "coordinates", bundled.ENERGY_KEY, bundled.FORCE_KEY}
+            z = g["atomic_numbers"][()]
+            xyz, e, frc = g["coordinates"][()], g[bundled.ENERGY_KEY][()], g[bundled.FORCE_KEY][()]
+            assert z.dtype == np.int64 and z.ndim == 1
+            assert np.all(np.diff(z) <= 0), "atoms sorted by atomic number, descending"
+            assert build.formula(g.attrs["smiles"]) == name
+            n_conf = len(e)
+            assert n_conf >= 5
+            assert xyz.dtype == e.dtype == frc.dtype == np.float64
+            assert xyz.shape == frc.shape == (n_conf, len(z), 3)
+            assert np.isfinite(e).all() and np.isfinite(frc).all() and np.isfinite(xyz).all()
+            spread = (e.max() - e.min()) * KCAL
+            assert 0.1 < spread < 150, f"{name}: energy spread {spread:.2f} kcal/mol"
+
+
+def check_comp6(path: Path, preset: str) -> None:
+    """COMP6 v1 layout of the test file."""
+    with h5py.File(path, "r") as f:
+        check_root(f, preset)
+        assert set(f) == SUBSETS
+        for g in _comp6_groups(f):
+            assert g.name.split("/")[-1].startswith("mol")
+            assert set(g) == {"species", "coordinates", "energies", "forces"}
+            species, xyz = g["species"][()], g["coordinates"][()]
+            e, frc = g["energies"][()], g["forces"][()]
+            assert species.dtype.kind == "S" and species.dtype.itemsize <= 2
+            assert set(species.tolist()) <= {b"H", b"C", b"N", b"O"}
+            assert xyz.dtype == frc.dtype == np.float32 and e.dtype == np.float64
+            assert xyz.shape == frc.shape == (len(e), len(species), 3)
+            assert 3 <= len(e) <= 20
+            assert np.isfinite(e).all() and np.isfinite(frc).all()
+            assert isinstance(g.attrs["smiles"], str)
+
+
+def test_tiny_train_layout(tiny):
+    check_train(tiny[0], "tiny")
+
+
+def test_tiny_comp6_layout(tiny):
+    check_comp6(tiny[1], "tiny")
+
+
+def test_test_set_is_out_of_sample(tiny):
+    with h5py.File(tiny[0], "r") as ftr, h5py.File(tiny[1], "r") as fte:
+        train = {build.canonical(g.attrs["smiles"]) for g in ftr.values()}
+        test = {build.canonical(g.attrs["smiles"]) for g in _comp6_groups(fte)}
+    assert train and test and not train & test
+    assert not {build.canonical(s) for s in build.TRAIN_SMILES} & {
+        build.canonical(s) for v in build.TEST_SMILES.values() for s in v}
+
+
+def _fd_check(numbers, xyz, forces, atom, axis, h=1e-3):
+    plus, minus = xyz.copy(), xyz.copy()
+    plus[atom, axis] += h
+    minus[atom, axis] -= h
+    e_plus = build.xtb_energy_forces(numbers, plus)[0]
+    e_minus = build.xtb_energy_forces(numbers, minus)[0]
+    fd = -(e_plus - e_minus) / (2 * h)
+    assert abs(fd - forces[atom, axis]) < 1e-4, (fd, forces[atom, axis])
+
+
+def test_train_forces_are_minus_energy_gradient(tiny):
+    with h5py.File(tiny[0], "r") as f:
+        g = f["CH4O"]
+        z, xyz = g["atomic_numbers"][()], g["coordinates"][-1]
+        energy, forces = g[bundled.ENERGY_KEY][-1], g[bundled.FORCE_KEY][-1]
+    assert build.xtb_energy_forces(z, xyz)[0] == pytest.approx(energy, abs=1e-7)
+    assert np.abs(forces).max() > 1e-3  # a displaced geometry, not the minimum
+    _fd_check(z, xyz, forces, atom=0, axis=0)
+    _fd_check(z, xyz, forces, atom=len(z) - 1, axis=2)
+
+
+def test_comp6_forces_are_minus_energy_gradient(tiny):
+    from ase.data import atomic_numbers
+
+    with h5py.File(tiny[1], "r") as f:
+        g = f["tripeptides/mol00"]
+        z = np.array([atomic_numbers[s.decode()] for s in g["species"][()]])
+        xyz = g["coordinates"][1].astype(np.float64)
+        energy, forces = g["energies"][1], g["forces"][1].astype(np.float64)
+    assert build.xtb_energy_forces(z, xyz)[0] == pytest.approx(energy, abs=1e-7)
+    _fd_check(z, xyz, forces, atom=2, axis=1)
+
+
+def test_s66x8_scan_geometry(tiny):
+    with h5py.File(tiny[1], "r") as f:
+        xyz = f["s66x8/mol00/coordinates"][()].astype(np.float64)
+        e = f["s66x8/mol00/energies"][()]
+    dist = np.linalg.norm(xyz[:, :3, None] - xyz[:, None, 3:], axis=-1)  # water A x water B
+    i, j = np.unravel_index(np.argmin(dist[2]), (3, 3))  # closest contact at scale 1.0
+    assert (i == 0) != (j == 0), "the closest contact is O...H (atom 0 of each water is O)"
+    np.testing.assert_allclose(dist[:, i, j] / dist[2, i, j], build.S66_SCALES, atol=1e-5)
+    assert 1.7 < dist[2, i, j] < 2.2, "an O-H...O hydrogen bond"
+    assert np.argmin(e) in (1, 2, 3), "the binding minimum is near the optimised separation"
+    assert e[-1] > e.min()
+
+
+def test_rerun_is_identical_with_other_worker_count(tiny, tmp_path):
+    again = build.build(tmp_path, "tiny", workers=1, log=lambda m: None)
+    for first, second in zip(tiny, again, strict=True):
+        a, b = _arrays(first), _arrays(second)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == b[key].dtype
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_project_readers_accept_files(tiny):
+    readers = pytest.importorskip("ekd_lightning.data.readers")
+    train, _ = readers.read_molecules(tiny[0], bundled.ENERGY_KEY, bundled.FORCE_KEY)
+    test, _ = readers.read_molecules(tiny[1], "energies", "forces")
+    assert {r.key for r in train} == {"H2O", "CH4O", "C2H3N"}
+    assert {r.subset for r in test} == SUBSETS
+
+
+@pytest.mark.skipif(not bundled.TRAIN_FILE.is_file() or not bundled.TEST_FILE.is_file(),
+                    reason="shipped default files not built")
+def test_shipped_default_files():
+    assert bundled.TRAIN_FILE.parent == bundled.DATA_DIR
+    check_train(bundled.TRAIN_FILE, "default")
+    check_comp6(bundled.TEST_FILE, "default")
+    with h5py.File(bundled.TRAIN_FILE, "r") as f:
+        assert 40 <= len(f) <= 60
+        assert sum(len(g[bundled.ENERGY_KEY]) for g in f.values()) >= 4000
+    with h5py.File(bundled.TEST_FILE, "r") as f:
+        assert 30 <= len(_comp6_groups(f)) <= 50
+    size = bundled.TRAIN_FILE.stat().st_size + bundled.TEST_FILE.stat().st_size
+    assert size < 8 * 2**20
