@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 
 from conftest import write_label_file

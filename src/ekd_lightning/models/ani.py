@@ -1,0 +1,110 @@
+"""ANI model (Smith et al.): AEV features and one multilayer perceptron per element.
+
+The per-atom output of the network of an atom's element is the dimensionless contribution
+that :class:`~ekd_lightning.models.base.AtomisticModel` scales and shifts to Hartree. With
+``elements=("H", "C", "N", "O", "S", "F", "Cl")`` and the default AEV and layer sizes this is the
+ANI-2x architecture of torchani (one ensemble member): the same 1008 features, the same layer
+sizes, CELU(alpha=0.1) activations and biases, so torchani weights can be copied in.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .aev import ANIAEV
+from .base import AtomisticModel
+
+ANI2X_HIDDEN: dict[str, list[int]] = {
+    "H": [256, 192, 160],
+    "C": [224, 192, 160],
+    "N": [192, 160, 128],
+    "O": [192, 160, 128],
+    "S": [160, 128, 96],
+    "F": [160, 128, 96],
+    "Cl": [160, 128, 96],
+}
+"""Hidden layer sizes of the ANI-2x atomic networks (torchani ``ANINetworks.like_2x``)."""
+
+DEFAULT_HIDDEN: list[int] = [160, 128, 96]
+"""Hidden layer sizes for an element that ANI-2x does not cover (torchani's default)."""
+
+
+def atomic_network(in_dim: int, hidden: Sequence[int], activation_alpha: float = 0.1) -> nn.Sequential:
+    """MLP ``in_dim -> hidden[0] -> ... -> hidden[-1] -> 1`` with CELU between linear layers.
+
+    Weights are Kaiming-normal initialised (``a=1``, as in torchani's training examples) and
+    biases are zero.
+    """
+    layers: list[nn.Module] = []
+    dims = [in_dim, *hidden]
+    for n_in, n_out in zip(dims[:-1], dims[1:], strict=True):
+        layers += [nn.Linear(n_in, n_out), nn.CELU(alpha=activation_alpha)]
+    layers.append(nn.Linear(dims[-1], 1))
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            nn.init.kaiming_normal_(layer.weight, a=1.0)
+            nn.init.zeros_(layer.bias)
+    return nn.Sequential(*layers)
+
+
+class ANIModel(AtomisticModel):
+    """ANI potential: :class:`~ekd_lightning.models.aev.ANIAEV` + one MLP per element.
+
+    Args:
+        elements: element symbols; their order is the species order of the AEV blocks. The
+            AEV is computed over exactly these elements (H, C, N, O: 4*16 + 10*32 = 384 features;
+            H, C, N, O, S, F, Cl: the ANI-2x 1008).
+        aev: keyword arguments of :class:`ANIAEV` overriding the ANI-2x constants, e.g.
+            ``{"radial_cutoff": 5.2}``.
+        hidden: hidden layer sizes per element symbol; elements not given use the ANI-2x sizes
+            (:data:`ANI2X_HIDDEN`, or :data:`DEFAULT_HIDDEN` for other elements).
+        activation_alpha: alpha of the CELU activations.
+    """
+
+    def __init__(
+        self,
+        elements: Sequence[str] = ("H", "C", "N", "O"),
+        aev: Mapping[str, float | int] | None = None,
+        hidden: Mapping[str, Sequence[int]] | None = None,
+        activation_alpha: float = 0.1,
+    ):
+        super().__init__(elements)
+        self.aev = ANIAEV(self.num_species, **dict(aev or {}))
+        hidden = dict(hidden or {})
+        unknown = set(hidden) - set(self.elements)
+        if unknown:
+            raise ValueError(f"hidden sizes given for {sorted(unknown)}, not in {self.elements}")
+        self.hidden = {
+            e: list(hidden.get(e, ANI2X_HIDDEN.get(e, DEFAULT_HIDDEN))) for e in self.elements
+        }
+        self.networks = nn.ModuleDict(
+            {
+                e: atomic_network(self.aev.out_dim, self.hidden[e], activation_alpha)
+                for e in self.elements
+            }
+        )
+
+    def atomic_contributions(self, species: Tensor, pos: Tensor, batch: Tensor) -> Tensor:
+        """Dimensionless per-atom outputs (n_atoms,) in the dtype of the network weights.
+
+        Args:
+            species: (n_atoms,) species index into ``elements``.
+            pos: (n_atoms, 3) coordinates in Å (cast to the weights' dtype).
+            batch: (n_atoms,) molecule index of each atom, sorted ascending.
+        """
+        dtype = self.networks[self.elements[0]][0].weight.dtype
+        features = self.aev(species, pos.to(dtype), batch)  # (n_atoms, n_features)
+        # group atoms by species once: one host sync for the group sizes, no padding
+        order = torch.argsort(species, stable=True)
+        sizes = torch.bincount(species, minlength=self.num_species).tolist()
+        grouped = features.index_select(0, order).split(sizes)
+        outputs = [
+            net(x).squeeze(-1)
+            for net, x, n in zip(self.networks.values(), grouped, sizes, strict=True)
+            if n > 0
+        ]
+        contributions = features.new_zeros(species.shape[0])
+        if not outputs:
+            return contributions
+        return contributions.index_copy(0, order, torch.cat(outputs))

@@ -1,0 +1,244 @@
+"""ANI AEV and model: agreement with torchani's ANI-2x, forces, invariances."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+
+from ekd_lightning.models.aev import ANIAEV, angular_triples
+from ekd_lightning.models.ani import ANIModel
+from ekd_lightning.models.base import energy_and_forces
+from ekd_lightning.models.neighbors import neighbor_pairs
+
+os.environ.setdefault("TORCHANI_NO_WARN_EXTENSIONS", "1")
+torchani = pytest.importorskip("torchani")
+
+ANI2X = ("H", "C", "N", "O", "S", "F", "Cl")
+S66X8 = Path(__file__).parents[1] / ".." / "shared" / "data" / "comp6v1" / "s66x8_wb97x6-31gd.h5"
+ASE_MOLECULES = ("CH3CH2OH", "C6H6", "CH3CONH2", "CH3SH", "CH3Cl", "CF4", "C2H6SO", "H2O")
+
+
+def _ase(names=ASE_MOLECULES) -> list[Atoms]:
+    return [molecule(name) for name in names]
+
+
+def _s66x8(num: int = 8) -> list[Atoms]:
+    h5py = pytest.importorskip("h5py")
+    if not S66X8.exists():
+        pytest.skip(f"{S66X8} not found")
+    mols = []
+    with h5py.File(S66X8, "r") as f:
+        group = f["s66x8"]
+        for name in sorted(group)[:: max(1, len(group) // num)][:num]:
+            symbols = [s.decode() for s in group[name]["species"][()]]
+            coordinates = group[name]["coordinates"][()]
+            for conformer in (0, len(coordinates) - 1):  # shortest and longest dimer distance
+                mols.append(Atoms(symbols, positions=coordinates[conformer].astype(np.float64)))
+    return mols
+
+
+def _flat(mols: list[Atoms], elements=ANI2X, dtype=torch.float64):
+    """species index, atomic numbers, positions (Å), batch of a flat PyG-style batch."""
+    species = torch.tensor(
+        [elements.index(s) for m in mols for s in m.get_chemical_symbols()], dtype=torch.long
+    )
+    z = torch.tensor(np.concatenate([m.numbers for m in mols]), dtype=torch.long)
+    pos = torch.tensor(np.concatenate([m.positions for m in mols]), dtype=dtype)
+    batch = torch.repeat_interleave(torch.arange(len(mols)), torch.tensor([len(m) for m in mols]))
+    return species, z, pos, batch
+
+
+def _padded(mols: list[Atoms], elements=ANI2X, dtype=torch.float64):
+    """torchani's padded layout: species index (-1 = padding) and coordinates (M, A, 3)."""
+    width = max(len(m) for m in mols)
+    species = torch.full((len(mols), width), -1, dtype=torch.long)
+    coords = torch.zeros(len(mols), width, 3, dtype=dtype)
+    for b, m in enumerate(mols):
+        species[b, : len(m)] = torch.tensor([elements.index(s) for s in m.get_chemical_symbols()])
+        coords[b, : len(m)] = torch.tensor(m.positions, dtype=dtype)
+    return species, coords
+
+
+def _torchani_2x():
+    """A single ANI-2x member (random weights, zero self energies), assembled as torchani does."""
+    from torchani.arch import Assembler
+
+    asm = Assembler(periodic_table_index=True)
+    asm.set_symbols(ANI2X)
+    asm.set_global_cutoff_fn("cosine")
+    asm.set_aev_computer(radial="ani2x", angular="ani2x", strategy="pyaev")
+    asm.set_atomic_networks(ctor="ani2x")
+    asm.set_neighborlist("all_pairs")
+    asm.set_zeros_as_self_energies()
+    return asm.assemble(1)
+
+
+def _check_aev_against_torchani(mols: list[Atoms]) -> None:
+    reference = torchani.aev.AEVComputer.like_2x()
+    ours = ANIAEV.like_2x(7)
+    assert ours.out_dim == reference.out_dim == 1008
+    for dtype, atol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        padded_species, coords = _padded(mols, dtype=dtype)
+        expected = reference.to(dtype)(padded_species, coords)[padded_species >= 0]
+        species, _, pos, batch = _flat(mols, dtype=dtype)
+        got = ours(species, pos, batch)
+        assert got.dtype == dtype and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+
+
+def test_aev_matches_torchani_on_ase_molecules():
+    _check_aev_against_torchani(_ase())
+
+
+def test_aev_matches_torchani_on_s66x8():
+    _check_aev_against_torchani(_s66x8())
+
+
+def test_aev_sizes_and_triples():
+    assert ANIAEV(4).out_dim == 4 * 16 + 10 * 32 == 384
+    assert ANIAEV(7).out_dim == 1008
+    _, _, pos, batch = _flat(_ase(("C6H6", "CH3CH2OH")))
+    edge_index = neighbor_pairs(pos, batch, 3.5)
+    p, q = angular_triples(edge_index[0], len(pos))
+    counts = torch.bincount(edge_index[0], minlength=len(pos))
+    assert len(p) == int((counts * (counts - 1) // 2).sum())
+    assert bool((edge_index[0, p] == edge_index[0, q]).all()) and bool((p < q).all())
+    assert len(set(zip(p.tolist(), q.tolist(), strict=True))) == len(p)
+
+
+def test_layer_sizes_match_torchani_2x():
+    reference = _torchani_2x().neural_networks
+    model = ANIModel(ANI2X)
+    for element in ANI2X:
+        theirs = [p.shape for p in reference[element].parameters()]
+        ours = [p.shape for p in model.networks[element].parameters()]
+        assert ours == theirs, element
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in reference.parameters()
+    )
+    assert ANIModel().aev.out_dim == 384  # default H, C, N, O
+
+
+def _copy_torchani_weights(model: ANIModel, reference) -> None:
+    with torch.no_grad():
+        for element in model.elements:
+            theirs = reference.neural_networks[element]
+            linears = [m for m in model.networks[element] if isinstance(m, torch.nn.Linear)]
+            for ours, other in zip(linears, [*theirs.layers, theirs.final_layer], strict=True):
+                ours.weight.copy_(other.weight)
+                ours.bias.copy_(other.bias)
+
+
+def test_energies_match_torchani_2x_with_copied_weights():
+    torch.manual_seed(0)
+    reference = _torchani_2x().double()
+    model = ANIModel(ANI2X).double()
+    _copy_torchani_weights(model, reference)
+    mols = _ase()
+    padded_species, coords = _padded(mols)
+    numbers = torch.where(
+        padded_species >= 0, torch.tensor([1, 6, 7, 8, 16, 9, 17])[padded_species], -1
+    )
+    expected = reference((numbers, coords)).energies
+    _, z, pos, batch = _flat(mols)
+    energies, forces = energy_and_forces(model, z, pos, batch, len(mols))
+    torch.testing.assert_close(energies, expected, atol=1e-8, rtol=0)
+    coords.requires_grad_(True)
+    (grad,) = torch.autograd.grad(reference((numbers, coords)).energies.sum(), coords)
+    torch.testing.assert_close(forces, -grad[padded_species >= 0], atol=1e-8, rtol=0)
+
+
+def _random_model(elements=ANI2X) -> ANIModel:
+    torch.manual_seed(1)
+    model = ANIModel(elements).double()
+    model.set_energy_statistics([-0.5 - i for i in range(len(elements))], 0.02)
+    return model
+
+
+def test_forces_match_finite_differences():
+    model = _random_model()
+    mols = _ase(("CH3CH2OH", "CH3Cl", "CH3SH"))
+    _, z, pos, batch = _flat(mols)
+    pos = pos + 0.05 * torch.randn(pos.shape, generator=torch.Generator().manual_seed(2),
+                                   dtype=pos.dtype)
+    _, forces = energy_and_forces(model, z, pos, batch, len(mols))
+    step = 1e-4
+    displaced = pos.repeat(2 * pos.numel(), 1, 1)  # (2 * 3n, n, 3): +h and -h per coordinate
+    flat = displaced.view(2, pos.numel(), pos.numel())
+    flat[0].diagonal().add_(step)
+    flat[1].diagonal().sub_(step)
+    n_configs = displaced.shape[0]
+    big_batch = (batch + len(mols) * torch.arange(n_configs).unsqueeze(1)).view(-1)
+    with torch.no_grad():
+        energies = model(z.repeat(n_configs), displaced.view(-1, 3), big_batch,
+                         len(mols) * n_configs).view(n_configs, len(mols)).sum(-1)
+    numerical = -(energies[: pos.numel()] - energies[pos.numel():]) / (2 * step)
+    torch.testing.assert_close(forces.flatten(), numerical, rtol=1e-6, atol=1e-6 * forces.abs().max())
+
+
+def test_force_training_double_backward():
+    model = _random_model()
+    mols = _ase(("CH3CONH2", "H2O"))
+    _, z, pos, batch = _flat(mols)
+    energies, forces = energy_and_forces(model, z, pos, batch, len(mols), create_graph=True)
+    loss = energies.square().sum() + forces.square().sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert model.networks["N"][0].weight.grad.abs().sum() > 0
+
+
+def _rotation(seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed),
+                                       dtype=torch.float64))
+    return q * torch.sign(torch.linalg.det(q))
+
+
+def test_energy_invariances():
+    model = _random_model()
+    mols = _ase(("CH3CH2OH", "C6H6", "CH3Cl"))
+    _, z, pos, batch = _flat(mols)
+    energies = model(z, pos, batch, len(mols))
+
+    moved = pos @ _rotation(3).T + torch.tensor([1.5, -2.0, 0.7], dtype=pos.dtype)
+    torch.testing.assert_close(model(z, moved, batch, len(mols)), energies, atol=1e-10, rtol=0)
+
+    # permutation of the atoms within each molecule (batch stays sorted)
+    perm = torch.cat([
+        torch.nonzero(batch == b).squeeze(1)[torch.randperm(int((batch == b).sum()))]
+        for b in range(len(mols))
+    ])
+    permuted = model(z[perm], pos[perm], batch[perm], len(mols))
+    torch.testing.assert_close(permuted, energies, atol=1e-10, rtol=0)
+
+
+def test_energy_independent_of_batch_contents():
+    model = _random_model()
+    mols = _ase(("CH3CONH2", "CH3SH", "C6H6", "CF4"))
+    lone_atom = Atoms("Cl", positions=[[0.0, 0.0, 0.0]])  # no neighbours at all
+    alone = []
+    for m in [*mols, lone_atom]:
+        _, z, pos, batch = _flat([m])
+        alone.append(model(z, pos, batch, 1))
+    # overlapping coordinates across molecules must not interact
+    _, z, pos, batch = _flat([*mols, lone_atom])
+    together = model(z, pos, batch, len(mols) + 1)
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-10, rtol=0)
+    _, z, pos, batch = _flat([lone_atom, *mols[::-1]])
+    reordered = model(z, pos, batch, len(mols) + 1)
+    torch.testing.assert_close(reordered, torch.cat(alone[::-1]), atol=1e-10, rtol=0)
+
+
+def test_float32_model_and_unknown_hidden():
+    model = ANIModel()  # H, C, N, O, float32
+    _, z, pos, batch = _flat(_ase(("CH3CH2OH", "H2O")), elements=("H", "C", "N", "O"))
+    energies, forces = energy_and_forces(model, z, pos, batch, 2)
+    assert energies.dtype == torch.float64 and forces.shape == pos.shape
+    assert bool(torch.isfinite(forces).all())
+    with pytest.raises(ValueError):
+        ANIModel(hidden={"S": [8]})
+    assert ANIModel(hidden={"H": [8, 4]}).hidden["H"] == [8, 4]
