@@ -64,7 +64,7 @@ def split_indices(
     if by == "molecule":
         order = rng.permutation(len(records))
         sizes = np.array([records[m].num_conformations for m in order])
-        groups = [np.stack([np.full(s, m), np.arange(s)], 1) for m, s in zip(order, sizes)]
+        groups = [np.stack([np.full(s, m), np.arange(s)], 1) for m, s in zip(order, sizes, strict=True)]
         cum = np.cumsum(sizes) / sizes.sum()
         test_end = np.searchsorted(cum, test_fraction, side="right") if test_fraction else 0
         val_end = np.searchsorted(cum, test_fraction + val_fraction, side="right") if val_fraction else test_end
