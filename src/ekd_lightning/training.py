@@ -17,6 +17,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from . import __version__
 from .checkpoint import AtomicCheckpointIO, file_sha256
 from .data import EKDDataModule
+from .distill import labels_for_training, student_force_loss
 from .module import PotentialModule
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def build_datamodule(cfg: DictConfig) -> EKDDataModule:
     if cfg.loss.force_target == "labels" and labels is None:
         raise ValueError(
             f"stage={cfg.stage.name} trains on distilled forces: pass distill.labels=labels.h5 "
-            "(made by distill.py)"
+            "(made by distill.py), or distill.teachers=[...] to distil them before the first epoch"
         )
     if cfg.loss.force_target == "reference" and not data.get("force_key"):
         raise ValueError(f"stage={cfg.stage.name} trains on reference forces: set data.force_key")
@@ -63,7 +64,7 @@ def build_module(cfg: DictConfig, datamodule: EKDDataModule) -> PotentialModule:
         self_energies=datamodule.self_energies.tolist(),
         energy_scale=datamodule.energy_scale,
         stage=cfg.stage.name,
-        **OmegaConf.to_container(cfg.loss, resolve=True),
+        **{**OmegaConf.to_container(cfg.loss, resolve=True), "force_loss": student_force_loss(cfg)},
         **OmegaConf.to_container(cfg.optim, resolve=True),
     )
 
@@ -114,6 +115,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     ``run_info.json`` (provenance). With ``cfg.resume`` an existing ``last.ckpt`` is resumed.
     """
     run_dir = Path(run_dir)
+    cfg = labels_for_training(cfg, run_dir)  # distill.teachers without distill.labels: label now
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")

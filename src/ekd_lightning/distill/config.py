@@ -1,0 +1,88 @@
+"""Hydra glue: ``distill.py``'s config (``conf/distill.yaml``) and ``train.py``'s ``distill`` keys."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ..labels import verify_teachers
+from .run import DistillJob, distill_labels, make_job
+
+log = logging.getLogger(__name__)
+
+TEACHER_KEYS = ("dir", "pattern", "paths")
+
+
+def teachers_override_argv(argv: Sequence[str], prefix: str = "teachers") -> list[str]:
+    """Let ``teachers.dir=runs/teachers`` work although ``teachers`` defaults to null.
+
+    ``teachers`` may be a list, a string or a mapping, so its default is null and Hydra would
+    refuse ``teachers.dir=...`` (no such key); it is rewritten to ``+teachers.dir=...``.
+    """
+    keys = tuple(f"{prefix}.{k}=" for k in TEACHER_KEYS)
+    return [f"+{arg}" if arg.startswith(keys) else arg for arg in argv]
+
+
+def _container(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def job_from_config(cfg: DictConfig) -> DistillJob:
+    """The labelling job of a ``distill.py`` config (data group, teachers, out, sizes)."""
+    data = cfg.data
+    return make_job(
+        dataset=data.path, energy_key=data.energy_key, out=cfg.out,
+        teachers=_container(cfg.teachers), file_format=data.get("file_format", "auto"),
+        elements=list(data.elements) if data.get("elements") else None,
+        batch_size=cfg.get("batch_size") or data.batch_size, chunk_size=cfg.get("chunk_size"),
+        overwrite=bool(cfg.get("overwrite", False)), keep_shards=bool(cfg.get("keep_shards", False)),
+    )
+
+
+def run_from_config(cfg: DictConfig) -> Path:
+    """``distill.py``: label ``cfg.data`` with ``cfg.teachers`` into ``cfg.out``."""
+    job = job_from_config(cfg)
+    return distill_labels(job, _container(cfg.trainer))
+
+
+def labels_for_training(cfg: DictConfig, run_dir: str | Path) -> DictConfig:
+    """The run's config with ``distill.labels`` set when the stage trains on distilled forces.
+
+    - ``distill.labels`` given: used as is (checked against ``distill.teachers`` if both given).
+    - only ``distill.teachers`` given: the labels are distilled now, before the first epoch, into
+      ``distill.out`` (default ``<run dir>/labels.h5``) with the run's trainer settings; a
+      restarted run reuses (or resumes) them.
+    - neither: ``cfg`` unchanged (the data module then asks for labels).
+    """
+    distill = cfg.get("distill") or {}
+    teachers, labels = _container(distill.get("teachers")), distill.get("labels")
+    if cfg.loss.force_target != "labels" or teachers is None:
+        return cfg
+    if labels:
+        verify_teachers(labels, teachers)
+        return cfg
+    data = cfg.data
+    out = Path(distill.get("out") or Path(run_dir) / "labels.h5")
+    job = make_job(
+        dataset=data.path, energy_key=data.energy_key, out=out, teachers=teachers,
+        file_format=data.get("file_format", "auto"),
+        elements=list(data.elements) if data.get("elements") else None,
+        batch_size=data.batch_size, chunk_size=distill.get("chunk_size"),
+    )
+    log.info("distilling labels for the student into %s", out)
+    distill_labels(job, _container(cfg.trainer))
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.distill.labels = str(out)
+    return cfg
+
+
+def student_force_loss(cfg: DictConfig) -> str:
+    """``distill.force_loss`` when set (mse or uncertainty), else ``loss.force_loss``."""
+    choice = (cfg.get("distill") or {}).get("force_loss") or cfg.loss.force_loss
+    if choice not in ("mse", "uncertainty"):
+        raise ValueError(f"distill.force_loss '{choice}' is not 'mse' or 'uncertainty'")
+    return choice
