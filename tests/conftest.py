@@ -46,10 +46,15 @@ def write_ani1x_file(path: Path, n_conf: int = 20, seed: int = 0, molecules=MOLE
 
 
 def write_comp6_file(path: Path, n_conf: int = 5, seed: int = 1) -> Path:
-    """A file in the COMP6 layout (subset/molecule groups, ``species`` as bytes)."""
+    """A file in the COMP6 layout (subset/molecule groups, ``species`` as bytes).
+
+    Its ``forces`` are true EMT forces, so the root says ``forces_convention = "-dE/dx"`` (real
+    COMP6 v1 files store gradients there and have no such attribute).
+    """
     rng = np.random.default_rng(seed)
     subsets = {"gdb": ["CH3CH2OH", "CH3CHO"], "md": ["CH3OH"]}
     with h5py.File(path, "w") as f:
+        f.attrs["forces_convention"] = "-dE/dx"
         for subset, names in subsets.items():
             for i, name in enumerate(names):
                 numbers, coords, energies, forces = emt_conformations(name, n_conf, rng)

@@ -76,7 +76,8 @@ def small(tmp_path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda f: f["H2O"].__delitem__("coordinates"), None),  # then H2O is not a molecule group
+        (lambda f: f["H2O"].__delitem__("coordinates"),
+         "group '/H2O' has no dataset 'coordinates'; it has: ['atomic_numbers', 'emt.energy', 'emt.forces']"),
         (lambda f: f["H2O"].__delitem__("emt.energy"), "group '/H2O' has no dataset 'emt.energy'"),
         (lambda f: f.create_dataset("CH4/emt.energyx", data=[0.0]) and f["CH4"].__delitem__("emt.energy"),
          "it has: ['atomic_numbers', 'coordinates', 'emt.energyx', 'emt.forces']"),
@@ -92,10 +93,6 @@ def small(tmp_path):
 )
 def test_bad_groups_name_file_group_and_problem(small, edit, message):
     _edit(small, edit)
-    if message is None:  # a group without coordinates is skipped, the rest still loads
-        records, _ = read_molecules(small, "emt.energy")
-        assert [r.key for r in records] == ["CH4"]
-        return
     with pytest.raises(DataError) as info:
         read_molecules(small, "emt.energy", "emt.forces")
     assert str(small) in str(info.value) and message in str(info.value)
@@ -137,3 +134,114 @@ def test_not_hdf5_and_truncated(tmp_path, ani1x_file):
         read_molecules(truncated, "emt.energy")
     with pytest.raises(DataError, match="no such file"):
         read_molecules(tmp_path / "missing.h5", "emt.energy")
+
+
+# --------------------------------------------------------------------------- COMP6 force sign
+def _comp6_by_hand(path, convention=None):
+    """One water in COMP6 layout; 'forces' holds arange values (Hartree/Å, sign as stored)."""
+    with h5py.File(path, "w") as f:
+        if convention is not None:
+            f.attrs["forces_convention"] = convention
+        g = f.create_group("sub/mol00")
+        g["species"] = np.array([b"O", b"H", b"H"])
+        g["coordinates"] = np.array([[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]] * 2, np.float32)
+        g["energies"] = np.array([-76.4, -76.3])
+        g["forces"] = np.arange(18, dtype=np.float32).reshape(2, 3, 3) - 9
+    return path, np.arange(18.0).reshape(2, 3, 3) - 9
+
+
+def test_comp6_without_attribute_is_read_as_gradient_and_warns_once(tmp_path, caplog):
+    path, stored = _comp6_by_hand(tmp_path / "real_like.h5")
+    with caplog.at_level("WARNING", logger="ekd_lightning.data.readers"):
+        records, _ = read_molecules(path, "energies", "forces")
+        read_molecules(path, "energies", "forces")  # second read of the same file: no new warning
+    np.testing.assert_array_equal(records[0].forces, -stored)
+    warnings = [r.getMessage() for r in caplog.records if "forces_convention" in r.getMessage()]
+    assert len(warnings) == 1 and str(path) in warnings[0]
+    assert "gradients dE/dx" in warnings[0] and "data.forces_are_gradients=false" in warnings[0]
+    records, _ = read_molecules(path, "energies")  # energies only: no forces, nothing to say
+    assert records[0].forces is None
+
+
+@pytest.mark.parametrize("convention, sign", [("-dE/dx", 1), ("dE/dx", -1), (b"-dE/dx", 1)])
+def test_comp6_root_attribute_decides(tmp_path, caplog, convention, sign):
+    path, stored = _comp6_by_hand(tmp_path / "c.h5", convention)
+    with caplog.at_level("WARNING", logger="ekd_lightning.data.readers"):
+        records, _ = read_molecules(path, "energies", "forces")
+    np.testing.assert_array_equal(records[0].forces, sign * stored)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("convention", [None, "-dE/dx"])
+def test_comp6_force_sign_override(tmp_path, caplog, convention):
+    path, stored = _comp6_by_hand(tmp_path / "c.h5", convention)
+    with caplog.at_level("WARNING", logger="ekd_lightning.data.readers"):
+        keep, _ = read_molecules(path, "energies", "forces", forces_are_gradients=False)
+        flip, _ = read_molecules(path, "energies", "forces", forces_are_gradients=True)
+    np.testing.assert_array_equal(keep[0].forces, stored)
+    np.testing.assert_array_equal(flip[0].forces, -stored)
+    assert not caplog.records
+
+
+def test_force_sign_reaches_the_datamodule(tmp_path):
+    from ekd_lightning.data import EKDDataModule
+
+    path, stored = _comp6_by_hand(tmp_path / "c.h5")
+    for flag, sign in ((False, 1), (None, -1)):
+        dm = EKDDataModule(str(path), "energies", "forces", "comp6", val_fraction=0,
+                           test_fraction=0, forces_are_gradients=flag)
+        dm.setup()
+        graph = dm.graphs["train"][0]
+        np.testing.assert_array_equal(graph.forces.numpy(), sign * stored[graph.conf.item()])
+
+
+def test_bad_forces_convention_attribute(tmp_path):
+    path, _ = _comp6_by_hand(tmp_path / "c.h5", "gradient")
+    with pytest.raises(DataError, match=r"forces_convention='gradient' is not one of"):
+        read_molecules(path, "energies", "forces")
+
+
+def test_ani1x_layout_forces_are_kept(ani1x_file, caplog):
+    with caplog.at_level("WARNING", logger="ekd_lightning.data.readers"):
+        records, _ = read_molecules(ani1x_file, "emt.energy", "emt.forces")
+    with h5py.File(ani1x_file, "r") as f:
+        np.testing.assert_array_equal(records[0].forces, f[records[0].key]["emt.forces"][()])
+    assert not caplog.records
+
+
+def test_shipped_comp6_file_holds_true_forces():
+    from ekd_lightning.bundled import TEST_FILE
+
+    if not TEST_FILE.is_file():
+        pytest.skip("bundled xtb_comp6.h5 not built")
+    with h5py.File(TEST_FILE, "r") as f:
+        assert f.attrs["forces_convention"] == "-dE/dx"
+        stored = f["s66x8/mol00/forces"][()]
+    records, _ = read_molecules(TEST_FILE, "energies", "forces")
+    got = next(r for r in records if r.key == "s66x8/mol00")
+    np.testing.assert_array_equal(got.forces, stored)
+
+
+@pytest.mark.skipif(not SHARED_S66X8.exists(), reason="shared S66x8 file not present")
+def test_real_comp6_forces_become_minus_gradient():
+    """COMP6 v1 stores dE/dx under 'forces': read with the default, work = -ΔE (slope +1)."""
+    from ekd_lightning.evaluate import force_energy_consistency
+
+    with h5py.File(SHARED_S66X8, "r") as f:
+        assert "forces_convention" not in f.attrs
+    records, _ = read_molecules(SHARED_S66X8, "energies", "forces")
+    assert force_energy_consistency(records) == pytest.approx(1.0, abs=0.1)
+    raw, _ = read_molecules(SHARED_S66X8, "energies", "forces", forces_are_gradients=False)
+    assert force_energy_consistency(raw) == pytest.approx(-1.0, abs=0.1)
+
+
+def test_builder_writes_forces_convention(tmp_path):
+    build = pytest.importorskip("ekd_lightning.bundled.build")
+    sample = build.Sample("sub/mol00", "O", np.array([8, 1, 1]), np.zeros((1, 3, 3)) + [[0], [0.96], [1.9]],
+                          np.array([-5.0]), np.full((1, 3, 3), 0.25), "test")
+    path = tmp_path / "built.h5"
+    build.write_comp6(path, [sample], {"method": "test"})
+    with h5py.File(path, "r") as f:
+        assert f.attrs["forces_convention"] == "-dE/dx"
+    records, _ = read_molecules(path, "energies", "forces")
+    np.testing.assert_array_equal(records[0].forces, sample.forces)

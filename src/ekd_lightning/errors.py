@@ -16,3 +16,7 @@ class CheckpointError(EKDError, ValueError):
 
 class LabelMismatchError(DataError):
     """A label file was made for another dataset or another teacher ensemble."""
+
+
+class NonFiniteLossError(EKDError, RuntimeError):
+    """Training produced a NaN/inf loss; training stopped before the weights were updated."""

@@ -84,6 +84,21 @@ class PotentialModule(pl.LightningModule):
             for kind, cls in (("mae", MeanAbsoluteError), ("mse", MeanSquaredError))
         })
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse (CheckpointError) to resume from a checkpoint of another architecture."""
+        from .errors import CheckpointError
+
+        saved = checkpoint.get("hyper_parameters", {})
+        keys = ("model_name", "model_kwargs", "elements")
+        if any(saved.get(k) != self.hparams.get(k) for k in keys):
+            where = getattr(self._trainer, "ckpt_path", None) or "checkpoint"
+            raise CheckpointError(
+                f"{where}: cannot load a checkpoint of another architecture: it holds "
+                f"{ {k: saved.get(k) for k in keys} }, this run builds "
+                f"{ {k: self.hparams.get(k) for k in keys} }; use another run directory "
+                "(hydra.run.dir) or remove its checkpoints/"
+            )
+
     # ----------------------------------------------------------------- prediction
     def forward(self, batch, create_graph: bool = False, with_forces: bool = True):
         """Energies (n_molecules,) Hartree and forces (n_atoms, 3) Hartree/Å (None if not asked)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from . import __version__
+from .callbacks import robustness_callbacks
 from .checkpoint import AtomicCheckpointIO, file_sha256
 from .data import EKDDataModule
 from .distill import labels_for_training, student_force_loss
@@ -108,13 +110,38 @@ def provenance(cfg: DictConfig, datamodule: EKDDataModule) -> dict:
     }
 
 
-def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
+def config_sha256(cfg: DictConfig) -> str:
+    """SHA-256 of the resolved config without ``resume``: identifies what a run computes."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("resume", None)
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_metrics(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The metrics of a run that already finished in ``run_dir`` with the same config, else None."""
+    done = Path(run_dir) / "metrics.json"
+    try:
+        metrics = json.loads(done.read_text()) if done.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if isinstance(metrics, dict) and metrics.get("config_sha256") == config_sha256(cfg):
+        return metrics
+    return None
+
+
+def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str, float]:
     """Fit a model as ``cfg`` says, test the best checkpoint, return the final metrics.
 
     The run folder receives ``checkpoints/{best,last}.ckpt``, ``metrics.json`` and
-    ``run_info.json`` (provenance). With ``cfg.resume`` an existing ``last.ckpt`` is resumed.
+    ``run_info.json`` (provenance). With ``cfg.resume`` an existing ``last.ckpt`` is resumed,
+    and a run whose ``metrics.json`` records the same config (``config_sha256``) is not run
+    again: its metrics are returned (so a restarted multirun sweep skips finished jobs).
     """
     run_dir = Path(run_dir)
+    fingerprint = config_sha256(cfg)
+    if cfg.get("resume", True) and (done := finished_metrics(cfg, run_dir)) is not None:
+        log.info("%s already finished with this config (metrics.json): skipping", run_dir)
+        return done
     cfg = labels_for_training(cfg, run_dir)  # distill.teachers without distill.labels: label now
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
@@ -126,7 +153,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     )
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
-        inference_mode=False, logger=build_logger(cfg, run_dir), callbacks=[checkpointing],
+        inference_mode=False, logger=build_logger(cfg, run_dir),
+        callbacks=[checkpointing, *robustness_callbacks(), *callbacks],
         plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
     )
     write_json_atomic(provenance(cfg, datamodule), run_dir / "run_info.json")
@@ -139,6 +167,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     results = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
     metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     metrics["best_checkpoint"] = checkpointing.best_model_path
+    metrics["config_sha256"] = fingerprint
     if trainer.is_global_zero:
         write_json_atomic(metrics, run_dir / "metrics.json")
     return metrics

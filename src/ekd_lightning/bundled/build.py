@@ -9,6 +9,9 @@ Two HDF5 files are written (see :mod:`ekd_lightning.bundled` for the description
 * ``xtb_comp6.h5`` in the COMP6 v1 layout: ``subset/molNN`` groups holding ``species``
   (n_atoms,) ``|S1`` element symbols, ``coordinates`` float32 Å, ``energies`` float64 Hartree
   and ``forces`` float32 Hartree/Å.  Labels are computed at the float32-rounded coordinates.
+  Unlike the real COMP6 v1 files, whose ``forces`` hold the energy gradient dE/dx, these are
+  true forces -dE/dx, and the root attribute ``forces_convention = "-dE/dx"`` says so (the
+  project's reader follows it; see :mod:`ekd_lightning.data.readers`).
 
 Pipeline per molecule: SMILES -> RDKit (AddHs, ETKDGv3 embedding with a fixed seed, MMFF
 optimisation) -> light GFN2-xTB optimisation (ASE BFGS) -> conformation sampling with Langevin
@@ -49,6 +52,8 @@ TEST_NAME = "xtb_comp6.h5"
 ENERGY_KEY = "gfn2_xtb.energy"
 FORCE_KEY = "gfn2_xtb.forces"
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+COMP6_FORCES_CONVENTION = ("forces_convention", "-dE/dx")
+"""Root attribute of the COMP6-layout file: its ``forces`` are true forces F = -dE/dx."""
 
 # --------------------------------------------------------------------------------------------
 # Molecules
@@ -555,11 +560,16 @@ def write_train(path: Path, samples: list[Sample], attrs: dict[str, str]) -> Non
 
 
 def write_comp6(path: Path, samples: list[Sample], attrs: dict[str, str]) -> None:
-    """Write the COMP6-layout test file atomically (``<name>.tmp`` then ``os.replace``)."""
+    """Write the COMP6-layout test file atomically (``<name>.tmp`` then ``os.replace``).
+
+    The root gets ``attrs`` plus ``forces_convention = "-dE/dx"``: the ``forces`` datasets hold
+    true forces (Hartree/Å), not the gradient the real COMP6 v1 files store under that name.
+    """
     from ase.data import chemical_symbols
 
     with _atomic_h5(path) as f:
         f.attrs.update(attrs)
+        f.attrs[COMP6_FORCES_CONVENTION[0]] = COMP6_FORCES_CONVENTION[1]
         for s in samples:
             g = f.require_group(s.key)
             g.attrs.update({"smiles": s.smiles, "sampling": s.sampling})

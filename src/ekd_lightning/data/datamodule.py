@@ -120,6 +120,9 @@ class EKDDataModule(pl.LightningDataModule):
         batch_size: conformations per batch.
         labels: distilled label file (HDF5 written by distillation) for the student stage.
         train_fraction: use only this random fraction of the training split (teacher diversity).
+        forces_are_gradients: the file's force datasets hold dE/dx (True) or -dE/dx (False);
+            None: the file's ``forces_convention`` attribute, else gradients for the COMP6
+            layout (see :mod:`ekd_lightning.data.readers`). Graphs always hold -dE/dx.
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class EKDDataModule(pl.LightningDataModule):
         train_fraction: float = 1.0,
         train_subset_seed: int = 0,
         num_workers: int = 0,
+        forces_are_gradients: bool | None = None,
     ):
         super().__init__()
         self.path = Path(path)
@@ -146,6 +150,7 @@ class EKDDataModule(pl.LightningDataModule):
         self.val_fraction, self.test_fraction, self.split_by = val_fraction, test_fraction, split_by
         self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
         self.labels_path = labels
+        self.forces_are_gradients = forces_are_gradients
         self.train_fraction, self.train_subset_seed = train_fraction, train_subset_seed
         self.records: list[MoleculeRecord] | None = None
         self.splits: dict[str, np.ndarray] = {}
@@ -162,7 +167,8 @@ class EKDDataModule(pl.LightningDataModule):
         if self.records is not None:
             return
         self.records, _ = read_molecules(
-            self.path, self.energy_key, self.force_key, self.file_format, self.elements
+            self.path, self.energy_key, self.force_key, self.file_format, self.elements,
+            forces_are_gradients=self.forces_are_gradients,
         )
         self.splits = split_indices(
             self.records, self.val_fraction, self.test_fraction, self.seed, self.split_by
@@ -221,6 +227,22 @@ class EKDDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.all_dataloader()
+
+    def split_records(self, split: str) -> list[MoleculeRecord]:
+        """The molecules of one split (``train``, ``val``, ``test``), each holding only its
+        conformations of that split (``conf_index`` still points into the file), e.g. to
+        evaluate on the held-out conformations with :mod:`ekd_lightning.evaluate`."""
+        rows = self.splits[split]
+        records = []
+        for m in np.unique(rows[:, 0]):
+            record, confs = self.records[m], np.sort(rows[rows[:, 0] == m, 1])
+            records.append(MoleculeRecord(
+                key=record.key, atomic_numbers=record.atomic_numbers,
+                coordinates=record.coordinates[confs], energies=record.energies[confs],
+                forces=None if record.forces is None else record.forces[confs],
+                conf_index=record.conf_index[confs],
+            ))
+        return records
 
     def all_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """Every conformation of the file in stored order (used by distillation)."""

@@ -11,24 +11,47 @@
 Both give a list of :class:`MoleculeRecord`. Conformations whose energy (or requested forces) is
 not finite are dropped and counted; every other problem raises :class:`DataError` naming the
 file, the group and what is wrong.
+
+Force sign convention
+---------------------
+:class:`MoleculeRecord` always holds true forces F = -dE/dx in Hartree/Å. The real COMP6 v1
+files store the energy *gradient* dE/dx under the key ``forces`` (isayev/COMP6 issue #2; the
+same fix went into torchmd-net PR #264), so the reader decides per file whether to negate:
+
+* ``forces_are_gradients=True``/``False`` (``data.forces_are_gradients``) says it explicitly;
+* otherwise a root attribute ``forces_convention`` decides: ``"-dE/dx"`` (true forces, written by
+  :mod:`ekd_lightning.bundled.build` and carried by the bundled ``xtb_comp6.h5``) or ``"dE/dx"``
+  (gradients);
+* otherwise COMP6-layout files are assumed to be real COMP6 v1 files, i.e. gradients, and a
+  warning (once per file) says so and how to override; ANI-1x-layout files are assumed to hold
+  forces (the ANI-1x release's ``wb97x_dz.forces`` are -dE/dx).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..errors import DataError
-from ..units import symbol_to_number
+from ..errors import DataError, EKDError
+from ..units import number_to_symbol, symbol_to_number
 
 log = logging.getLogger(__name__)
 
 MIN_DISTANCE = 0.1
 """Two atoms closer than this (Å) make a conformation invalid (duplicated atom)."""
+
+FORCES_CONVENTION_ATTR = "forces_convention"
+"""Root attribute naming what a file's force datasets hold: one of :data:`FORCES_CONVENTIONS`."""
+FORCES_CONVENTIONS = {"-dE/dx": False, "dE/dx": True}
+"""Root attribute value -> whether the stored arrays are gradients (to be negated)."""
+OTHER_ELEMENTS = ("skip", "error")
+_warned_gradient_files: set[str] = set()
 
 
 @dataclass
@@ -88,21 +111,58 @@ def open_h5(path: str | Path) -> h5py.File:
         raise DataError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {exc}") from exc
 
 
+@contextlib.contextmanager
+def _h5_errors(path: Path) -> Iterator[None]:
+    """Turn the low-level errors h5py raises on a damaged file into DataError naming ``path``."""
+    try:
+        yield
+    except EKDError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise DataError(
+            f"{path}: cannot read the file (truncated or corrupt HDF5?): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def _read(path: Path, group: h5py.Group, key: str) -> np.ndarray:
     if key not in group:
         raise DataError(
             f"{path}: group '{group.name}' has no dataset '{key}'; it has: {sorted(group.keys())}"
         )
+    item = group.get(key)
+    if not isinstance(item, h5py.Dataset):
+        raise DataError(f"{path}: '{group.name}/{key}' is not a dataset ({type(item).__name__})")
     try:
-        return group[key][()]
-    except (OSError, RuntimeError, ValueError) as exc:
+        value = item[()]
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:
         raise DataError(f"{path}: cannot read '{group.name}/{key}' (corrupt file?): {exc}") from exc
+    if isinstance(value, h5py.Empty) or not isinstance(value, np.ndarray):
+        raise DataError(f"{path}: '{group.name}/{key}' holds no array (shape {item.shape})")
+    return value
 
 
-def _species_to_numbers(path: Path, group: h5py.Group, species: np.ndarray) -> np.ndarray:
+def _read_float(path: Path, group: h5py.Group, key: str) -> np.ndarray:
+    """A dataset as float64; DataError if its dtype is not numeric (strings, compounds)."""
+    value = _read(path, group, key)
+    if value.dtype.kind not in "biuf":
+        raise DataError(
+            f"{path}: '{group.name}/{key}' has dtype {value.dtype}, expected real numbers"
+        )
+    return value.astype(np.float64)
+
+
+def _species_to_numbers(path: Path, group: h5py.Group, species: np.ndarray,
+                        key: str = "species") -> np.ndarray:
+    if species.ndim != 1:
+        raise DataError(
+            f"{path}: group '{group.name}' has '{key}' of shape {species.shape}, expected (n_atoms,)"
+        )
     numbers = []
     for s in species:
-        symbol = s.decode() if isinstance(s, bytes) else str(s)
+        try:
+            symbol = s.decode() if isinstance(s, bytes) else str(s)
+        except UnicodeDecodeError:
+            symbol = repr(s)
         try:
             numbers.append(symbol_to_number(symbol.strip()))
         except KeyError:
@@ -116,6 +176,11 @@ def _check_numbers(path: Path, group: h5py.Group, numbers: np.ndarray) -> np.nda
         raise DataError(f"{path}: group '{group.name}' has no atoms (atomic numbers {numbers.shape})")
     if not np.issubdtype(numbers.dtype, np.integer) or numbers.min() < 1 or numbers.max() > 118:
         raise DataError(f"{path}: group '{group.name}' has invalid atomic numbers {numbers.tolist()}")
+    if len(numbers) == 1:
+        raise DataError(
+            f"{path}: group '{group.name}' is a single atom ({number_to_symbol(int(numbers[0]))}): "
+            "an interatomic potential needs at least two atoms per molecule; remove the group"
+        )
     return numbers.astype(np.int64)
 
 
@@ -155,12 +220,17 @@ def _check_geometry(path: Path, group: h5py.Group, coordinates: np.ndarray) -> N
         )
 
 
+_MOLECULE_KEYS = ("coordinates", "species", "atomic_numbers")
+
+
 def _molecule_groups(root: h5py.Group):
-    """Yield every group that holds a ``coordinates`` dataset, depth first, in stored order."""
+    """Yield every molecule group, depth first, in stored order: a group holding
+    ``coordinates``, ``species`` or ``atomic_numbers`` (one without ``coordinates`` is yielded
+    too, so that reading it raises a DataError instead of silently losing the molecule)."""
     for name in root:
         item = root.get(name, getlink=False)
         if isinstance(item, h5py.Group):
-            if "coordinates" in item:
+            if any(key in item for key in _MOLECULE_KEYS):
                 yield item
             else:
                 yield from _molecule_groups(item)
@@ -168,24 +238,67 @@ def _molecule_groups(root: h5py.Group):
 
 def detect_format(path: str | Path) -> str:
     """``"ani1x"`` if molecule groups sit at the top level with ``atomic_numbers``, else ``"comp6"``."""
-    with open_h5(path) as f:
+    path = Path(path)
+    with open_h5(path) as f, _h5_errors(path):
         for group in _molecule_groups(f):
             top_level = group.name.count("/") == 1
             return "ani1x" if top_level and "atomic_numbers" in group else "comp6"
     raise DataError(f"{path}: no group with a 'coordinates' dataset: not an ANI-1x or COMP6 file")
 
 
-def _record_from_group(path, group, numbers_key, energy_key, force_key, report) -> MoleculeRecord | None:
+def forces_are_gradients_of(
+    path: str | Path, f: h5py.File, file_format: str, forces_are_gradients: bool | None = None
+) -> bool:
+    """Whether ``path``'s force datasets hold gradients dE/dx (to be negated into forces).
+
+    The explicit ``forces_are_gradients`` wins; else the root attribute ``forces_convention``
+    (``"-dE/dx"``: forces, ``"dE/dx"``: gradients); else True for the COMP6 layout (the real
+    COMP6 v1 files store gradients; a warning once per file says so) and False for ANI-1x.
+    """
+    if forces_are_gradients is not None:
+        return bool(forces_are_gradients)
+    value = f.attrs.get(FORCES_CONVENTION_ATTR)
+    if value is not None:
+        if isinstance(value, bytes):
+            value = value.decode(errors="replace")
+        if not isinstance(value, str) or value not in FORCES_CONVENTIONS:
+            shown = value if isinstance(value, str) else getattr(value, "tolist", lambda: value)()
+            raise DataError(
+                f"{path}: root attribute {FORCES_CONVENTION_ATTR}={shown!r} is not one of "
+                f"{sorted(FORCES_CONVENTIONS)}; fix it, or set data.forces_are_gradients"
+            )
+        return FORCES_CONVENTIONS[value]
+    if file_format != "comp6":
+        return False
+    key = str(Path(path).resolve())
+    if key not in _warned_gradient_files:
+        _warned_gradient_files.add(key)
+        log.warning(
+            "%s: COMP6-layout file without a '%s' root attribute: assuming its force arrays are "
+            "energy gradients dE/dx as in the real COMP6 v1 files, and negating them into forces. "
+            "If the file holds true forces -dE/dx, set data.forces_are_gradients=false (or "
+            "forces_are_gradients=False), or add the root attribute %s='-dE/dx'.",
+            path, FORCES_CONVENTION_ATTR, FORCES_CONVENTION_ATTR,
+        )
+    return True
+
+
+def _record_from_group(path, group, numbers_key, energy_key, force_key, report,
+                       negate_forces: bool = False) -> MoleculeRecord | None:
     if numbers_key == "species" and "species" not in group and "atomic_numbers" in group:
         numbers_key = "atomic_numbers"
+    if numbers_key == "atomic_numbers" and "atomic_numbers" not in group and "species" in group:
+        numbers_key = "species"
     raw = _read(path, group, numbers_key)
-    numbers = _species_to_numbers(path, group, raw) if raw.dtype.kind in "SUO" else raw
+    numbers = _species_to_numbers(path, group, raw, numbers_key) if raw.dtype.kind in "SUO" else raw
     numbers = _check_numbers(path, group, numbers)
-    coordinates = np.asarray(_read(path, group, "coordinates"), dtype=np.float64)
-    energies = np.asarray(_read(path, group, energy_key), dtype=np.float64)
+    coordinates = _read_float(path, group, "coordinates")
+    energies = _read_float(path, group, energy_key)
     forces = None
     if force_key is not None:
-        forces = np.asarray(_read(path, group, force_key), dtype=np.float64)
+        forces = _read_float(path, group, force_key)
+        if negate_forces:
+            forces = -forces
     _check_shapes(path, group, numbers, coordinates, energies, forces, energy_key, force_key)
     finite = np.isfinite(energies)
     if forces is not None:
@@ -206,21 +319,55 @@ def _record_from_group(path, group, numbers_key, energy_key, force_key, report) 
     )
 
 
+def check_elements(
+    path: str | Path, records: list[MoleculeRecord], elements: list[str] | tuple[str, ...]
+) -> None:
+    """DataError naming the first molecule (file, group) holding an element outside ``elements``.
+
+    Use before handing records to a model whose element list is ``elements``.
+    """
+    allowed = {symbol_to_number(s) for s in elements}
+    for record in records:
+        other = sorted(set(record.atomic_numbers.tolist()) - allowed)
+        if other:
+            raise DataError(_element_message(path, record.key, other, elements))
+
+
+def _element_message(path, key: str, numbers: list[int], elements) -> str:
+    symbols = [number_to_symbol(z) for z in numbers]
+    return (
+        f"{path}: group '/{key}' contains element(s) {symbols}, not among the model's elements "
+        f"{list(elements)}; skip such molecules by reading with data.elements={list(elements)} "
+        "(molecules with other elements are then left out and counted), or train a model whose "
+        f"data.elements include {symbols}"
+    )
+
+
 def read_molecules(
     path: str | Path,
     energy_key: str,
     force_key: str | None = None,
     file_format: str = "auto",
     elements: list[str] | None = None,
+    forces_are_gradients: bool | None = None,
+    other_elements: str = "skip",
 ) -> tuple[list[MoleculeRecord], ReadReport]:
     """Read every molecule of an ANI-1x-layout or COMP6-layout HDF5 file.
 
     Args:
         path: the HDF5 file.
-        energy_key: energy dataset name, e.g. ``"ccsd(t)_cbs.energy"`` (ANI-1x) or ``"energies"``.
-        force_key: optional force dataset name (``"wb97x_dz.forces"``, ``"forces"``).
+        energy_key: energy dataset name, e.g. ``"ccsd(t)_cbs.energy"`` (ANI-1x) or ``"energies"``;
+            (n_conf,) Hartree.
+        force_key: optional force dataset name (``"wb97x_dz.forces"``, ``"forces"``);
+            (n_conf, n_atoms, 3) Hartree/Å.
         file_format: ``"ani1x"``, ``"comp6"`` or ``"auto"`` (:func:`detect_format`).
         elements: keep only molecules made of these element symbols (None keeps all).
+        forces_are_gradients: whether the force datasets hold dE/dx (negated on reading) rather
+            than forces -dE/dx; None follows the root attribute ``forces_convention``, else
+            assumes gradients for the COMP6 layout (with a warning) and forces for ANI-1x (see
+            the module docstring). The records always hold forces F = -dE/dx.
+        other_elements: with ``elements``, ``"skip"`` leaves molecules with other elements out
+            (counted in the report, and a warning names them), ``"error"`` raises DataError.
 
     Returns:
         The records (conformations with non-finite energy/forces dropped) and a ReadReport.
@@ -229,32 +376,53 @@ def read_molecules(
     fmt = detect_format(path) if file_format == "auto" else file_format
     if fmt not in ("ani1x", "comp6"):
         raise DataError(f"{path}: unknown file_format '{file_format}' (use ani1x, comp6 or auto)")
+    if other_elements not in OTHER_ELEMENTS:
+        raise ValueError(f"other_elements '{other_elements}' is not one of {OTHER_ELEMENTS}")
     numbers_key = "atomic_numbers" if fmt == "ani1x" else "species"
     allowed = None if elements is None else {symbol_to_number(s) for s in elements}
     report, records = ReadReport(), []
-    with open_h5(path) as f:
+    other_found: dict[str, list[int]] = {}
+    with open_h5(path) as f, _h5_errors(path):
+        negate = force_key is not None and forces_are_gradients_of(path, f, fmt, forces_are_gradients)
         groups = list(_molecule_groups(f))
         if not groups:
             raise DataError(f"{path}: no group with a 'coordinates' dataset")
         for group in groups:
-            record = _record_from_group(path, group, numbers_key, energy_key, force_key, report)
+            record = _record_from_group(
+                path, group, numbers_key, energy_key, force_key, report, negate_forces=negate
+            )
             if record is None:
                 continue
-            if allowed is not None and not set(record.atomic_numbers.tolist()) <= allowed:
+            other = set() if allowed is None else set(record.atomic_numbers.tolist()) - allowed
+            if other:
+                if other_elements == "error":
+                    raise DataError(_element_message(path, record.key, sorted(other), elements))
                 report.dropped_elements += record.num_conformations
                 report.dropped_molecules_elements[record.key] = record.num_conformations
+                other_found[record.key] = sorted(other)
                 continue
             records.append(record)
     report.molecules = len(records)
     report.conformations = sum(r.num_conformations for r in records)
+    found = sorted({number_to_symbol(z) for zs in other_found.values() for z in zs})
+    if other_found:
+        keys = list(other_found)
+        log.warning(
+            "%s: %d molecules (%d conformations) contain elements %s outside data.elements=%s and "
+            "are left out: %s%s; add the elements to data.elements to use them",
+            path, len(keys), report.dropped_elements, found, list(elements), keys[:5],
+            " ..." if len(keys) > 5 else "",
+        )
     if not records:
         raise DataError(
             f"{path}: no usable conformation (energy key '{energy_key}'): {report.dropped_nonfinite} "
-            f"had non-finite values, {report.dropped_elements} had elements outside {elements}"
+            f"had non-finite values, {report.dropped_elements} had elements {found} outside "
+            f"{elements} (set data.elements to include them)"
         )
     log.info(
         "%s: %d molecules, %d conformations; dropped %d with non-finite values, %d with "
-        "elements outside %s", path, report.molecules, report.conformations,
+        "elements outside %s; forces %s", path, report.molecules, report.conformations,
         report.dropped_nonfinite, report.dropped_elements, elements,
+        "n/a" if force_key is None else ("negated (file holds dE/dx)" if negate else "as stored"),
     )
     return records, report
