@@ -2,6 +2,9 @@
 
 Hydra composes conf/train.yaml; sweep with -m, e.g.
 python train.py -m stage=student distill.labels=labels.h5 loss.force_weight=0.01,0.1,1
+
+The whole EKD pipeline (teachers, distillation, student, baseline, evaluation, MD, report):
+python train.py experiment=ekd
 """
 
 import hydra
@@ -15,7 +18,13 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    metrics = run_training(cfg, HydraConfig.get().runtime.output_dir)
+    out_dir = HydraConfig.get().runtime.output_dir
+    if cfg.get("pipeline") is not None:
+        from ekd_lightning.pipeline import run_pipeline
+
+        report = run_pipeline(cfg, out_dir)
+        return report.get("heldout", {}).get("summary", [{}])[0].get("force_mae", float("nan"))
+    metrics = run_training(cfg, out_dir)
     return metrics.get("val/loss", float("nan"))
 
 

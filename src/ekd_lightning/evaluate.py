@@ -426,22 +426,32 @@ def evaluate_models(
             "%s: the '%s' dataset looks like the energy gradient, not the forces (work/energy "
             "slope %.2f, expected +1; COMP6 v1 files store gradients): force metrics compare "
             "against the wrong sign", path, force_key, consistency)
+    about = {
+        "dataset": str(path), "energy_key": energy_key, "force_key": force_key,
+        "elements": elements, "units": UNITS, "force_energy_consistency": consistency,
+        "dropped_conformations": {
+            "nonfinite": report.dropped_nonfinite, "elements": report.dropped_elements},
+    }
+    return evaluate_records(models, records, out_dir, batch_size, plots, about)
+
+
+def evaluate_records(
+    models: Mapping[str, object], records: Sequence[MoleculeRecord],
+    out_dir: str | Path | None = None, batch_size: int = 64, plots: bool = True,
+    about: Mapping | None = None,
+) -> list[dict]:
+    """:func:`evaluate_models` on molecules already read (e.g. a data module's held-out split,
+    :meth:`~ekd_lightning.data.EKDDataModule.split_records`); ``about`` goes into metrics.json."""
     cache: dict = {}
     predictions = {name: predict(m, records, batch_size, _cache=cache) for name, m in models.items()}
     rows = [row for name, p in predictions.items() for row in metric_rows(name, p, records)]
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_csv_atomic(rows, out_dir / "metrics.csv", ROW_COLUMNS)
-        write_json_atomic(json_safe({
-            "dataset": str(path), "energy_key": energy_key, "force_key": force_key,
-            "elements": elements, "units": UNITS, "force_energy_consistency": consistency,
-            "dropped_conformations": {
-                "nonfinite": report.dropped_nonfinite, "elements": report.dropped_elements},
-            "rows": rows,
-        }), out_dir / "metrics.json")
+        write_json_atomic(json_safe({**(about or {}), "rows": rows}), out_dir / "metrics.json")
         if plots:
             plot_energy_parity(predictions, records, out_dir / "energy_parity.png")
-            if force_key is not None:
+            if all(r.forces is not None for r in records):
                 plot_force_errors(predictions, records, out_dir / "force_errors.png")
     return rows
 

@@ -1,0 +1,416 @@
+"""The whole EKD pipeline in one command: ``python train.py experiment=ekd``.
+
+Steps (each resumable: a finished step is skipped when the command is run again):
+
+1. **teachers**: energy-only models, one per entry of ``pipeline.teachers.models`` (any mix of
+   architectures), each with its own seed and, optionally, its own random subset of the
+   training split (``pipeline.teachers.train_fraction``); folder ``teachers/teacherN``.
+2. **distill**: the teacher ensemble labels every conformation of the dataset with the mean
+   force and the spread (:mod:`ekd_lightning.distill`); ``labels.h5``.
+3. **student**: reference energies + distilled forces; **baseline**: the same recipe on energies
+   only; **oracle** (when the data has true forces): the same recipe on the true forces. Each
+   with the seeds ``pipeline.seeds``; folders ``student/seedS`` etc.
+4. **evaluate**: every model (teachers, the teacher ensemble, students, baselines, oracles) on
+   the held-out conformations of the training molecules (``report/heldout``) and on the
+   out-of-sample test file (``report/test``, COMP6 layout), plus the quality of the distilled
+   labels against the true forces where the dataset has them.
+5. **md**: Langevin MD stability and NVE drift of baseline vs student (vs oracle).
+6. **report**: ``report/summary.md`` (tables, mean ± spread over seeds, the fraction of the
+   force-error gap closed, (baseline − student) / (baseline − oracle)), ``report/summary.json``,
+   printed at the end and logged to W&B when ``logger=wandb``.
+
+Training runs are derived from the composed config: the ``stage`` group file sets the loss, the
+``model`` group file the architecture, and ``pipeline.*`` epochs and seeds; everything else (data,
+trainer, optim, logger and their command-line overrides) is shared by all runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .checkpoint import load_potential
+from .data import EKDDataModule
+from .evaluate import ALL, evaluate_models, evaluate_records, format_table, json_safe, label_quality
+from .training import run_training, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+"""The Hydra config folder of a source checkout (model and stage group files)."""
+FORCE_MAE = "force_mae"
+
+
+@dataclass
+class Run:
+    """A finished training run: its name, folder, best checkpoint and final metrics."""
+
+    name: str
+    run_dir: Path
+    checkpoint: Path
+    metrics: dict
+
+
+# ----------------------------------------------------------------------------- configs
+def _group_file(group: str, name: str) -> DictConfig:
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise ValueError(f"{group}={name}: no {path} (choices: {', '.join(choices)})")
+    return OmegaConf.load(path)
+
+
+def run_config(cfg: DictConfig, stage: str, seed: int, max_epochs: int, model: str | None = None,
+               data: Mapping | None = None, extra: Mapping | None = None) -> DictConfig:
+    """The config of one training run of the pipeline.
+
+    Args:
+        cfg: the pipeline's composed config (``train.yaml`` + ``experiment=ekd``).
+        stage: a ``conf/stage`` file (teacher, student, baseline, oracle): sets ``stage``/``loss``.
+        seed, max_epochs: of this run.
+        model: a ``conf/model`` file name; None keeps ``cfg.model`` (the student architecture).
+        data, extra: values merged into ``cfg.data`` / the whole config.
+    """
+    sub = OmegaConf.merge(cfg, _group_file("stage", stage))
+    with open_dict(sub):
+        sub.pop("pipeline", None)
+        if model is not None and model != cfg.model.name:
+            sub.model = _group_file("model", model)
+        sub.seed = int(seed)
+        sub.trainer.max_epochs = int(max_epochs)
+        sub.run_name = f"{cfg.run_name}-{stage}-{sub.model.name}-seed{seed}"
+        if data:
+            sub.data = OmegaConf.merge(sub.data, data)
+    return OmegaConf.merge(sub, extra) if extra else sub
+
+
+@dataclass
+class Job:
+    """A training run to do: its name, resolved config and folder."""
+
+    name: str
+    cfg: dict
+    run_dir: Path
+
+
+def job(name: str, cfg: DictConfig, run_dir: Path) -> Job:
+    return Job(name, OmegaConf.to_container(cfg, resolve=True), Path(run_dir))
+
+
+class EpochLine(pl.Callback):
+    """One line per validation epoch (``name epoch e/E: val/energy_mae ... val/force_mae ...``):
+    the progress report of runs trained side by side, whose progress bars would interleave."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        shown = " ".join(f"{k} {float(m[k]):.3f}" for k in ("val/energy_mae", "val/force_mae") if k in m)
+        print(f"[{self.name}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {shown}",
+              flush=True)
+
+
+def run_job(job: Job, threads: int | None = None, quiet: bool = False) -> Run:
+    """Train one run unless ``run_dir/metrics.json`` says it already finished (also in a
+    worker process: ``threads`` torch threads, ``quiet`` swaps the progress bar for lines)."""
+    done = job.run_dir / "metrics.json"
+    if done.is_file():
+        metrics = json.loads(done.read_text())
+        log.info("%s: finished before, reusing %s", job.name, job.run_dir)
+    else:
+        if threads:
+            torch.set_num_threads(threads)
+        cfg = OmegaConf.create(job.cfg)
+        callbacks = []
+        if quiet:
+            cfg.trainer.enable_progress_bar = False
+            cfg.trainer.enable_model_summary = False
+            callbacks.append(EpochLine(job.name))
+        print(f"[{job.name}] training in {job.run_dir}", flush=True)
+        metrics = run_training(cfg, job.run_dir, callbacks=callbacks)
+    return Run(job.name, job.run_dir, Path(metrics["best_checkpoint"]), metrics)
+
+
+class Runner:
+    """Runs training jobs one after another, or ``workers`` at a time in spawned processes
+    (each with ``cpu_count // workers`` torch threads): on a CPU, two small trainings side by
+    side finish sooner than one after the other with two threads each."""
+
+    def __init__(self, workers: int = 1):
+        self.workers = max(1, int(workers))
+        self.pool = None
+        if self.workers > 1:
+            context = multiprocessing.get_context("spawn")
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=context)
+            self.threads = max(1, (os.cpu_count() or 1) // self.workers)
+
+    def submit(self, jobs: Sequence[Job]) -> list:
+        if self.pool is None:
+            return [_Done(run_job(j)) for j in jobs]
+        return [self.pool.submit(run_job, j, self.threads, True) for j in jobs]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+@dataclass
+class _Done:
+    """A finished run in the shape of a future."""
+
+    value: Run
+
+    def result(self) -> Run:
+        return self.value
+
+
+# ----------------------------------------------------------------------------- steps
+def teacher_jobs(cfg: DictConfig, out: Path) -> list[Job]:
+    """Step 1: the energy-only teachers (``pipeline.teachers``)."""
+    spec = cfg.pipeline.teachers
+    jobs = []
+    for i, model in enumerate(spec.models):
+        seed = int(spec.first_seed) + i
+        data = {}
+        if spec.train_fraction < 1.0:
+            data = {"train_fraction": float(spec.train_fraction), "train_subset_seed": seed}
+        sub = run_config(cfg, "teacher", seed, spec.max_epochs, model=model, data=data)
+        jobs.append(job(f"teacher{i}", sub, out / "teachers" / f"teacher{i}"))
+    return jobs
+
+
+def variant_jobs(cfg: DictConfig, stage: str, out: Path, labels: Path | None = None) -> list[Job]:
+    """Step 3: ``stage`` (student, baseline or oracle) for each of ``pipeline.seeds``."""
+    p = cfg.pipeline
+    extra = {"distill": {"labels": str(labels)}} if labels is not None else None
+    return [job(f"{stage}-seed{seed}", run_config(cfg, stage, seed, p.max_epochs, extra=extra),
+                out / stage / f"seed{seed}") for seed in p.seeds]
+
+
+def distill(cfg: DictConfig, teachers: Sequence[Run], out: Path) -> Path:
+    """Step 2: label every conformation of ``cfg.data`` with the teacher ensemble."""
+    from .distill import distill_labels, make_job
+
+    data = cfg.data
+    job = make_job(
+        dataset=data.path, energy_key=data.energy_key, out=out / "labels.h5",
+        teachers=[str(t.checkpoint) for t in teachers], file_format=data.file_format,
+        elements=list(data.elements), batch_size=data.batch_size,
+    )
+    return distill_labels(job, OmegaConf.to_container(cfg.trainer, resolve=True))
+
+
+def named_models(teachers: Sequence[Run], variants: Mapping[str, Sequence[Run]]) -> dict:
+    """``{name: PotentialModule or list (ensemble)}`` of everything the report compares."""
+    models: dict[str, object] = {t.name: load_potential(t.checkpoint) for t in teachers}
+    models["ensemble"] = [models[t.name] for t in teachers]
+    for stage, runs in variants.items():
+        for run in runs:
+            models[f"{stage}-seed{run.run_dir.name.removeprefix('seed')}"] = load_potential(run.checkpoint)
+    return models
+
+
+def evaluate(cfg: DictConfig, models: Mapping[str, object], labels: Path, out: Path) -> dict:
+    """Step 4: metrics on the held-out split and on the test file, and the labels' quality."""
+    data = cfg.data
+    datamodule = EKDDataModule(**OmegaConf.to_container(data, resolve=True))
+    datamodule.setup("fit")
+    split = cfg.pipeline.heldout_split
+    results = {"heldout": evaluate_records(
+        models, datamodule.split_records(split), out / "heldout",
+        about={"dataset": str(data.path), "split": split, "energy_key": data.energy_key,
+               "force_key": data.force_key})}
+    test = cfg.pipeline.get("test_data")
+    if test and test.get("path"):
+        results["test"] = evaluate_models(
+            models, test.path, test.energy_key, test.get("force_key"), test.file_format,
+            list(data.elements), out / "test")
+    if data.get("force_key"):
+        results["labels"] = label_quality(labels, data.path, data.energy_key, data.force_key,
+                                          data.file_format, list(data.elements))
+    return results
+
+
+def md_stability(cfg: DictConfig, models: Mapping[str, object], out: Path) -> list[dict]:
+    """Step 5: Langevin MD stability and NVE drift of baseline vs student (vs oracle)."""
+    from .md import default_molecules, stability_table
+
+    md = cfg.pipeline.md
+    chosen = {name: m for name, m in models.items()
+              if name.split("-seed")[0] in md.variants and name.endswith(f"-seed{md.seed}")}
+    chosen.update({name: models[name] for name in md.get("extra_models") or [] if name in models})
+    return stability_table(
+        chosen, default_molecules(list(md.molecules)), list(md.temperatures), list(md.seeds),
+        md.steps, nve_steps=md.nve_steps, out_dir=out / "md")
+
+
+# ----------------------------------------------------------------------------- report
+def seed_summary(rows: Sequence[Mapping], stages: Sequence[str], subset: str = ALL) -> list[dict]:
+    """Mean and spread (standard deviation, ddof=0) over seeds of each variant's metrics.
+
+    ``rows`` are evaluation rows whose model names are ``<stage>-seed<S>``; other rows (teachers,
+    the ensemble) are passed through with n_seeds 1.
+    """
+    summary = []
+    for stage in stages:
+        mine = [r for r in rows if r["subset"] == subset and r["model"].startswith(f"{stage}-seed")]
+        if not mine:
+            continue
+        entry = {"model": stage, "n_seeds": len(mine)}
+        for key in ("energy_mae", "de_mae", "force_mae", "force_rmse"):
+            values = np.array([r[key] for r in mine], dtype=float)
+            entry[key] = float(values.mean())
+            entry[f"{key}_std"] = float(values.std())
+        summary.append(entry)
+    for r in rows:
+        if r["subset"] == subset and "-seed" not in r["model"]:
+            summary.append({"model": r["model"], "n_seeds": 1,
+                            **{k: r[k] for k in ("energy_mae", "de_mae", "force_mae", "force_rmse")}})
+    return summary
+
+
+def gap_closed(summary: Sequence[Mapping], metric: str = FORCE_MAE) -> float:
+    """(baseline − student) / (baseline − oracle) of a metric's seed means; NaN without oracle."""
+    by = {r["model"]: r for r in summary}
+    if not {"baseline", "student", "oracle"} <= set(by):
+        return math.nan
+    gap = by["baseline"][metric] - by["oracle"][metric]
+    return (by["baseline"][metric] - by["student"][metric]) / gap if gap > 0 else math.nan
+
+
+def _fmt(entry: Mapping, key: str) -> str:
+    value = entry.get(key)
+    if value is None or not math.isfinite(value):
+        return "—"
+    std = entry.get(f"{key}_std")
+    return f"{value:.2f} ± {std:.2f}" if std is not None else f"{value:.2f}"
+
+
+def markdown_table(summary: Sequence[Mapping]) -> str:
+    """Seed-summary rows as a Markdown table (kcal/mol, kcal/mol/Å)."""
+    head = ("| model | seeds | energy MAE | ΔE MAE | force MAE | force RMSE |\n"
+            "|---|---|---|---|---|---|")
+    lines = [f"| {e['model']} | {e['n_seeds']} | {_fmt(e, 'energy_mae')} | {_fmt(e, 'de_mae')} | "
+             f"{_fmt(e, 'force_mae')} | {_fmt(e, 'force_rmse')} |" for e in summary]
+    return "\n".join([head, *lines])
+
+
+def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], timings: Mapping,
+                 out: Path) -> dict:
+    """Step 6: ``summary.md`` and ``summary.json`` in ``out``; returns the summary."""
+    stages = ["baseline", "student", "oracle"]
+    report = {"timings_s": dict(timings), "md": list(md_rows)}
+    text = [f"# EKD pipeline report: {cfg.run_name}", "",
+            "Energies in kcal/mol, forces in kcal/mol/Å; mean ± standard deviation over seeds "
+            f"{list(cfg.pipeline.seeds)}.", ""]
+    for split, title in (("heldout", f"Held-out conformations ({cfg.pipeline.heldout_split} "
+                                     "split of the training molecules)"),
+                         ("test", "Out-of-sample molecules (test file, all subsets)")):
+        if split not in results:
+            continue
+        summary = seed_summary(results[split], stages)
+        closed = gap_closed(summary)
+        report[split] = {"summary": summary, "force_gap_closed": closed}
+        text += [f"## {title}", "", markdown_table(summary), "",
+                 f"Force-error gap closed by the student, (baseline − student) / (baseline − "
+                 f"oracle): **{closed:.0%}**" if math.isfinite(closed) else "", ""]
+    if "test" in results:
+        subsets = sorted({r["subset"] for r in results["test"]} - {ALL})
+        text += ["## Test file per subset (force MAE, kcal/mol/Å; seed means)", "",
+                 "| model | " + " | ".join(subsets) + " |", "|---" * (len(subsets) + 1) + "|"]
+        for stage in stages:
+            cells = []
+            for subset in subsets:
+                entry = seed_summary(results["test"], [stage], subset)
+                cells.append(_fmt(entry[0], FORCE_MAE) if entry and entry[0]["model"] == stage else "—")
+            if any(c != "—" for c in cells):
+                text.append(f"| {stage} | " + " | ".join(cells) + " |")
+        text.append("")
+    if "labels" in results:
+        q = results["labels"]
+        report["labels"] = q
+        text += ["## Distilled labels vs true forces (every labelled conformation)", "",
+                 f"force MAE {q['force_mae']:.2f}, RMSE {q['force_rmse']:.2f} kcal/mol/Å; RMS "
+                 f"teacher spread {q['label_std_rms']:.2f} kcal/mol/Å over "
+                 f"{q['n_conformations']} conformations", ""]
+    if md_rows:
+        text += ["## MD stability (Langevin, per model)", "", format_table(
+            md_rows, ["model", "n_trajectories", "stable_fraction", "mean_time_to_failure_fs",
+                      "failures", "nve_drift_meV_atom_ps"]), ""]
+    text += ["## Wall time (s)", "", " · ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text("\n".join(text))
+    write_json_atomic(json_safe(report), out / "summary.json")
+    return report
+
+
+def log_to_wandb(cfg: DictConfig, report: Mapping, out: Path) -> None:
+    """The report's tables as one W&B run (offline unless ``logger.mode=online``)."""
+    if cfg.logger.name != "wandb":
+        return
+    import wandb
+
+    run = wandb.init(project=cfg.logger.project, mode=cfg.logger.mode, dir=str(out),
+                     name=f"{cfg.run_name}-report", config=OmegaConf.to_container(cfg, resolve=True))
+    for split in ("heldout", "test"):
+        if split in report:
+            rows = report[split]["summary"]
+            columns = list(dict.fromkeys(k for r in rows for k in r))
+            run.log({f"{split}/summary": wandb.Table(
+                columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+            run.summary[f"{split}/force_gap_closed"] = report[split]["force_gap_closed"]
+    run.finish()
+
+
+# ----------------------------------------------------------------------------- driver
+def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict:
+    """Run every step into ``out_dir`` (see the module docstring); returns the report dict."""
+    out = Path(out_dir)
+    timings: dict[str, float] = {}
+
+    def timed(step, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        timings[step] = timings.get(step, 0.0) + time.perf_counter() - start
+        return result
+
+    p = cfg.pipeline
+    stages = ["baseline"] + (["oracle"] if p.oracle and cfg.data.get("force_key") else [])
+    runner = Runner(p.workers)
+    try:
+        start = time.perf_counter()
+        teacher_futures = runner.submit(teacher_jobs(cfg, out))
+        # baselines and oracles do not need the teachers: they train alongside them
+        other_futures = {stage: runner.submit(variant_jobs(cfg, stage, out)) for stage in stages}
+        teachers = [f.result() for f in teacher_futures]
+        timings["teachers"] = time.perf_counter() - start
+        labels = timed("distill", distill, cfg, teachers, out)
+        student_futures = runner.submit(variant_jobs(cfg, "student", out, labels))
+        variants = {"student": [f.result() for f in student_futures]}
+        variants.update({stage: [f.result() for f in futures] for stage, futures in other_futures.items()})
+        timings["train"] = time.perf_counter() - start
+    finally:
+        runner.close()
+    models = named_models(teachers, variants)
+    results = timed("evaluate", evaluate, cfg, models, labels, out / "report")
+    md_rows = timed("md", md_stability, cfg, models, out / "report") if cfg.pipeline.md.steps else []
+    report = write_report(cfg, results, md_rows, timings, out / "report")
+    log_to_wandb(cfg, report, out / "report")
+    print((out / "report" / "summary.md").read_text())
+    return report
