@@ -26,6 +26,7 @@ trainer, optim, logger and their command-line overrides) is shared by all runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from .checkpoint import load_potential
 from .data import EKDDataModule
 from .evaluate import ALL, evaluate_models, evaluate_records, format_table, json_safe, label_quality
-from .training import run_training, write_json_atomic
+from .training import config_sha256, run_training, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def run_config(cfg: DictConfig, stage: str, seed: int, max_epochs: int, model: s
             sub.model = _group_file("model", model)
         sub.seed = int(seed)
         sub.trainer.max_epochs = int(max_epochs)
-        sub.run_name = f"{cfg.run_name}-{stage}-{sub.model.name}-seed{seed}"
+        sub.run_name = f"{stage}-{sub.model.name}-seed{seed}"
         if data:
             sub.data = OmegaConf.merge(sub.data, data)
     return OmegaConf.merge(sub, extra) if extra else sub
@@ -99,15 +100,18 @@ def run_config(cfg: DictConfig, stage: str, seed: int, max_epochs: int, model: s
 
 @dataclass
 class Job:
-    """A training run to do: its name, resolved config and folder."""
+    """A training run to do: its name in the report, resolved config and folder."""
 
     name: str
     cfg: dict
     run_dir: Path
 
 
-def job(name: str, cfg: DictConfig, run_dir: Path) -> Job:
-    return Job(name, OmegaConf.to_container(cfg, resolve=True), Path(run_dir))
+def job(name: str, cfg: DictConfig, store: Path) -> Job:
+    """A job whose folder in the run store is named by its config: ``<run_name>-<sha>``, so
+    pipelines that share a run (same teacher, same baseline) train it once."""
+    return Job(name, OmegaConf.to_container(cfg, resolve=True),
+               Path(store) / f"{cfg.run_name}-{config_sha256(cfg)[:10]}")
 
 
 class EpochLine(pl.Callback):
@@ -181,7 +185,7 @@ class _Done:
 
 
 # ----------------------------------------------------------------------------- steps
-def teacher_jobs(cfg: DictConfig, out: Path) -> list[Job]:
+def teacher_jobs(cfg: DictConfig, store: Path) -> list[Job]:
     """Step 1: the energy-only teachers (``pipeline.teachers``)."""
     spec = cfg.pipeline.teachers
     jobs = []
@@ -191,25 +195,32 @@ def teacher_jobs(cfg: DictConfig, out: Path) -> list[Job]:
         if spec.train_fraction < 1.0:
             data = {"train_fraction": float(spec.train_fraction), "train_subset_seed": seed}
         sub = run_config(cfg, "teacher", seed, spec.max_epochs, model=model, data=data)
-        jobs.append(job(f"teacher{i}", sub, out / "teachers" / f"teacher{i}"))
+        jobs.append(job(f"teacher{i}", sub, store))
     return jobs
 
 
-def variant_jobs(cfg: DictConfig, stage: str, out: Path, labels: Path | None = None) -> list[Job]:
-    """Step 3: ``stage`` (student, baseline or oracle) for each of ``pipeline.seeds``."""
+def variant_jobs(cfg: DictConfig, stage: str, store: Path, labels: Path | None = None) -> list[Job]:
+    """Step 3: ``stage`` (student, baseline or oracle) for each of its seeds
+    (``pipeline.seeds``; the oracle, a reference bound, ``pipeline.oracle_seeds``); the
+    student's config gets the labels and ``pipeline.student_overrides`` (e.g. a loss setting)."""
     p = cfg.pipeline
-    extra = {"distill": {"labels": str(labels)}} if labels is not None else None
-    return [job(f"{stage}-seed{seed}", run_config(cfg, stage, seed, p.max_epochs, extra=extra),
-                out / stage / f"seed{seed}") for seed in p.seeds]
+    extra = None
+    if stage == "student":
+        extra = OmegaConf.merge({"distill": {"labels": str(labels)}}, p.get("student_overrides") or {})
+    seeds = p.oracle_seeds if stage == "oracle" else p.seeds
+    return [job(f"{stage}-seed{seed}", run_config(cfg, stage, seed, p.max_epochs, extra=extra), store)
+            for seed in seeds]
 
 
-def distill(cfg: DictConfig, teachers: Sequence[Run], out: Path) -> Path:
-    """Step 2: label every conformation of ``cfg.data`` with the teacher ensemble."""
+def distill(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Path:
+    """Step 2: label every conformation of ``cfg.data`` with the teacher ensemble, into
+    ``<store>/labels-<sha>.h5`` named by the teachers' run folders (shared like the runs)."""
     from .distill import distill_labels, make_job
 
     data = cfg.data
+    name = hashlib.sha256("\n".join(str(t.run_dir) for t in teachers).encode()).hexdigest()[:10]
     job = make_job(
-        dataset=data.path, energy_key=data.energy_key, out=out / "labels.h5",
+        dataset=data.path, energy_key=data.energy_key, out=store / f"labels-{name}.h5",
         teachers=[str(t.checkpoint) for t in teachers], file_format=data.file_format,
         elements=list(data.elements), batch_size=data.batch_size,
     )
@@ -220,9 +231,8 @@ def named_models(teachers: Sequence[Run], variants: Mapping[str, Sequence[Run]])
     """``{name: PotentialModule or list (ensemble)}`` of everything the report compares."""
     models: dict[str, object] = {t.name: load_potential(t.checkpoint) for t in teachers}
     models["ensemble"] = [models[t.name] for t in teachers]
-    for stage, runs in variants.items():
-        for run in runs:
-            models[f"{stage}-seed{run.run_dir.name.removeprefix('seed')}"] = load_potential(run.checkpoint)
+    for run in (run for runs in variants.values() for run in runs):
+        models[run.name] = load_potential(run.checkpoint)
     return models
 
 
@@ -391,17 +401,20 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict:
         return result
 
     p = cfg.pipeline
+    store = Path(p.store)
     stages = ["baseline"] + (["oracle"] if p.oracle and cfg.data.get("force_key") else [])
     runner = Runner(p.workers)
+    if runner.workers > 1:  # the main process labels while the workers train
+        torch.set_num_threads(1)
     try:
         start = time.perf_counter()
-        teacher_futures = runner.submit(teacher_jobs(cfg, out))
+        teacher_futures = runner.submit(teacher_jobs(cfg, store))
         # baselines and oracles do not need the teachers: they train alongside them
-        other_futures = {stage: runner.submit(variant_jobs(cfg, stage, out)) for stage in stages}
+        other_futures = {stage: runner.submit(variant_jobs(cfg, stage, store)) for stage in stages}
         teachers = [f.result() for f in teacher_futures]
         timings["teachers"] = time.perf_counter() - start
-        labels = timed("distill", distill, cfg, teachers, out)
-        student_futures = runner.submit(variant_jobs(cfg, "student", out, labels))
+        labels = timed("distill", distill, cfg, teachers, store)
+        student_futures = runner.submit(variant_jobs(cfg, "student", store, labels))
         variants = {"student": [f.result() for f in student_futures]}
         variants.update({stage: [f.result() for f in futures] for stage, futures in other_futures.items()})
         timings["train"] = time.perf_counter() - start
@@ -414,3 +427,82 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict:
     log_to_wandb(cfg, report, out / "report")
     print((out / "report" / "summary.md").read_text())
     return report
+
+
+# ----------------------------------------------------------------------------- ablation table
+def _entry(summary: Sequence[Mapping], model: str) -> Mapping:
+    return next((e for e in summary if e["model"] == model), {})
+
+
+def ablation_row(name: str, report: Mapping) -> dict:
+    """One ablation-table row from a pipeline's ``summary.json``."""
+    row: dict[str, object] = {"variant": name}
+    for split in ("heldout", "test"):
+        if split not in report:
+            continue
+        summary = report[split]["summary"]
+        student, baseline = _entry(summary, "student"), _entry(summary, "baseline")
+        row[f"{split}_student_force"] = _fmt(student, FORCE_MAE)
+        row[f"{split}_baseline_force"] = _fmt(baseline, FORCE_MAE)
+        row[f"{split}_ensemble_force"] = _fmt(_entry(summary, "ensemble"), FORCE_MAE)
+        row[f"{split}_gap_closed"] = report[split]["force_gap_closed"]
+        if student and baseline:
+            row[f"{split}_energy_ratio"] = student["energy_mae"] / baseline["energy_mae"]
+    for md in report.get("md", []):
+        stage = md["model"].split("-seed")[0]
+        row[f"md_stable_{stage}"] = md["stable_fraction"]
+    return row
+
+
+ABLATION_COLUMNS = {
+    "variant": "variant",
+    "heldout_student_force": "held-out F student",
+    "heldout_baseline_force": "F baseline",
+    "heldout_ensemble_force": "F teacher ensemble",
+    "heldout_gap_closed": "gap closed",
+    "heldout_energy_ratio": "E student/baseline",
+    "test_student_force": "test-set F student",
+    "test_baseline_force": "F baseline",
+    "test_gap_closed": "gap closed",
+    "md_stable_student": "MD stable student",
+    "md_stable_baseline": "baseline",
+}
+
+
+def ablation_table(folder: str | Path) -> str:
+    """Markdown table of every pipeline report under ``folder`` (``*/report/summary.json``)."""
+    rows = []
+    for path in sorted(Path(folder).glob("*/report/summary.json")):
+        rows.append(ablation_row(path.parents[1].name, json.loads(path.read_text())))
+    if not rows:
+        raise FileNotFoundError(f"{folder}: no */report/summary.json (run scripts/ablation.sh)")
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "—" if not math.isfinite(value) else (f"{value:.0%}" if abs(value) <= 5 else f"{value:.2f}")
+        return "—" if value is None else str(value)
+
+    lines = ["| " + " | ".join(ABLATION_COLUMNS.values()) + " |",
+             "|" + "---|" * len(ABLATION_COLUMNS)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in ABLATION_COLUMNS) + " |" for r in rows]
+    note = ("Forces: MAE in kcal/mol/Å, mean ± std over student/baseline seeds; gap closed = "
+            "(baseline − student) / (baseline − oracle); E ratio = student / baseline energy MAE; "
+            "MD: fraction of stable Langevin trajectories.")
+    return "\n".join([*lines, "", note])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ekd_lightning.pipeline ablation FOLDER``: print the ablation table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ekd_lightning.pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    table = sub.add_parser("ablation", help="table of the pipeline reports under a folder")
+    table.add_argument("folder")
+    args = parser.parse_args(argv)
+    print(ablation_table(args.folder))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

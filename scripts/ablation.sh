@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# EKD ablation on the bundled data: each variant (conf/ablation/*.yaml) is a full pipeline
+# (python train.py experiment=ekd +ablation=NAME); runs they share (teachers, baselines, the
+# oracle) are trained once, in runs/store. Table: runs/ablation/ablation.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+source .venv/bin/activate
+variants="${1:-default,naive,uncertainty,force_weight,mixed}"
+python train.py -m experiment=ekd "+ablation=${variants}" hydra.sweep.dir=runs/ablation \
+    'hydra.sweep.subdir=${run_name}'
+python -m ekd_lightning.pipeline ablation runs/ablation | tee runs/ablation/ablation.md

@@ -1,0 +1,91 @@
+"""The one-command EKD pipeline (python train.py experiment=ekd) on tiny EMT data."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from ekd_lightning.pipeline import ablation_table, gap_closed, run_pipeline, seed_summary
+from ekd_lightning.training import register_resolvers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pipeline_cfg(data_file, test_file, store, *overrides):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[
+            "experiment=ekd", f"data.path={data_file}", "data.energy_key=emt.energy",
+            "data.force_key=emt.forces", "data.batch_size=16", "logger=csv",
+            f"pipeline.store={store}", "pipeline.teachers.models=[ani2x,schnet_small]",
+            "pipeline.teachers.max_epochs=2", "pipeline.max_epochs=2", "pipeline.seeds=[0,1]",
+            f"pipeline.test_data.path={test_file}", "pipeline.md.steps=20",
+            "pipeline.md.nve_steps=10", "pipeline.md.molecules=[CH3OH]", "pipeline.md.seeds=[0]",
+            *overrides,
+        ])
+
+
+@pytest.fixture(scope="module")
+def finished(ani1x_file, comp6_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = pipeline_cfg(ani1x_file, comp6_file, root / "store", "pipeline.workers=2")
+    report = run_pipeline(cfg, root / "ekd")
+    return cfg, root, report
+
+
+def test_pipeline_report_compares_every_model(finished):
+    _, root, report = finished
+    models = {e["model"]: e for e in report["heldout"]["summary"]}
+    assert {"baseline", "student", "oracle", "teacher0", "teacher1", "ensemble"} <= set(models)
+    assert models["student"]["n_seeds"] == 2 and models["oracle"]["n_seeds"] == 1
+    assert all(0 < models[m]["force_mae"] < 1e3 for m in models)
+    assert isinstance(report["heldout"]["force_gap_closed"], float)
+    # the test file is evaluated per COMP6 subset, the labels against the true forces
+    test_rows = json.loads((root / "ekd/report/test/metrics.json").read_text())["rows"]
+    assert {r["subset"] for r in test_rows} == {"all", "gdb", "md"}
+    assert report["labels"]["n_conformations"] == 320 and report["labels"]["force_mae"] > 0
+    assert {r["model"].split("-seed")[0] for r in report["md"]} == {"baseline", "student", "oracle"}
+    text = (root / "ekd/report/summary.md").read_text()
+    assert "gap closed" in text and "| student | 2 |" in text
+    for name in ("heldout/energy_parity.png", "test/force_errors.png", "md/stability.csv"):
+        assert (root / "ekd/report" / name).is_file()
+
+
+def test_student_trains_on_the_teachers_labels(finished):
+    _, root, _ = finished
+    labels = list((root / "store").glob("labels-*.h5"))
+    assert len(labels) == 1
+    students = list((root / "store").glob("student-*/run_info.json"))
+    assert len(students) == 2
+    for info in students:
+        assert json.loads(info.read_text())["labels"] == str(labels[0])
+
+
+def test_rerun_trains_nothing_again(finished, ani1x_file, comp6_file):
+    cfg, root, report = finished
+    checkpoints = {p: p.stat().st_mtime_ns for p in (root / "store").glob("*/checkpoints/*.ckpt")}
+    again = run_pipeline(cfg, root / "ekd")
+    assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
+    assert again["heldout"]["summary"] == report["heldout"]["summary"]
+    assert again["timings_s"]["train"] < 30
+
+
+def test_ablation_table_lists_each_report(finished, tmp_path):
+    _, root, _ = finished
+    (tmp_path / "naive").symlink_to(root / "ekd")
+    table = ablation_table(tmp_path)
+    assert "| naive |" in table and "gap closed" in table
+    with pytest.raises(FileNotFoundError):
+        ablation_table(tmp_path / "nothing")
+
+
+def test_gap_closed_and_seed_summary():
+    rows = [{"model": f"{stage}-seed{s}", "subset": "all", "energy_mae": 1.0, "de_mae": 1.0,
+             "force_mae": value + s, "force_rmse": 1.0}
+            for stage, value in (("baseline", 10.0), ("student", 6.0), ("oracle", 2.0)) for s in (0, 2)]
+    summary = seed_summary(rows, ["baseline", "student", "oracle"])
+    assert [e["force_mae"] for e in summary] == [11.0, 7.0, 3.0]
+    assert summary[0]["force_mae_std"] == 1.0
+    assert gap_closed(summary) == pytest.approx(0.5)
+    assert gap_closed(summary[:2]) != gap_closed(summary[:2])  # NaN without an oracle
