@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import logging
 import math
 import sys
@@ -432,7 +433,7 @@ def stability_table(
     temperatures: Sequence[float] = (300.0, 600.0), seeds: Sequence[int] = (0, 1),
     steps: int = 400, timestep_fs: float = 0.5, friction_per_fs: float = 0.01,
     nve_steps: int = 200, criteria: StabilityCriteria = StabilityCriteria(),
-    out_dir: str | Path | None = None, num_threads: int | None = 1,
+    out_dir: str | Path | None = None, num_threads: int | None = 1, map_fn=map,
 ) -> list[dict]:
     """Side-by-side MD stability of named models (see :func:`run_stability` for the arguments).
 
@@ -441,15 +442,19 @@ def stability_table(
         molecules: starting geometries; default :func:`default_molecules`.
         out_dir: if given, write ``stability.csv`` / ``stability.json`` (summary rows, plus every
             trajectory and NVE row and the criteria in the JSON) and ``stability_runs.csv``.
+        map_fn: how the models' runs are mapped, e.g. a process pool's ``map`` to run models
+            side by side (then give checkpoint paths, which cross process boundaries cheaply).
 
     Returns:
         One :func:`summarize_stability` row per model.
     """
     molecules = default_molecules() if molecules is None else list(molecules)
     rows, runs, nve_runs = [], [], []
-    for name, model in models.items():
-        trajectories, nve = run_stability(model, molecules, temperatures, seeds, steps, timestep_fs,
-                                          friction_per_fs, nve_steps, criteria, num_threads)
+    run = functools.partial(
+        run_stability, molecules=molecules, temperatures=temperatures, seeds=seeds, steps=steps,
+        timestep_fs=timestep_fs, friction_per_fs=friction_per_fs, nve_steps=nve_steps,
+        criteria=criteria, num_threads=num_threads)
+    for name, (trajectories, nve) in zip(models, map_fn(run, models.values()), strict=True):
         rows.append(summarize_stability(name, trajectories, nve))
         runs += [{"model": name, **t} for t in trajectories]
         nve_runs += [{"model": name, **n} for n in nve]

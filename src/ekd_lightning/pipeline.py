@@ -169,6 +169,10 @@ class Runner:
             return [_Done(run_job(j)) for j in jobs]
         return [self.pool.submit(run_job, j, self.threads, True) for j in jobs]
 
+    def map(self, fn, items):
+        """``map(fn, items)``, in the worker processes when there are several."""
+        return map(fn, items) if self.pool is None else self.pool.map(fn, items)
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
@@ -257,17 +261,17 @@ def evaluate(cfg: DictConfig, models: Mapping[str, object], labels: Path, out: P
     return results
 
 
-def md_stability(cfg: DictConfig, models: Mapping[str, object], out: Path) -> list[dict]:
-    """Step 5: Langevin MD stability and NVE drift of baseline vs student (vs oracle)."""
+def md_stability(cfg: DictConfig, runs: Sequence[Run], out: Path, runner: Runner) -> list[dict]:
+    """Step 5: Langevin MD stability and NVE drift of baseline vs student (vs oracle), the
+    models side by side in the runner's worker processes."""
     from .md import default_molecules, stability_table
 
     md = cfg.pipeline.md
-    chosen = {name: m for name, m in models.items()
-              if name.split("-seed")[0] in md.variants and name.endswith(f"-seed{md.seed}")}
-    chosen.update({name: models[name] for name in md.get("extra_models") or [] if name in models})
+    chosen = {run.name: str(run.checkpoint) for run in runs
+              if run.name.split("-seed")[0] in md.variants and run.name.endswith(f"-seed{md.seed}")}
     return stability_table(
         chosen, default_molecules(list(md.molecules)), list(md.temperatures), list(md.seeds),
-        md.steps, nve_steps=md.nve_steps, out_dir=out / "md")
+        md.steps, nve_steps=md.nve_steps, out_dir=out / "md", map_fn=runner.map)
 
 
 # ----------------------------------------------------------------------------- report
@@ -418,11 +422,12 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict:
         variants = {"student": [f.result() for f in student_futures]}
         variants.update({stage: [f.result() for f in futures] for stage, futures in other_futures.items()})
         timings["train"] = time.perf_counter() - start
+        models = named_models(teachers, variants)
+        results = timed("evaluate", evaluate, cfg, models, labels, out / "report")
+        runs = [run for stage_runs in variants.values() for run in stage_runs]
+        md_rows = timed("md", md_stability, cfg, runs, out / "report", runner) if p.md.steps else []
     finally:
         runner.close()
-    models = named_models(teachers, variants)
-    results = timed("evaluate", evaluate, cfg, models, labels, out / "report")
-    md_rows = timed("md", md_stability, cfg, models, out / "report") if cfg.pipeline.md.steps else []
     report = write_report(cfg, results, md_rows, timings, out / "report")
     log_to_wandb(cfg, report, out / "report")
     print((out / "report" / "summary.md").read_text())

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh) and run the whole EKD pipeline on the bundled GFN2-xTB data:
+# teachers -> distillation -> student / energy-only baseline / true-force oracle -> evaluation
+# on held-out conformations and the COMP6-like test set -> MD stability -> report.
+# The report is runs/ekd/report/summary.md; extra arguments are Hydra overrides, e.g.
+#   bash scripts/ekd.sh pipeline.seeds=[0] pipeline.teachers.max_epochs=50
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export WANDB_MODE=${WANDB_MODE:-offline} WANDB_SILENT=true
+python train.py experiment=ekd "$@"
