@@ -131,8 +131,9 @@ class EpochLine(pl.Callback):
 
 
 def run_job(job: Job, threads: int | None = None, quiet: bool = False) -> Run:
-    """Train one run unless ``run_dir/metrics.json`` says it already finished (also in a
-    worker process: ``threads`` torch threads, ``quiet`` swaps the progress bar for lines)."""
+    """Train one run unless ``run_dir/metrics.json`` says it already finished (the folder is
+    named by the config's hash, so a finished run there is this run), also in a worker process:
+    ``threads`` torch threads, ``quiet`` swaps the progress bar for one line per epoch."""
     done = job.run_dir / "metrics.json"
     if done.is_file():
         metrics = json.loads(done.read_text())
