@@ -9,23 +9,25 @@ Compares, alternating after warm-up (median over rounds of the per-batch time):
   assembled as ``torchani.models.ANI2x`` does) with ``members_forces`` (AEV once, 8 backward
   passes), on the padded batch torchani expects.
 
+Each method produces what distillation stores: every teacher's energies and forces, the mean
+force (the label) and the per-atom spread (standard deviation over teachers).
+
 Two element sets: ``hcno`` (the project's ``model=ani2x`` on H/C/N/O data: 384 AEV features) and
 ``ani2x`` (H, C, N, O, S, F, Cl: the published 1008-feature architecture). Molecules are ASE g2
 molecules (>= 6 atoms) with random displacements; random weights.
 
+    python benchmarks/bench_labelling.py                  # both element sets, 1 thread
     python benchmarks/bench_labelling.py [--batch-size 64] [--rounds 7] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
+import benchlib
 import numpy as np
 import torch
-
-os.environ.setdefault("TORCHANI_NO_WARN_EXTENSIONS", "1")
 
 ELEMENTS = {"hcno": ("H", "C", "N", "O"), "ani2x": ("H", "C", "N", "O", "S", "F", "Cl")}
 N_TEACHERS = 8
@@ -83,18 +85,16 @@ def our_teachers(elements):
 def torchani_ensemble(elements):
     """An 8-member torchani ensemble of the ANI-2x architecture over ``elements`` (random)."""
     try:
-        from torchani.arch import Assembler
+        import torchani  # noqa: F401
     except ImportError:
         return None
-    asm = Assembler(periodic_table_index=True)
-    asm.set_symbols(elements)
-    asm.set_global_cutoff_fn("cosine")
-    asm.set_aev_computer(radial="ani2x", angular="ani2x", strategy="pyaev")
-    asm.set_atomic_networks(ctor="ani2x")
-    asm.set_neighborlist("all_pairs")
-    asm.set_zeros_as_self_energies()
     torch.manual_seed(0)
-    return asm.assemble(N_TEACHERS).eval().requires_grad_(False)
+    return benchlib.torchani_ani2x(elements, N_TEACHERS).eval().requires_grad_(False)
+
+
+def labels(energies, forces):
+    """What a label file stores besides the per-teacher values: mean force and spread."""
+    return energies.mean(0), energies.std(0), forces.mean(0), forces.std(0)
 
 
 def run(name: str, args) -> dict[str, float]:
@@ -112,16 +112,23 @@ def run(name: str, args) -> dict[str, float]:
 
     def batched(i):
         z, pos, batch = flat[i]
-        return ensemble(z, pos, batch, args.batch_size)
+        energies, forces = ensemble(z, pos, batch, args.batch_size)
+        labels(energies, forces)
+        return energies, forces
 
     def loop(i):
         z, pos, batch = flat[i]
         results = [energy_and_forces(m, z, pos, batch, args.batch_size) for m in models]
-        return torch.stack([e for e, _ in results]), torch.stack([f for _, f in results])
+        energies = torch.stack([e.detach() for e, _ in results])
+        forces = torch.stack([f for _, f in results])
+        labels(energies, forces)
+        return energies, forces
 
     def torchani(i):
         numbers, coords = padded[i]
-        return reference.members_forces((numbers, coords.clone()))
+        result = reference.members_forces((numbers, coords.clone()))
+        labels(result.energies, result.forces)
+        return result
 
     methods = {"batched": batched, "loop": loop}
     if reference is not None:
@@ -142,19 +149,9 @@ def run(name: str, args) -> dict[str, float]:
                 methods[key](i)
                 times[key].append(time.perf_counter() - start)
     median = {k: float(np.median(v)) for k, v in times.items()}
-    print(f"\n[{name}] {len(elements)} elements, {models[0].aev.out_dim} AEV features, "
-          f"{N_TEACHERS} teachers, batches of {args.batch_size} conformations "
-          f"({n_atoms:.0f} atoms), {args.batches} batches x {args.rounds} rounds; "
-          f"max |F_batched - F_loop| / max |F| = {error:.1e}")
-    for key, t in median.items():
-        print(f"  {key:9s} {1e3 * t:8.1f} ms/batch  {args.batch_size / t:8.0f} conformations/s")
-    print(f"  batched vs loop: {median['loop'] / median['batched']:.2f}x", end="")
-    if "torchani" in median:
-        print(f"; batched vs torchani: {median['torchani'] / median['batched']:.2f}x; "
-              f"torchani vs loop: {median['loop'] / median['torchani']:.2f}x")
-    else:
-        print()
-    return median
+    print(f"[{name}] done: max |F_batched - F_loop| / max |F| = {error:.1e}", flush=True)
+    return {"name": name, "elements": len(elements), "features": models[0].aev.out_dim,
+            "atoms": n_atoms, "median": median, "error": error}
 
 
 def main() -> None:
@@ -163,15 +160,32 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="distinct batches per round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--elements", choices=[*ELEMENTS, "both"], default="both")
     parser.add_argument("--no-torchani", action="store_true")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    for name in ELEMENTS if args.elements == "both" else [args.elements]:
-        run(name, args)
+    torch.set_num_threads(args.threads)
+    results = [run(name, args) for name in (ELEMENTS if args.elements == "both" else [args.elements])]
+    print(f"\n# Labelling: {N_TEACHERS} ani2x teachers, energies + forces of each, mean force and "
+          f"spread; batches of {args.batch_size} conformations (g2 molecules), median over "
+          f"{args.batches} batches x {args.rounds} alternating rounds")
+    print(f"# {benchlib.machine_line()}")
+    rows = []
+    for r in results:
+        med = r["median"]
+        for key, label in (("batched", "ekd batched ensemble"), ("loop", "plain loop over 8"),
+                           ("torchani", "torchani ensemble")):
+            if key not in med:
+                continue
+            t = med[key]
+            rows.append([f"{r['name']} ({r['elements']} el., {r['features']} feat., "
+                         f"{r['atoms']:.0f} atoms)", label, f"{1e3 * t:.1f}",
+                         f"{args.batch_size / t:.0f}", f"{med['loop'] / t:.2f}x",
+                         f"{med['torchani'] / t:.2f}x" if "torchani" in med else "-"])
+    print(benchlib.table(["set", "method", "ms/batch", "conformations/s", "vs loop",
+                          "vs torchani"], rows))
+    for r in results:
+        print(f"# {r['name']}: max |F_batched - F_loop| / max |F| = {r['error']:.1e}")
 
 
 if __name__ == "__main__":

@@ -470,6 +470,7 @@ ABLATION_COLUMNS = {
     "test_student_force": "test-set F student",
     "test_baseline_force": "F baseline",
     "test_gap_closed": "gap closed",
+    "test_energy_ratio": "E student/baseline",
     "md_stable_student": "MD stable student",
     "md_stable_baseline": "baseline",
 }

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.aev import ANIAEV, angular_triples
+from ..models.aev import ANIAEV, angular_triples, flush_subnormal, gaussian
 from ..models.ani import ANIModel
 from ..models.base import AtomisticModel, energy_and_forces
 from ..models.neighbors import neighbor_pairs, pair_vectors
@@ -83,24 +83,45 @@ class AEVJacobian:
 
     Radial terms come from the pairs i < j (``first``, ``second``) and depend on the distance
     only; angular terms come from the triples (centre; j, k) and depend on cos(theta_ijk) and
-    on the two distances. ``radial_rows`` / ``angular_rows`` index the AEV viewed as
-    (n_atoms * blocks, block width): the rows each term was added to.
+    on the two distances. Where each term went: the AEV row of each atom is ``rows`` (atom
+    order unless a ``rank`` was given), and an AEV row is seen as ``out_dim / width`` units of
+    ``width`` features; a term covers consecutive units starting at ``*_offsets`` within the
+    row of its atom (``*_atoms``), one entry per unit.
     """
 
     num_atoms: int
-    radial_length: int
+    out_dim: int
+    width: int  # features per unit
     radial_width: int
     angular_width: int
+    rows: Tensor  # (n_atoms,) AEV row of each atom
     first: Tensor  # (n_half,) atom i of each pair i < j
     second: Tensor  # (n_half,) atom j
     unit: Tensor  # (n_half, 3) (r_j - r_i) / |r_j - r_i|
-    radial_rows: Tensor  # (2, n_half) rows of block species[j] of i and block species[i] of j
+    radial_atoms: Tensor  # (2, n_half * radial_width / width): atoms i and j, per unit
+    radial_offsets: Tensor  # (2, ...): units of block species[j] of i and species[i] of j
     radial_grad: Tensor  # (n_half, radial_width) d term / d distance, 1/Å
     centre: Tensor  # (n_triples,)
     neighbours: Tensor  # (2, n_triples) atoms j and k
-    angular_rows: Tensor  # (n_triples,)
+    angular_atoms: Tensor  # (n_triples * angular_width / width,) the centre, per unit
+    angular_offsets: Tensor  # (n_triples * angular_width / width,)
     angular_grad: Tensor  # (n_triples, angular_width, 3) d term / d (cos theta, d_ij, d_ik)
     geometry: Tensor  # (4, n_triples, 3): d cos / d vec_j, d cos / d vec_k, unit_j, unit_k
+
+    def units(self, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Unit indices of the radial (2, ...) and angular (...) terms in an AEV (or a
+        cotangent) whose atom rows are ``rows`` (default: :attr:`rows`)."""
+        rows = self.rows if rows is None else rows
+        per_atom = self.out_dim // self.width
+        return (rows[self.radial_atoms] * per_atom + self.radial_offsets,
+                rows[self.angular_atoms] * per_atom + self.angular_offsets)
+
+
+def _spread(values: Tensor, k: int, step: int = 0) -> Tensor:
+    """Each value repeated over k consecutive units (``+ 0, 1, ..., k-1`` times ``step``)."""
+    if k == 1:
+        return values
+    return (values.unsqueeze(-1) + step * torch.arange(k, device=values.device)).flatten(-2)
 
 
 def _cutoff_and_slope(distances: Tensor, cutoff: float) -> tuple[Tensor, Tensor]:
@@ -113,7 +134,7 @@ def radial_terms_and_derivative(aev: ANIAEV, distances: Tensor) -> tuple[Tensor,
     """:meth:`ANIAEV.radial_terms` (same operations, same values) and their derivative with
     respect to the distance, both (n_pairs, radial shifts); the derivative in 1/Å."""
     diff = distances.unsqueeze(-1) - aev.radial_shifts.to(distances.dtype)
-    gauss = torch.exp(-aev.radial_eta * diff**2)
+    gauss = gaussian(-aev.radial_eta * diff**2)
     cut, slope = _cutoff_and_slope(distances, aev.radial_cutoff)
     terms = 0.25 * gauss * cut.unsqueeze(-1)
     return terms, 0.25 * gauss * slope.unsqueeze(-1) - 2.0 * aev.radial_eta * diff * terms
@@ -145,7 +166,7 @@ def angular_terms_and_derivatives(aev: ANIAEV, vec_j: Tensor, vec_k: Tensor) -> 
     angular = 2.0 * base**aev.angular_zeta  # (n_triples, sections)
     d_angular = (aev.angular_zeta * 0.95) * powered * (cos_s - x / root * sin_s)
     diff = (0.5 * (d_j + d_k)).unsqueeze(-1) - aev.angular_shifts.to(dtype)
-    gauss = torch.exp(-aev.angular_eta * diff**2)
+    gauss = gaussian(-aev.angular_eta * diff**2)
     cut_j, slope_j = _cutoff_and_slope(d_j, aev.angular_cutoff)
     cut_k, slope_k = _cutoff_and_slope(d_k, aev.angular_cutoff)
     radial = gauss * (cut_j * cut_k).unsqueeze(-1)  # (n_triples, shifts)
@@ -169,15 +190,18 @@ def angular_terms_and_derivatives(aev: ANIAEV, vec_j: Tensor, vec_k: Tensor) -> 
     return outer(radial, angular), grad, geometry
 
 
-def aev_with_jacobian(aev: ANIAEV, species: Tensor, pos: Tensor, batch: Tensor) -> tuple[Tensor, AEVJacobian]:
-    """AEVs (n_atoms, out_dim) exactly as ``aev(species, pos, batch)``, and the derivatives of
-    their radial and angular terms (analytic, no autograd graph).
+def aev_with_jacobian(aev: ANIAEV, species: Tensor, pos: Tensor, batch: Tensor,
+                      rank: Tensor | None = None) -> tuple[Tensor, AEVJacobian]:
+    """AEVs (n_atoms, out_dim) exactly as ``aev(species, pos, batch, rank)``, and the
+    derivatives of their radial and angular terms (analytic, no autograd graph).
 
-    Mirrors :meth:`ANIAEV.forward` step by step (same pairs, triples, terms and block layout);
-    the terms are computed with the same operations as its ``radial_terms`` / ``angular_terms``
-    (bitwise the same AEV), together with their analytic derivatives.
+    Mirrors :meth:`ANIAEV.forward` step by step (same pairs, triples, terms, additions and
+    block layout); the terms are computed with the same operations as its ``radial_terms`` /
+    ``angular_factors`` (bitwise the same AEV), together with their analytic derivatives.
+    ``rank`` (optional permutation) writes atom i's AEV to row ``rank[i]``.
     """
-    n, s = species.shape[0], aev.num_species
+    n = species.shape[0]
+    rows = torch.arange(n, device=species.device) if rank is None else rank
     pos = pos.detach()
     edge_index = neighbor_pairs(pos, batch, aev.radial_cutoff)
     vec, dist = pair_vectors(pos, edge_index)
@@ -186,32 +210,36 @@ def aev_with_jacobian(aev: ANIAEV, species: Tensor, pos: Tensor, batch: Tensor) 
     first, second = centre[half], neighbour[half]
     d = dist[half]
     radial_terms, radial_grad = radial_terms_and_derivative(aev, d)
-    radial_rows = torch.stack([first * s + species[second], second * s + species[first]])
-    radial = radial_terms.new_zeros(n * s, aev.radial_features)
-    radial.index_add_(0, radial_rows[0], radial_terms)
-    radial.index_add_(0, radial_rows[1], radial_terms)
 
     close = dist < aev.angular_cutoff
     a_centre, a_neighbour, a_vec = centre[close], neighbour[close], vec[close]
     p, q = angular_triples(a_centre, n)
     angular_terms, angular_grad, geometry = angular_terms_and_derivatives(aev, a_vec[p], a_vec[q])
     block = aev.triu_index[species[a_neighbour[p]], species[a_neighbour[q]]]
-    angular_rows = a_centre[p] * aev.num_species_pairs + block
-    angular = angular_terms.new_zeros(n * aev.num_species_pairs, aev.angular_features)
-    angular.index_add_(0, angular_rows, angular_terms)
 
-    features = torch.cat(
-        [radial.view(n, aev.radial_length), angular.view(n, aev.angular_length)], dim=-1
-    )
+    # the AEV as units of `width` features (as ANIAEV.forward lays it out)
+    width = math.gcd(aev.radial_features, aev.angular_features)
+    k_r, k_a = aev.radial_features // width, aev.angular_features // width
+    radial_atoms = _spread(torch.stack([first, second]), k_r)
+    radial_offsets = _spread(torch.stack([species[second], species[first]]) * k_r, k_r, 1)
+    angular_atoms = _spread(a_centre[p], k_a)
+    angular_offsets = _spread(aev.radial_length // width + block * k_a, k_a, 1)
     jacobian = AEVJacobian(
-        num_atoms=n, radial_length=aev.radial_length, radial_width=aev.radial_features,
-        angular_width=aev.angular_features, first=first, second=second,
-        unit=vec[half] / d.unsqueeze(-1), radial_rows=radial_rows,
-        radial_grad=radial_grad, centre=a_centre[p],
-        neighbours=torch.stack([a_neighbour[p], a_neighbour[q]]), angular_rows=angular_rows,
-        angular_grad=angular_grad, geometry=geometry,
+        num_atoms=n, out_dim=aev.out_dim, width=width, radial_width=aev.radial_features,
+        angular_width=aev.angular_features, rows=rows, first=first, second=second,
+        unit=vec[half] / d.unsqueeze(-1), radial_atoms=radial_atoms,
+        radial_offsets=radial_offsets, radial_grad=radial_grad, centre=a_centre[p],
+        neighbours=torch.stack([a_neighbour[p], a_neighbour[q]]), angular_atoms=angular_atoms,
+        angular_offsets=angular_offsets, angular_grad=angular_grad, geometry=geometry,
     )
-    return features, jacobian
+    radial_units, angular_units = jacobian.units()
+    features = radial_terms.new_zeros(n * aev.out_dim // width, width)
+    pieces = radial_terms.reshape(-1, width)
+    features.index_add_(0, radial_units[0], pieces)
+    features.index_add_(0, radial_units[1], pieces)
+    features.index_add_(0, angular_units, angular_terms.reshape(-1, width))
+    flush_subnormal(features, nonnegative=True)  # as ANIAEV does
+    return features.view(n, aev.out_dim), jacobian
 
 
 def aev_vjp(jac: AEVJacobian, radial: Tensor, angular: Tensor, rank: Tensor | None = None) -> Tensor:
@@ -222,32 +250,48 @@ def aev_vjp(jac: AEVJacobian, radial: Tensor, angular: Tensor, rank: Tensor | No
         jac: from :func:`aev_with_jacobian`.
         radial: (T, n_atoms, radial_length) cotangents of the radial AEV part.
         angular: (T, n_atoms, angular_length) cotangents of the angular part.
-        rank: (n_atoms,) row of each atom in ``radial`` / ``angular`` when they are stored in
-            another atom order (None: atom order).
+        rank: (n_atoms,) row of each atom in ``radial`` / ``angular`` (None: the rows of the
+            AEV that ``jac`` came with).
+    """
+    return aev_vjp_full(jac, torch.cat([radial, angular], dim=-1), rank)
+
+
+_CHUNK = 2048
+"""Triples per chunk in :func:`aev_vjp_full` (gathered cotangents of 8 teachers stay in cache)."""
+
+
+def aev_vjp_full(jac: AEVJacobian, cotangent: Tensor, rows: Tensor | None = None) -> Tensor:
+    """:func:`aev_vjp` for cotangents of the whole AEV, (T, n_atoms, out_dim), whose atom rows
+    are ``rows`` (None: those of the AEV that ``jac`` came with).
 
     Per-pair and per-triple results are kept item-major (items, T, 3) so that the scatter onto
-    atoms is a row-wise ``index_add_``.
+    atoms is a row-wise ``index_add_``; the cotangents are gathered as rows of one flat view.
     """
-    t = radial.shape[0]
-    radial = radial.reshape(t, -1, jac.radial_width)
-    angular = angular.reshape(t, -1, jac.angular_width)
-    radial_rows, angular_rows = jac.radial_rows, jac.angular_rows
-    if rank is not None:
-        blocks = radial.shape[1] // jac.num_atoms
-        radial_rows = rank[radial_rows // blocks] * blocks + radial_rows % blocks
-        blocks = angular.shape[1] // jac.num_atoms
-        angular_rows = rank[angular_rows // blocks] * blocks + angular_rows % blocks
+    t = cotangent.shape[0]
+    flat = cotangent.reshape(-1, jac.width)  # (T * n_atoms * units per atom, width)
+    teacher = torch.arange(t, device=flat.device).unsqueeze(1) * (flat.shape[0] // t)
+    radial_units, angular_units = jac.units(rows)
+
+    def gather(units: Tensor, width: int) -> Tensor:  # (T, items, width)
+        return flat.index_select(0, (teacher + units).flatten()).view(t, -1, width)
+
     # radial: d E / d distance of each pair i < j, along the unit vector i -> j
-    per_pair = radial.index_select(1, radial_rows[0]) + radial.index_select(1, radial_rows[1])
+    per_pair = gather(radial_units[0], jac.radial_width) + gather(radial_units[1], jac.radial_width)
     per_pair = (per_pair * jac.radial_grad).sum(-1)  # (T, n_half)
     along = per_pair.t().unsqueeze(-1) * jac.unit.unsqueeze(1)  # (n_half, T, 3): d E / d r_j
     # angular: d E / d (cos, d_ij, d_ik) per triple, then d E / d vec_j and d E / d vec_k
-    rows = angular.index_select(1, angular_rows)  # (T, n_triples, width)
-    g = torch.bmm(rows.transpose(0, 1), jac.angular_grad)  # (n_triples, T, 3)
-    d_cos_j, d_cos_k, unit_j, unit_k = jac.geometry.unsqueeze(2)  # each (n_triples, 1, 3)
-    d_vec_j = g[:, :, :1] * d_cos_j + g[:, :, 1:2] * unit_j  # (n_triples, T, 3)
-    d_vec_k = g[:, :, :1] * d_cos_k + g[:, :, 2:] * unit_k
-    grad = radial.new_zeros(jac.num_atoms, t, 3)
+    n_triples = jac.centre.shape[0]
+    k = jac.angular_width // jac.width
+    d_vec_j = flat.new_empty(n_triples, t, 3)
+    d_vec_k = flat.new_empty(n_triples, t, 3)
+    for start in range(0, n_triples, _CHUNK):
+        stop = start + _CHUNK
+        rows_ = gather(angular_units[start * k : stop * k], jac.angular_width)  # (T, c, width)
+        g = torch.bmm(rows_.transpose(0, 1), jac.angular_grad[start:stop])  # (c, T, 3)
+        d_cos_j, d_cos_k, unit_j, unit_k = jac.geometry[:, start:stop].unsqueeze(2)
+        torch.add(g[:, :, :1] * d_cos_j, g[:, :, 1:2] * unit_j, out=d_vec_j[start:stop])
+        torch.add(g[:, :, :1] * d_cos_k, g[:, :, 2:] * unit_k, out=d_vec_k[start:stop])
+    grad = flat.new_zeros(jac.num_atoms, t, 3)
     grad.index_add_(0, jac.second, along)
     grad.index_add_(0, jac.first, along, alpha=-1)
     grad.index_add_(0, jac.neighbours[0], d_vec_j)
@@ -278,7 +322,6 @@ class StackedANI(nn.Module):
         self.register_buffer("energy_scale", torch.stack([m.energy_scale for m in models]))
         layers = [_ani_layers(m) for m in models]
         self.num_layers = {}
-        radial = self.aev.radial_length
         for s, element in enumerate(self.elements):
             per_teacher = [teacher[element] for teacher in layers]
             self.num_layers[s] = len(per_teacher[0])
@@ -287,11 +330,10 @@ class StackedANI(nn.Module):
                 bias = torch.stack([t[j].bias.detach() for t in per_teacher])  # (T, out)
                 if j == 0:
                     # one wide GEMM (in, T * out) for all teachers; the transpose (T, out, in)
-                    # split into radial and angular columns for the backward pass
+                    # for the backward pass
                     self.register_buffer(f"w{s}_wide", weight.permute(1, 0, 2).flatten(1).contiguous())
                     self.register_buffer(f"b{s}_wide", bias.flatten().contiguous())
-                    self.register_buffer(f"wr{s}", weight[:, :radial].transpose(1, 2).contiguous())
-                    self.register_buffer(f"wa{s}", weight[:, radial:].transpose(1, 2).contiguous())
+                    self.register_buffer(f"wt{s}_0", weight.transpose(1, 2).contiguous())
                 else:
                     self.register_buffer(f"w{s}_{j}", weight.contiguous())
                     self.register_buffer(f"wt{s}_{j}", weight.transpose(1, 2).contiguous())
@@ -305,17 +347,16 @@ class StackedANI(nn.Module):
         """Species index (n_atoms,) of atomic numbers; DataError for an unknown element."""
         return AtomisticModel.species(self, z)  # uses species_of_number and elements only
 
-    def _element_networks(self, s: int, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _element_networks(self, s: int, x: Tensor, scale: Tensor, outputs: Tensor,
+                          cotangent: Tensor) -> None:
         """Outputs and scaled gradients for the atoms of species s.
 
         Args:
             s: species index.
             x: (n_e, F) AEVs of the atoms of that species.
             scale: (T,) energy scale of each teacher (Hartree), folded into the gradients.
-
-        Returns:
-            outputs (T, n_e), dimensionless; ``scale * d out / d AEV`` split into its radial
-            (T, n_e, radial_length) and angular (T, n_e, angular_length) parts, Hartree.
+            outputs: (T, n_e) written: the dimensionless outputs.
+            cotangent: (T, n_e, F) written: ``scale * d out / d AEV``, Hartree.
         """
         n_layers = self.num_layers[s]
         t = self.num_teachers
@@ -326,7 +367,7 @@ class StackedANI(nn.Module):
             pre = torch.baddbmm(getattr(self, f"b{s}_{j}").unsqueeze(1), acts[-1], getattr(self, f"w{s}_{j}"))
             if j < n_layers - 1:
                 acts.append(F.celu(pre, self.alpha))
-        out = pre.squeeze(-1)  # (T, n_e)
+        outputs.copy_(pre.squeeze(-1))
         # backward by hand: d out / d act_{L-1} is the last weight column, then through the
         # CELUs (derivative from their outputs: no exp) and the linear layers
         last = getattr(self, f"wt{s}_{n_layers - 1}") * scale.view(-1, 1, 1)
@@ -335,24 +376,27 @@ class StackedANI(nn.Module):
             grad = torch.ops.aten.elu_backward(grad, self.alpha, 1.0, 1.0 / self.alpha, True, acts[j])
             if j > 0:
                 grad = torch.bmm(grad, getattr(self, f"wt{s}_{j}"))
-        return out, torch.bmm(grad, getattr(self, f"wr{s}")), torch.bmm(grad, getattr(self, f"wa{s}"))
+        torch.bmm(grad, getattr(self, f"wt{s}_0"), out=cotangent)
 
-    def networks(self, species: Tensor, aev: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """All teachers' element networks on the atoms grouped by species.
+    def networks(self, aev: Tensor, scale: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
+        """All teachers' element networks on AEVs grouped by species (``sizes`` atoms of each
+        species in turn).
 
         Returns:
-            outputs (T, n_atoms) in atom order, dimensionless; ``scale * d out / d AEV`` as
-            radial (T, n_atoms, radial_length) and angular parts, with atoms in species order;
-            and ``rank`` (n_atoms,), the row of each atom in those.
+            outputs (T, n_atoms), dimensionless, and ``scale * d out / d AEV`` (T, n_atoms,
+            out_dim), Hartree, both in the rows of ``aev``.
         """
-        order = torch.argsort(species, stable=True)
-        sizes = torch.bincount(species, minlength=len(self.elements)).tolist()
-        grouped = aev.index_select(0, order).split(sizes)
-        results = [self._element_networks(s, x, scale) for s, x in enumerate(grouped) if x.shape[0]]
-        outputs, radial, angular = (torch.cat(parts, 1) for parts in zip(*results, strict=True))
-        contributions = torch.empty_like(outputs).index_copy_(1, order, outputs)
-        rank = torch.empty_like(order).index_copy_(0, order, torch.arange(len(order), device=order.device))
-        return contributions, radial, angular, rank
+        t, n = self.num_teachers, aev.shape[0]
+        outputs = aev.new_empty(t, n)
+        cotangent = aev.new_empty(t, n, aev.shape[1])
+        start = 0
+        for s, size in enumerate(sizes):
+            if size:
+                stop = start + size
+                self._element_networks(s, aev[start:stop], scale, outputs[:, start:stop],
+                                       cotangent[:, start:stop])
+                start = stop
+        return outputs, cotangent
 
     @torch.no_grad()
     def forward(self, z: Tensor, pos: Tensor, batch: Tensor, num_molecules: int) -> tuple[Tensor, Tensor]:
@@ -366,13 +410,19 @@ class StackedANI(nn.Module):
         if species.numel() == 0:
             empty = self.self_energies.new_zeros(self.num_teachers, num_molecules)
             return empty, pos.new_zeros(self.num_teachers, 0, 3)
-        aev, jac = aev_with_jacobian(self.aev, species, pos.to(self.dtype), batch)  # once
+        # atoms grouped by species (one host sync for the group sizes): the AEV of atom
+        # order[r] is computed straight into row r (rank = inverse of order), once
+        order = torch.argsort(species, stable=True)
+        rank = torch.empty_like(order).index_copy_(0, order, torch.arange(len(order), device=order.device))
+        sizes = torch.bincount(species, minlength=len(self.elements)).tolist()
+        aev, jac = aev_with_jacobian(self.aev, species, pos.to(self.dtype), batch, rank)
         scale = self.energy_scale  # (T,) Hartree
-        contributions, radial, angular, rank = self.networks(species, aev, scale.to(aev.dtype))
+        outputs, cotangent = self.networks(aev, scale.to(aev.dtype), sizes)
+        contributions = outputs.index_select(1, rank)  # atom order
         atomic = scale.unsqueeze(1) * contributions.to(torch.float64)
         atomic = atomic + self.self_energies[:, species]
         energies = atomic.new_zeros(self.num_teachers, num_molecules).index_add_(1, batch, atomic)
-        return energies, -aev_vjp(jac, radial, angular, rank)
+        return energies, -aev_vjp_full(jac, cotangent)
 
 
 class TeacherLoop(nn.Module):

@@ -21,11 +21,19 @@ terms and the cosine cutoff) exactly, so that weights and features are interchan
   shift index is the slow one and the section index the fast one.
 
 With 7 species (ANI-2x: H, C, N, O, S, F, Cl) this gives 7*16 + 28*32 = 1008 features.
+
+Speed: the terms are added to the AEV by :class:`_TermScatter`, whose backward and double
+backward (force training) are written by hand; values below the smallest normal number of the
+dtype (subnormals, < 1.2e-38 in float32) are set to zero (Gaussian tails in :func:`gaussian`,
+AEV sums in :func:`flush_subnormal`): they are far below any effect on energies and forces, but
+make x86 matrix products and ``exp`` several times slower. ``benchmarks/`` measures all this.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .neighbors import neighbor_pairs, pair_vectors
@@ -39,6 +47,24 @@ def _linspace(start: float, stop: float, steps: int) -> list[float]:
 def _as_float32(value: float) -> float:
     """``value`` rounded to float32, as torchani stores eta, zeta and the shifts (buffers)."""
     return float(torch.tensor(value, dtype=torch.float32))
+
+
+def gaussian(exponent: Tensor) -> Tensor:
+    """``exp(exponent)`` for exponents <= 0, with values up to about 1.9e-38 in float32 (about
+    e^0.51 times the smallest normal number of the dtype; exponents up to -86.83) set to zero.
+
+    Such exponents (the far tails of the AEV Gaussians) send torch's vectorised CPU ``exp`` down
+    a scalar path about 50 times slower, and their values are far below any effect on energies
+    or forces; they are clamped before ``exp`` and zeroed after it. In float64 (exponents
+    below -707.9) nothing here reaches that range and this is plain ``exp``.
+    """
+    floor = math.log(torch.finfo(exponent.dtype).tiny) + 0.5  # exp is fast from here on
+    zero_below = floor + 0.01  # exponents up to this give zero
+    if exponent.device.type == "cpu" and (
+        exponent.numel() == 0 or float(exponent.detach().amin()) > zero_below
+    ):
+        return torch.exp(exponent)  # the common case for the angular Gaussians
+    return F.threshold(torch.exp(exponent.clamp(min=floor)), math.exp(zero_below), 0.0)
 
 
 def cosine_cutoff(distances: Tensor, cutoff: float) -> Tensor:
@@ -70,6 +96,148 @@ def angular_triples(centre: Tensor, num_atoms: int) -> tuple[Tensor, Tensor]:
     first_triple = torch.cumsum(partners, 0) - partners
     offset = torch.arange(p.numel(), device=device) - first_triple[p]
     return p, p + 1 + offset
+
+
+def flush_subnormal(values: Tensor, nonnegative: bool = False) -> Tensor:
+    """``values`` with entries below the smallest normal number of the dtype in magnitude
+    (subnormals, |x| < 1.2e-38 in float32) set to zero: in place for a ``nonnegative`` tensor,
+    else a new tensor.
+
+    Subnormal AEV entries (Gaussian tails, high powers of the angular term) and subnormal
+    entries of their vector-Jacobian products are far below any effect on energies or forces,
+    but matrix products with them run several times slower on x86 CPUs; flushing them keeps the
+    network layers at full speed.
+    """
+    tiny = torch.finfo(values.dtype).tiny
+    if nonnegative:
+        return F.threshold_(values, tiny, 0.0)
+    return F.hardshrink(values, tiny)
+
+
+_CHUNK = 4096
+"""Triples per chunk in :class:`_TermScatter` / :class:`_TermGather` (about 0.5 MB of 32-wide
+float32 products: they stay in cache, about twice as fast as one pass over all triples)."""
+
+_FACTOR_CHUNK = 8192
+"""Triples per chunk of :meth:`ANIAEV.angular_factors` in :meth:`ANIAEV.forward` when no
+autograd graph is built (with one, the extra nodes cost more than the cache saves)."""
+
+
+@dataclass
+class _Units:
+    """Where the AEV terms go. The AEV (n_atoms, out_dim) is seen as ``num_units`` rows
+    ("units") of ``width`` features, ``width`` dividing the radial and angular block widths;
+    a radial term (pair i < j) covers ``radial_units`` consecutive units in the radial block of
+    species[j] of atom i (units ``radial[0]``) and in that of species[i] of atom j
+    (``radial[1]``); an angular term (triple) covers ``angular_units`` consecutive units
+    (``angular``: one entry per unit, triples major)."""
+
+    width: int
+    num_units: int
+    radial: Tensor  # (2, n_pairs * radial_units)
+    angular: Tensor  # (n_triples * angular_units,)
+    angular_units: int
+
+    def doubled(self) -> "_Units":
+        """The same layout for the angular terms given twice (two sets of triples, concatenated)."""
+        return _Units(self.width, self.num_units, self.radial, self.angular.repeat(2),
+                      self.angular_units)
+
+
+def _batched(*tensors: Tensor) -> bool:
+    """Whether any of ``tensors`` is batched by ``torch.func.vmap`` (e.g. in
+    ``autograd.grad(..., is_grads_batched=True)``), where in-place writes are not allowed."""
+    is_batched = getattr(torch._C._functorch, "is_batchedtensor", None)
+    return is_batched is not None and any(is_batched(t) for t in tensors)
+
+
+class _TermScatter(torch.autograd.Function):
+    """The AEV from its terms: radial terms (n_pairs, R) added to the units of both atoms of
+    each pair and the angular terms ``outer(left[t], right[t])`` (flattened, left index slow)
+    added to the units of each triple, on fresh zeros; sums below the smallest normal number
+    flushed to zero (:func:`flush_subnormal`; ``nonnegative``: all terms >= 0).
+
+    Forward: the same products and ``index_add_`` calls, in the same order, as written out in
+    autograd (the same values). Backward: the transpose :class:`_TermGather` (gathers and small
+    batched matrix products instead of broadcast products and reductions over the small last
+    dimensions), itself differentiable, so forces can be trained on (double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, radial: Tensor, left: Tensor, right: Tensor, units: _Units,
+                shape: tuple[int, int], nonnegative: bool) -> Tensor:
+        pieces = radial.reshape(-1, units.width)
+        if _batched(radial, left, right):  # under vmap (batched gradients): no in-place
+            terms = (left.unsqueeze(-1) * right.unsqueeze(-2)).reshape(-1, units.width)
+            index = torch.cat([units.radial[0], units.radial[1], units.angular])
+            zeros = torch.zeros(units.num_units, units.width, dtype=left.dtype, device=left.device)
+            out = zeros.index_add(0, index, torch.cat([pieces, pieces, terms]))
+            nonnegative = False  # flush out of place
+        else:
+            out = left.new_zeros(units.num_units, units.width)
+            out.index_add_(0, units.radial[0], pieces)
+            out.index_add_(0, units.radial[1], pieces)
+            k = units.angular_units
+            # in chunks of triples whose products stay in cache (same additions, same order)
+            for start in range(0, left.shape[0], _CHUNK):
+                stop = start + _CHUNK
+                terms = left[start:stop].unsqueeze(-1) * right[start:stop].unsqueeze(-2)
+                out.index_add_(0, units.angular[start * k : stop * k], terms.view(-1, units.width))
+        ctx.save_for_backward(left, right)
+        ctx.units = units
+        ctx.radial_shape = radial.shape
+        return flush_subnormal(out, nonnegative).view(shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        left, right = ctx.saved_tensors
+        grad_radial, grad_left, grad_right = _TermGather.apply(
+            grad, left, right, ctx.units, ctx.radial_shape
+        )
+        return grad_radial, grad_left, grad_right, None, None, None
+
+
+class _TermGather(torch.autograd.Function):
+    """The vector-Jacobian product of :class:`_TermScatter`: for a cotangent ``grad`` of the
+    AEV, ``grad[units i] + grad[units j]`` per pair, and ``(g[t] @ right[t], left[t] @ g[t])``
+    per triple with ``g[t] = grad[units of t].view(L, R)``."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, left: Tensor, right: Tensor, units: _Units,
+                radial_shape: tuple[int, int]):
+        flat = grad.reshape(units.num_units, units.width)
+        grad_radial = (flat.index_select(0, units.radial[0]) + flat.index_select(0, units.radial[1]))
+        k = units.angular_units
+        grad_left, grad_right = [], []
+        for start in range(0, left.shape[0], _CHUNK):  # gathered rows stay in cache
+            stop = start + _CHUNK
+            g = flat.index_select(0, units.angular[start * k : stop * k])
+            g = g.view(-1, left.shape[1], right.shape[1])
+            grad_left.append(torch.bmm(g, right[start:stop].unsqueeze(-1)).squeeze(-1))
+            grad_right.append(torch.bmm(left[start:stop].unsqueeze(1), g).squeeze(1))
+        if grad_left:
+            grad_left, grad_right = torch.cat(grad_left), torch.cat(grad_right)
+        else:  # no triples
+            grad_left, grad_right = left * 0, right * 0
+        ctx.save_for_backward(grad, left, right)
+        ctx.units = units
+        return grad_radial.view(radial_shape), grad_left, grad_right
+
+    @staticmethod
+    def backward(ctx, grad_grad_radial: Tensor, grad_grad_left: Tensor, grad_grad_right: Tensor):
+        grad, left, right = ctx.saved_tensors
+        units = ctx.units
+        # linear in grad: its adjoint scatters the radial cotangents and, per triple,
+        # outer(gg_left, right) + outer(left, gg_right)
+        d_grad = _TermScatter.apply(
+            grad_grad_radial, torch.cat([grad_grad_left, left]),
+            torch.cat([right, grad_grad_right]), units.doubled(), tuple(grad.shape), False,
+        )
+        # d / d left[t, a] = sum_b g[t, a, b] gg_right[t, b]; d / d right = gg_left[t] @ g[t]
+        _, d_left, d_right = _TermGather.apply(
+            grad, grad_grad_left, grad_grad_right, units, tuple(grad_grad_radial.shape)
+        )
+        return d_grad, d_left, d_right, None, None
 
 
 class ANIAEV(nn.Module):
@@ -177,11 +345,14 @@ class ANIAEV(nn.Module):
     def radial_terms(self, distances: Tensor) -> Tensor:
         """Radial terms (n_pairs, radial_num_shifts), dimensionless, of distances (n_pairs,) Å."""
         shifts = self.radial_shifts.to(distances.dtype)
-        gauss = torch.exp(-self.radial_eta * (distances.unsqueeze(-1) - shifts) ** 2)
+        gauss = gaussian(-self.radial_eta * (distances.unsqueeze(-1) - shifts) ** 2)
         return 0.25 * gauss * cosine_cutoff(distances, self.radial_cutoff).unsqueeze(-1)
 
-    def angular_terms(self, vec_j: Tensor, vec_k: Tensor, d_j: Tensor, d_k: Tensor) -> Tensor:
-        """Angular terms (n_triples, shifts * sections), dimensionless.
+    def angular_factors(
+        self, vec_j: Tensor, vec_k: Tensor, d_j: Tensor, d_k: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The two factors of the angular terms: radial (n_triples, shifts) and angular
+        (n_triples, sections), dimensionless; the terms are their outer product.
 
         Args:
             vec_j, vec_k: (n_triples, 3) vectors from the centre to the two neighbours, Å.
@@ -197,48 +368,83 @@ class ANIAEV(nn.Module):
         mean = (0.5 * (d_j + d_k)).unsqueeze(-1)
         shifts = self.angular_shifts.to(dtype)
         cut = cosine_cutoff(d_j, self.angular_cutoff) * cosine_cutoff(d_k, self.angular_cutoff)
-        radial = torch.exp(-self.angular_eta * (mean - shifts) ** 2) * cut.unsqueeze(-1)
+        radial = gaussian(-self.angular_eta * (mean - shifts) ** 2) * cut.unsqueeze(-1)
+        return radial, angular
+
+    def angular_terms(self, vec_j: Tensor, vec_k: Tensor, d_j: Tensor, d_k: Tensor) -> Tensor:
+        """Angular terms (n_triples, shifts * sections), dimensionless: the outer product of
+        :meth:`angular_factors` (same arguments), shift index slow, section index fast."""
+        radial, angular = self.angular_factors(vec_j, vec_k, d_j, d_k)
         terms = radial.unsqueeze(-1) * angular.unsqueeze(-2)  # (T, shifts, sections)
         return terms.flatten(1)
 
-    def forward(self, species: Tensor, pos: Tensor, batch: Tensor) -> Tensor:
+    def forward(
+        self, species: Tensor, pos: Tensor, batch: Tensor, rank: Tensor | None = None
+    ) -> Tensor:
         """AEVs (n_atoms, out_dim), dimensionless, in the dtype of ``pos``.
 
         Args:
             species: (n_atoms,) long species index in 0..num_species-1.
             pos: (n_atoms, 3) coordinates in Å; differentiable (twice) with respect to it.
             batch: (n_atoms,) molecule index of each atom, sorted ascending.
+            rank: optional (n_atoms,) permutation: the AEV of atom i is written to row
+                ``rank[i]`` (e.g. atoms grouped by species for the element networks, without a
+                copy); default: row i.
+
+        Entries below the smallest normal number of the dtype (subnormals) are zero (see
+        :func:`flush_subnormal` and :func:`gaussian`).
         """
         n_atoms = species.shape[0]
-        s = self.num_species
+        row = torch.arange(n_atoms, device=species.device) if rank is None else rank
 
         # radial part: each pair i < j adds its terms to block species[j] of atom i and to
         # block species[i] of atom j (the pairs come in both directions; half the work)
+        # (gathers by index_select: faster than boolean / advanced indexing, both ways)
         edge_index = neighbor_pairs(pos.detach(), batch, self.radial_cutoff)
         vec, dist = pair_vectors(pos, edge_index)
         centre, neighbour = edge_index[0], edge_index[1]
-        half = centre < neighbour
-        first, second = centre[half], neighbour[half]
-        radial_terms = self.radial_terms(dist[half])
-        # in-place index_add_ on fresh zeros (no copy); autograd records it as usual
-        radial = radial_terms.new_zeros(n_atoms * s, self.radial_features)
-        radial.index_add_(0, first * s + species[second], radial_terms)
-        radial.index_add_(0, second * s + species[first], radial_terms)
+        half = torch.nonzero(centre < neighbour).squeeze(1)
+        first, second = centre.index_select(0, half), neighbour.index_select(0, half)
+        radial_terms = self.radial_terms(dist.index_select(0, half))
 
         # angular part: unordered pairs {j, k} of neighbours within the angular cutoff; the
         # directed pairs are needed here, each centre sees all of its neighbours
-        close = dist.detach() < self.angular_cutoff
-        a_centre = centre[close]
-        a_neighbour = neighbour[close]
-        a_vec = vec[close]
-        a_dist = dist[close]
+        close = torch.nonzero(dist.detach() < self.angular_cutoff).squeeze(1)
+        a_centre = centre.index_select(0, close)
+        a_neighbour = neighbour.index_select(0, close)
+        a_vec = vec.index_select(0, close)
+        a_dist = dist.index_select(0, close)
         p, q = angular_triples(a_centre, n_atoms)
-        angular_terms = self.angular_terms(a_vec[p], a_vec[q], a_dist[p], a_dist[q])
-        block = self.triu_index[species[a_neighbour[p]], species[a_neighbour[q]]]
-        angular = angular_terms.new_zeros(n_atoms * self.num_species_pairs, self.angular_features)
-        angular.index_add_(0, a_centre[p] * self.num_species_pairs + block, angular_terms)
+        args = (a_vec.index_select(0, p), a_vec.index_select(0, q),
+                a_dist.index_select(0, p), a_dist.index_select(0, q))
+        if a_vec.requires_grad or p.numel() <= _FACTOR_CHUNK:
+            left, right = self.angular_factors(*args)
+        else:  # no graph to build: in chunks, temporaries stay in cache (the same values)
+            pieces = zip(*(a.split(_FACTOR_CHUNK) for a in args), strict=True)
+            chunks = [self.angular_factors(*c) for c in pieces]
+            left, right = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+        block = self.triu_index[species[a_neighbour.index_select(0, p)],
+                                species[a_neighbour.index_select(0, q)]]
 
-        return torch.cat(
-            [radial.view(n_atoms, self.radial_length), angular.view(n_atoms, self.angular_length)],
-            dim=-1,
+        # the output as units of `width` features: each term covers k consecutive units
+        width = math.gcd(self.radial_features, self.angular_features)
+        per_atom = self.out_dim // width
+        k_radial, k_angular = self.radial_features // width, self.angular_features // width
+
+        def spread(base: Tensor, k: int) -> Tensor:
+            return base if k == 1 else (base.unsqueeze(-1) + torch.arange(k, device=base.device)).flatten()
+
+        radial_units = torch.stack([
+            spread(row[first] * per_atom + species[second] * k_radial, k_radial),
+            spread(row[second] * per_atom + species[first] * k_radial, k_radial),
+        ])
+        angular_base = row[a_centre[p]] * per_atom + self.radial_length // width
+        units = _Units(
+            width, n_atoms * per_atom, radial_units,
+            spread(angular_base + block * k_angular, k_angular), k_angular,
         )
+        # radial terms added to both atoms, outer products of the angular factors added to
+        # their centre (the same values, in the same order, as index_add_ of radial_terms and
+        # angular_terms into [radial | angular] blocks), subnormal sums flushed; hand-written,
+        # differentiable backward
+        return _TermScatter.apply(radial_terms, left, right, units, (n_atoms, self.out_dim), True)

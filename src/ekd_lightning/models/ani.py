@@ -94,11 +94,15 @@ class ANIModel(AtomisticModel):
             batch: (n_atoms,) molecule index of each atom, sorted ascending.
         """
         dtype = self.networks[self.elements[0]][0].weight.dtype
-        features = self.aev(species, pos.to(dtype), batch)  # (n_atoms, n_features)
-        # group atoms by species once: one host sync for the group sizes, no padding
+        # group atoms by species once: one host sync for the group sizes, no padding; the AEV
+        # of atom order[r] is written straight to row r (rank = inverse of order), no copy
         order = torch.argsort(species, stable=True)
+        rank = torch.empty_like(order).index_copy_(
+            0, order, torch.arange(order.numel(), device=order.device)
+        )
         sizes = torch.bincount(species, minlength=self.num_species).tolist()
-        grouped = features.index_select(0, order).split(sizes)
+        features = self.aev(species, pos.to(dtype), batch, rank)  # (n_atoms, n_features)
+        grouped = features.split(sizes)
         outputs = [
             net(x).squeeze(-1)
             for net, x, n in zip(self.networks.values(), grouped, sizes, strict=True)
