@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from ekd_lightning.pipeline import ablation_table, gap_closed, run_pipeline, seed_summary
+from ekd_lightning.pipeline import (
+    ablation_table,
+    gap_closed,
+    run_pipeline,
+    seed_summary,
+    variant_jobs,
+)
 from ekd_lightning.training import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,3 +95,18 @@ def test_gap_closed_and_seed_summary():
     assert summary[0]["force_mae_std"] == 1.0
     assert gap_closed(summary) == pytest.approx(0.5)
     assert gap_closed(summary[:2]) != gap_closed(summary[:2])  # NaN without an oracle
+
+
+def test_force_overrides_reach_student_and_oracle_only(ani1x_file, comp6_file, tmp_path):
+    cfg = pipeline_cfg(ani1x_file, comp6_file, tmp_path, "+pipeline.force_overrides.loss.force_weight=1.0",
+                       "+pipeline.student_overrides.loss.force_loss=uncertainty")
+    labels = tmp_path / "labels.h5"
+    jobs = {stage: variant_jobs(cfg, stage, tmp_path, labels) for stage in ("student", "oracle", "baseline")}
+    student, oracle, baseline = (jobs[s][0].cfg["loss"] for s in ("student", "oracle", "baseline"))
+    assert student["force_weight"] == oracle["force_weight"] == 1.0
+    assert student["force_loss"] == "uncertainty" and oracle["force_loss"] == "mse"
+    assert baseline["force_weight"] == 0.0
+    assert jobs["student"][0].cfg["distill"]["labels"] == str(labels)
+    default = pipeline_cfg(ani1x_file, comp6_file, tmp_path)
+    # without overrides the oracle keeps its stage file's force weight
+    assert variant_jobs(default, "oracle", tmp_path)[0].cfg["loss"]["force_weight"] == 0.1

@@ -207,11 +207,16 @@ def teacher_jobs(cfg: DictConfig, store: Path) -> list[Job]:
 def variant_jobs(cfg: DictConfig, stage: str, store: Path, labels: Path | None = None) -> list[Job]:
     """Step 3: ``stage`` (student, baseline or oracle) for each of its seeds
     (``pipeline.seeds``; the oracle, a reference bound, ``pipeline.oracle_seeds``); the
-    student's config gets the labels and ``pipeline.student_overrides`` (e.g. a loss setting)."""
+    student's config gets the labels and ``pipeline.student_overrides`` (e.g. a loss setting);
+    student and oracle, the stages trained on forces, get ``pipeline.force_overrides`` (e.g. the
+    force weight, so that the oracle keeps the student's recipe)."""
     p = cfg.pipeline
     extra = None
+    if stage in ("student", "oracle"):
+        extra = OmegaConf.create(p.get("force_overrides") or {})
     if stage == "student":
-        extra = OmegaConf.merge({"distill": {"labels": str(labels)}}, p.get("student_overrides") or {})
+        extra = OmegaConf.merge({"distill": {"labels": str(labels)}}, extra,
+                                p.get("student_overrides") or {})
     seeds = p.oracle_seeds if stage == "oracle" else p.seeds
     return [job(f"{stage}-seed{seed}", run_config(cfg, stage, seed, p.max_epochs, extra=extra), store)
             for seed in seeds]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.aev import ANIAEV, angular_triples, flush_subnormal, gaussian
+from ..models.aev import ANIAEV, angular_triples, flush_subnormal, gaussian, spread_units
 from ..models.ani import ANIModel
 from ..models.base import AtomisticModel, energy_and_forces
 from ..models.neighbors import neighbor_pairs, pair_vectors
@@ -115,13 +115,6 @@ class AEVJacobian:
         per_atom = self.out_dim // self.width
         return (rows[self.radial_atoms] * per_atom + self.radial_offsets,
                 rows[self.angular_atoms] * per_atom + self.angular_offsets)
-
-
-def _spread(values: Tensor, k: int, step: int = 0) -> Tensor:
-    """Each value repeated over k consecutive units (``+ 0, 1, ..., k-1`` times ``step``)."""
-    if k == 1:
-        return values
-    return (values.unsqueeze(-1) + step * torch.arange(k, device=values.device)).flatten(-2)
 
 
 def _cutoff_and_slope(distances: Tensor, cutoff: float) -> tuple[Tensor, Tensor]:
@@ -220,10 +213,10 @@ def aev_with_jacobian(aev: ANIAEV, species: Tensor, pos: Tensor, batch: Tensor,
     # the AEV as units of `width` features (as ANIAEV.forward lays it out)
     width = math.gcd(aev.radial_features, aev.angular_features)
     k_r, k_a = aev.radial_features // width, aev.angular_features // width
-    radial_atoms = _spread(torch.stack([first, second]), k_r)
-    radial_offsets = _spread(torch.stack([species[second], species[first]]) * k_r, k_r, 1)
-    angular_atoms = _spread(a_centre[p], k_a)
-    angular_offsets = _spread(aev.radial_length // width + block * k_a, k_a, 1)
+    radial_atoms = spread_units(torch.stack([first, second]), k_r, 0)
+    radial_offsets = spread_units(torch.stack([species[second], species[first]]) * k_r, k_r)
+    angular_atoms = spread_units(a_centre[p], k_a, 0)
+    angular_offsets = spread_units(aev.radial_length // width + block * k_a, k_a)
     jacobian = AEVJacobian(
         num_atoms=n, out_dim=aev.out_dim, width=width, radial_width=aev.radial_features,
         angular_width=aev.angular_features, rows=rows, first=first, second=second,

@@ -123,6 +123,14 @@ _FACTOR_CHUNK = 8192
 autograd graph is built (with one, the extra nodes cost more than the cache saves)."""
 
 
+def spread_units(values: Tensor, k: int, step: int = 1) -> Tensor:
+    """Each of ``values`` (..., n) repeated over k consecutive units, plus ``0, 1, ..., k-1``
+    times ``step``: (..., n * k). ``step=1``: the k units a term covers; ``step=0``: repeats."""
+    if k == 1:
+        return values
+    return (values.unsqueeze(-1) + step * torch.arange(k, device=values.device)).flatten(-2)
+
+
 @dataclass
 class _Units:
     """Where the AEV terms go. The AEV (n_atoms, out_dim) is seen as ``num_units`` rows
@@ -431,17 +439,14 @@ class ANIAEV(nn.Module):
         per_atom = self.out_dim // width
         k_radial, k_angular = self.radial_features // width, self.angular_features // width
 
-        def spread(base: Tensor, k: int) -> Tensor:
-            return base if k == 1 else (base.unsqueeze(-1) + torch.arange(k, device=base.device)).flatten()
-
         radial_units = torch.stack([
-            spread(row[first] * per_atom + species[second] * k_radial, k_radial),
-            spread(row[second] * per_atom + species[first] * k_radial, k_radial),
+            spread_units(row[first] * per_atom + species[second] * k_radial, k_radial),
+            spread_units(row[second] * per_atom + species[first] * k_radial, k_radial),
         ])
         angular_base = row[a_centre[p]] * per_atom + self.radial_length // width
         units = _Units(
             width, n_atoms * per_atom, radial_units,
-            spread(angular_base + block * k_angular, k_angular), k_angular,
+            spread_units(angular_base + block * k_angular, k_angular), k_angular,
         )
         # radial terms added to both atoms, outer products of the angular factors added to
         # their centre (the same values, in the same order, as index_add_ of radial_terms and
