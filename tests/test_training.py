@@ -117,3 +117,16 @@ def test_cli_student_and_multirun_sweep(ani1x_file, tmp_path):
     assert [r.name.split(",")[0] for r in runs] == ["0_data.energy_key=emt.energy", "1_data.energy_key=emt.energy"]
     weights = [yaml.safe_load((r / ".hydra" / "config.yaml").read_text())["loss"]["force_weight"] for r in runs]
     assert weights == [0.01, 1]
+
+
+def test_trainings_in_one_process_get_their_own_wandb_runs(ani1x_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_ids = []
+    for seed in (0, 1):
+        cfg = make_cfg(ani1x_file, "stage=teacher", "trainer.max_epochs=1", SMALL_ANI,
+                       "logger=wandb", "logger.mode=offline", f"seed={seed}")
+        run_training(cfg, tmp_path / f"run{seed}")
+        offline = list((tmp_path / f"run{seed}" / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1, f"run{seed} has no W&B run of its own"
+        run_ids.append(offline[0].name)
+    assert run_ids[0] != run_ids[1]

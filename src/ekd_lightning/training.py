@@ -86,6 +86,14 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     return CSVLogger(save_dir=str(run_dir), name="csv")
 
 
+def finish_logger(logger) -> None:
+    """End a W&B logger's run after its training, so that the next training in the same process
+    (pipeline workers train several runs one after another) starts a run of its own instead of
+    logging into this one."""
+    if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+        logger.experiment.finish()
+
+
 def provenance(cfg: DictConfig, datamodule: EKDDataModule) -> dict:
     """What is needed to reproduce a run: config, versions, git revision, input hashes."""
     versions = {}
@@ -170,4 +178,5 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str
     metrics["config_sha256"] = fingerprint
     if trainer.is_global_zero:
         write_json_atomic(metrics, run_dir / "metrics.json")
+    finish_logger(trainer.logger)
     return metrics
