@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.aev import ANIAEV, angular_triples, flush_subnormal, gaussian, spread_units
-from ..models.ani import ANIModel
+from ..models.aev import ANIAEV, TermLayout, angular_triples, flush_subnormal, gaussian
+from ..models.ani import ANIModel, group_by_species
 from ..models.base import AtomisticModel, energy_and_forces
 from ..models.neighbors import neighbor_pairs, pair_vectors
 
@@ -84,37 +84,27 @@ class AEVJacobian:
     Radial terms come from the pairs i < j (``first``, ``second``) and depend on the distance
     only; angular terms come from the triples (centre; j, k) and depend on cos(theta_ijk) and
     on the two distances. Where each term went: the AEV row of each atom is ``rows`` (atom
-    order unless a ``rank`` was given), and an AEV row is seen as ``out_dim / width`` units of
-    ``width`` features; a term covers consecutive units starting at ``*_offsets`` within the
-    row of its atom (``*_atoms``), one entry per unit.
+    order unless a ``rank`` was given) and ``layout`` places the terms within the rows.
     """
 
     num_atoms: int
-    out_dim: int
-    width: int  # features per unit
     radial_width: int
     angular_width: int
     rows: Tensor  # (n_atoms,) AEV row of each atom
+    layout: TermLayout
     first: Tensor  # (n_half,) atom i of each pair i < j
     second: Tensor  # (n_half,) atom j
     unit: Tensor  # (n_half, 3) (r_j - r_i) / |r_j - r_i|
-    radial_atoms: Tensor  # (2, n_half * radial_width / width): atoms i and j, per unit
-    radial_offsets: Tensor  # (2, ...): units of block species[j] of i and species[i] of j
     radial_grad: Tensor  # (n_half, radial_width) d term / d distance, 1/Å
     centre: Tensor  # (n_triples,)
     neighbours: Tensor  # (2, n_triples) atoms j and k
-    angular_atoms: Tensor  # (n_triples * angular_width / width,) the centre, per unit
-    angular_offsets: Tensor  # (n_triples * angular_width / width,)
     angular_grad: Tensor  # (n_triples, angular_width, 3) d term / d (cos theta, d_ij, d_ik)
     geometry: Tensor  # (4, n_triples, 3): d cos / d vec_j, d cos / d vec_k, unit_j, unit_k
 
     def units(self, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Unit indices of the radial (2, ...) and angular (...) terms in an AEV (or a
         cotangent) whose atom rows are ``rows`` (default: :attr:`rows`)."""
-        rows = self.rows if rows is None else rows
-        per_atom = self.out_dim // self.width
-        return (rows[self.radial_atoms] * per_atom + self.radial_offsets,
-                rows[self.angular_atoms] * per_atom + self.angular_offsets)
+        return self.layout.units(self.rows if rows is None else rows)
 
 
 def _cutoff_and_slope(distances: Tensor, cutoff: float) -> tuple[Tensor, Tensor]:
@@ -210,23 +200,17 @@ def aev_with_jacobian(aev: ANIAEV, species: Tensor, pos: Tensor, batch: Tensor,
     angular_terms, angular_grad, geometry = angular_terms_and_derivatives(aev, a_vec[p], a_vec[q])
     block = aev.triu_index[species[a_neighbour[p]], species[a_neighbour[q]]]
 
-    # the AEV as units of `width` features (as ANIAEV.forward lays it out)
-    width = math.gcd(aev.radial_features, aev.angular_features)
-    k_r, k_a = aev.radial_features // width, aev.angular_features // width
-    radial_atoms = spread_units(torch.stack([first, second]), k_r, 0)
-    radial_offsets = spread_units(torch.stack([species[second], species[first]]) * k_r, k_r)
-    angular_atoms = spread_units(a_centre[p], k_a, 0)
-    angular_offsets = spread_units(aev.radial_length // width + block * k_a, k_a)
+    layout = aev.term_layout(species, first, second, a_centre[p], block)  # as ANIAEV.forward
     jacobian = AEVJacobian(
-        num_atoms=n, out_dim=aev.out_dim, width=width, radial_width=aev.radial_features,
-        angular_width=aev.angular_features, rows=rows, first=first, second=second,
-        unit=vec[half] / d.unsqueeze(-1), radial_atoms=radial_atoms,
-        radial_offsets=radial_offsets, radial_grad=radial_grad, centre=a_centre[p],
-        neighbours=torch.stack([a_neighbour[p], a_neighbour[q]]), angular_atoms=angular_atoms,
-        angular_offsets=angular_offsets, angular_grad=angular_grad, geometry=geometry,
+        num_atoms=n, radial_width=aev.radial_features, angular_width=aev.angular_features,
+        rows=rows, layout=layout, first=first, second=second, unit=vec[half] / d.unsqueeze(-1),
+        radial_grad=radial_grad, centre=a_centre[p],
+        neighbours=torch.stack([a_neighbour[p], a_neighbour[q]]), angular_grad=angular_grad,
+        geometry=geometry,
     )
     radial_units, angular_units = jacobian.units()
-    features = radial_terms.new_zeros(n * aev.out_dim // width, width)
+    width = layout.width
+    features = radial_terms.new_zeros(n * layout.units_per_atom, width)
     pieces = radial_terms.reshape(-1, width)
     features.index_add_(0, radial_units[0], pieces)
     features.index_add_(0, radial_units[1], pieces)
@@ -261,7 +245,7 @@ def aev_vjp_full(jac: AEVJacobian, cotangent: Tensor, rows: Tensor | None = None
     atoms is a row-wise ``index_add_``; the cotangents are gathered as rows of one flat view.
     """
     t = cotangent.shape[0]
-    flat = cotangent.reshape(-1, jac.width)  # (T * n_atoms * units per atom, width)
+    flat = cotangent.reshape(-1, jac.layout.width)  # (T * n_atoms * units per atom, width)
     teacher = torch.arange(t, device=flat.device).unsqueeze(1) * (flat.shape[0] // t)
     radial_units, angular_units = jac.units(rows)
 
@@ -274,7 +258,7 @@ def aev_vjp_full(jac: AEVJacobian, cotangent: Tensor, rows: Tensor | None = None
     along = per_pair.t().unsqueeze(-1) * jac.unit.unsqueeze(1)  # (n_half, T, 3): d E / d r_j
     # angular: d E / d (cos, d_ij, d_ik) per triple, then d E / d vec_j and d E / d vec_k
     n_triples = jac.centre.shape[0]
-    k = jac.angular_width // jac.width
+    k = jac.angular_width // jac.layout.width
     d_vec_j = flat.new_empty(n_triples, t, 3)
     d_vec_k = flat.new_empty(n_triples, t, 3)
     for start in range(0, n_triples, _CHUNK):
@@ -403,11 +387,8 @@ class StackedANI(nn.Module):
         if species.numel() == 0:
             empty = self.self_energies.new_zeros(self.num_teachers, num_molecules)
             return empty, pos.new_zeros(self.num_teachers, 0, 3)
-        # atoms grouped by species (one host sync for the group sizes): the AEV of atom
-        # order[r] is computed straight into row r (rank = inverse of order), once
-        order = torch.argsort(species, stable=True)
-        rank = torch.empty_like(order).index_copy_(0, order, torch.arange(len(order), device=order.device))
-        sizes = torch.bincount(species, minlength=len(self.elements)).tolist()
+        # atoms grouped by species: the AEV of atom order[r] is computed straight into row r, once
+        _, rank, sizes = group_by_species(species, len(self.elements))
         aev, jac = aev_with_jacobian(self.aev, species, pos.to(self.dtype), batch, rank)
         scale = self.energy_scale  # (T,) Hartree
         outputs, cotangent = self.networks(aev, scale.to(aev.dtype), sizes)

@@ -132,6 +132,29 @@ def spread_units(values: Tensor, k: int, step: int = 1) -> Tensor:
 
 
 @dataclass
+class TermLayout:
+    """Where the AEV terms go, the AEV (n_atoms, out_dim) seen as ``units_per_atom`` units of
+    ``width`` features per atom (``width`` divides the radial and angular block widths): a radial
+    term (pair i < j) covers consecutive units in the radial block of species[j] of atom i and
+    in that of species[i] of atom j, an angular term (triple) consecutive units in the angular
+    block of its centre. One entry per unit: the unit's atom (``*_atoms``) and its offset within
+    that atom's row (``*_offsets``); radial entries have a leading axis of 2 (atoms i and j)."""
+
+    width: int
+    units_per_atom: int
+    radial_atoms: Tensor  # (2, n_pairs * radial_features / width)
+    radial_offsets: Tensor  # (2, n_pairs * radial_features / width)
+    angular_atoms: Tensor  # (n_triples * angular_features / width,)
+    angular_offsets: Tensor  # (n_triples * angular_features / width,)
+
+    def units(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Unit indices of the radial (2, ...) and angular (...) entries in an AEV (or a
+        cotangent) whose atom i is row ``rows[i]``."""
+        return (rows[self.radial_atoms] * self.units_per_atom + self.radial_offsets,
+                rows[self.angular_atoms] * self.units_per_atom + self.angular_offsets)
+
+
+@dataclass
 class _Units:
     """Where the AEV terms go. The AEV (n_atoms, out_dim) is seen as ``num_units`` rows
     ("units") of ``width`` features, ``width`` dividing the radial and angular block widths;
@@ -386,6 +409,22 @@ class ANIAEV(nn.Module):
         terms = radial.unsqueeze(-1) * angular.unsqueeze(-2)  # (T, shifts, sections)
         return terms.flatten(1)
 
+    def term_layout(self, species: Tensor, first: Tensor, second: Tensor, centre: Tensor,
+                    block: Tensor) -> TermLayout:
+        """Where the terms of the pairs ``first`` < ``second`` (n_pairs,) and of the triples
+        with ``centre`` and species-pair ``block`` (n_triples,) go in the AEV (see
+        :class:`TermLayout`); each term covers k consecutive units of ``width`` features."""
+        width = math.gcd(self.radial_features, self.angular_features)
+        k_radial, k_angular = self.radial_features // width, self.angular_features // width
+        return TermLayout(
+            width=width, units_per_atom=self.out_dim // width,
+            radial_atoms=spread_units(torch.stack([first, second]), k_radial, 0),
+            radial_offsets=spread_units(
+                torch.stack([species[second], species[first]]) * k_radial, k_radial),
+            angular_atoms=spread_units(centre, k_angular, 0),
+            angular_offsets=spread_units(self.radial_length // width + block * k_angular, k_angular),
+        )
+
     def forward(
         self, species: Tensor, pos: Tensor, batch: Tensor, rank: Tensor | None = None
     ) -> Tensor:
@@ -434,20 +473,10 @@ class ANIAEV(nn.Module):
         block = self.triu_index[species[a_neighbour.index_select(0, p)],
                                 species[a_neighbour.index_select(0, q)]]
 
-        # the output as units of `width` features: each term covers k consecutive units
-        width = math.gcd(self.radial_features, self.angular_features)
-        per_atom = self.out_dim // width
-        k_radial, k_angular = self.radial_features // width, self.angular_features // width
-
-        radial_units = torch.stack([
-            spread_units(row[first] * per_atom + species[second] * k_radial, k_radial),
-            spread_units(row[second] * per_atom + species[first] * k_radial, k_radial),
-        ])
-        angular_base = row[a_centre[p]] * per_atom + self.radial_length // width
-        units = _Units(
-            width, n_atoms * per_atom, radial_units,
-            spread_units(angular_base + block * k_angular, k_angular), k_angular,
-        )
+        layout = self.term_layout(species, first, second, a_centre[p], block)
+        radial_units, angular_units = layout.units(row)
+        units = _Units(layout.width, n_atoms * layout.units_per_atom, radial_units, angular_units,
+                       self.angular_features // layout.width)
         # radial terms added to both atoms, outer products of the angular factors added to
         # their centre (the same values, in the same order, as index_add_ of radial_terms and
         # angular_terms into [radial | angular] blocks), subnormal sums flushed; hand-written,

@@ -48,6 +48,20 @@ def atomic_network(in_dim: int, hidden: Sequence[int], activation_alpha: float =
     return nn.Sequential(*layers)
 
 
+def group_by_species(species: Tensor, num_species: int) -> tuple[Tensor, Tensor, list[int]]:
+    """Atoms grouped by species, for the per-element networks without padding.
+
+    Returns ``order`` (n_atoms,): the atoms sorted by species (stable); ``rank`` (n_atoms,):
+    its inverse, the grouped row of each atom; ``sizes``: the number of atoms of each species
+    (one host sync).
+    """
+    order = torch.argsort(species, stable=True)
+    rank = torch.empty_like(order).index_copy_(
+        0, order, torch.arange(order.numel(), device=order.device)
+    )
+    return order, rank, torch.bincount(species, minlength=num_species).tolist()
+
+
 class ANIModel(AtomisticModel):
     """ANI potential: :class:`~ekd_lightning.models.aev.ANIAEV` + one MLP per element.
 
@@ -94,13 +108,8 @@ class ANIModel(AtomisticModel):
             batch: (n_atoms,) molecule index of each atom, sorted ascending.
         """
         dtype = self.networks[self.elements[0]][0].weight.dtype
-        # group atoms by species once: one host sync for the group sizes, no padding; the AEV
-        # of atom order[r] is written straight to row r (rank = inverse of order), no copy
-        order = torch.argsort(species, stable=True)
-        rank = torch.empty_like(order).index_copy_(
-            0, order, torch.arange(order.numel(), device=order.device)
-        )
-        sizes = torch.bincount(species, minlength=self.num_species).tolist()
+        # the AEV of atom order[r] is written straight to row r, no copy
+        order, rank, sizes = group_by_species(species, self.num_species)
         features = self.aev(species, pos.to(dtype), batch, rank)  # (n_atoms, n_features)
         grouped = features.split(sizes)
         outputs = [
