@@ -51,23 +51,9 @@ def molecules(elements, n: int, seed: int):
     return mols
 
 
-def flat_batch(mols):
-    """z (n_atoms,), pos (n_atoms, 3) float32 Å, batch (n_atoms,) as PyG batches them."""
-    z = torch.tensor(np.concatenate([m.numbers for m in mols]))
-    pos = torch.tensor(np.concatenate([m.positions for m in mols]), dtype=torch.float32)
-    batch = torch.repeat_interleave(torch.arange(len(mols)), torch.tensor([len(m) for m in mols]))
-    return z, pos, batch
-
-
-def padded_batch(mols):
-    """Atomic numbers (-1 padding) and coordinates (n_mol, max_atoms, 3), torchani's layout."""
-    width = max(len(m) for m in mols)
-    numbers = torch.full((len(mols), width), -1)
-    coords = torch.zeros(len(mols), width, 3)
-    for i, m in enumerate(mols):
-        numbers[i, : len(m)] = torch.tensor(m.numbers)
-        coords[i, : len(m)] = torch.tensor(m.positions, dtype=torch.float32)
-    return numbers, coords
+def conformations(mols) -> list[benchlib.Conformation]:
+    """ASE molecules as benchmark conformations (no reference energies or forces needed)."""
+    return [(m.numbers, m.positions, 0.0, np.zeros_like(m.positions)) for m in mols]
 
 
 def our_teachers(elements):
@@ -106,8 +92,8 @@ def run(name: str, args) -> dict[str, float]:
     ensemble = TeacherEnsemble(models)
     reference = None if args.no_torchani else torchani_ensemble(elements)
     batches = [molecules(elements, args.batch_size, seed) for seed in range(args.batches)]
-    flat = [flat_batch(b) for b in batches]
-    padded = [padded_batch(b) for b in batches]
+    flat = [benchlib.flat_batch(conformations(b))[:3] for b in batches]  # z, pos, batch
+    padded = [benchlib.padded_batch(conformations(b))[:2] for b in batches]  # numbers, coords
     n_atoms = np.mean([len(f[0]) for f in flat])
 
     def batched(i):
