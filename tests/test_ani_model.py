@@ -192,6 +192,44 @@ def test_force_training_double_backward():
     assert model.networks["N"][0].weight.grad.abs().sum() > 0
 
 
+def test_batches_without_some_elements_compute_only_their_features():
+    """A 7-element model on H, C, N, O molecules multiplies only the 384 AEV features that can be
+    nonzero; energies, forces and force-training gradients equal those of the full 1008."""
+    aev = ANIAEV.like_2x(7).double()
+    hcno = _ase(("CH3CH2OH", "CH3CONH2", "H2O"))
+    species, z, pos, batch = _flat(hcno)
+    restricted, compact, columns = aev.restricted((0, 1, 2, 3))
+    full = aev(species, pos, batch)
+    assert restricted.out_dim == 384 and bool((columns.diff() > 0).all())
+    assert torch.equal(restricted(compact[species], pos, batch), full[:, columns])
+    absent = torch.ones(aev.out_dim, dtype=torch.bool)
+    absent[columns] = False
+    assert not full[:, absent].any()
+
+    def energies_forces_grads(mols):
+        """Energies, forces of the first three molecules and the weight gradients of a force
+        loss on them, the batch being ``mols``."""
+        model = _random_model()
+        _, z, pos, batch = _flat(mols)
+        energies, forces = energy_and_forces(model, z, pos, batch, len(mols), create_graph=True)
+        n = sum(len(m) for m in hcno)
+        (energies[:3].square().sum() + forces[:n].square().sum()).backward()
+        return energies[:3], forces[:n], model
+
+    # with S, F and Cl in the batch every feature is computed: the reference
+    reference = energies_forces_grads(hcno + _ase(("CH3SH", "CF4", "CH3Cl")))
+    restricted_run = energies_forces_grads(hcno)
+    assert list(restricted_run[2].aev._restricted) == [((0, 1, 2, 3), torch.device("cpu"))]
+    torch.testing.assert_close(restricted_run[0], reference[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(restricted_run[1], reference[1], rtol=0, atol=1e-10)
+    for got, expected in zip(restricted_run[2].parameters(), reference[2].parameters(), strict=True):
+        if got.grad is None:  # the networks of S, F and Cl: no atoms
+            continue
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-9, atol=1e-12)
+    first_layer = restricted_run[2].networks["H"][0].weight.grad
+    assert not first_layer[:, absent].any() and first_layer[:, columns].abs().sum() > 0
+
+
 def _rotation(seed: int) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed),
                                        dtype=torch.float64))

@@ -32,6 +32,7 @@ from ekd_lightning.distill.ensemble import aev_vjp, aev_with_jacobian
 from ekd_lightning.errors import CheckpointError, DataError, LabelMismatchError
 from ekd_lightning.labels import read_label_metadata, read_labels, verify_teachers
 from ekd_lightning.models.aev import ANIAEV
+from ekd_lightning.models.ani import ANIModel
 from ekd_lightning.models.base import energy_and_forces
 from ekd_lightning.module import PotentialModule
 from ekd_lightning.training import build_datamodule, build_module, run_training
@@ -173,6 +174,31 @@ def test_aev_jacobian_matches_autograd():
     moved = torch.empty_like(cotangents).index_copy_(1, rank, cotangents)
     radial, angular = moved.split([aev.radial_length, aev.angular_length], dim=-1)
     torch.testing.assert_close(aev_vjp(jac, radial, angular, rank), grads, rtol=1e-9, atol=1e-12)
+
+
+def test_batched_ani2x_teachers_equal_the_loop_with_and_without_absent_elements():
+    from ase.build import molecule
+
+    torch.manual_seed(0)
+    elements = ("H", "C", "N", "O", "S", "F", "Cl")
+    models = []
+    for _ in range(3):
+        model = ANIModel(elements).double()
+        model.set_energy_statistics([-0.5 - i for i in range(len(elements))], 0.02)
+        models.append(model)
+    batched, loop = TeacherEnsemble(models), TeacherEnsemble(models, batched=False)
+    assert [type(g) for g in batched.groups] == [StackedANI]
+    for names in (("CH3CH2OH", "CH3CONH2", "H2O"), ("CH3CONH2", "CH3SH", "CF4", "CH3Cl")):
+        mols = [molecule(n) for n in names]
+        z = torch.tensor(np.concatenate([m.numbers for m in mols]))
+        pos = torch.tensor(np.concatenate([m.positions for m in mols]))
+        batch = torch.repeat_interleave(torch.arange(len(mols)), torch.tensor([len(m) for m in mols]))
+        energies, forces = batched(z, pos, batch, len(mols))
+        expected_energies, expected_forces = loop(z, pos, batch, len(mols))
+        torch.testing.assert_close(energies, expected_energies, rtol=0, atol=1e-10)
+        torch.testing.assert_close(forces, expected_forces, rtol=0, atol=1e-9)
+    # the H, C, N, O batch used only the features of those four elements
+    assert [key[0] for key in batched.groups[0]._restricted] == [(0, 1, 2, 3)]
 
 
 # ----------------------------------------------------------------------------- resume and DDP

@@ -315,6 +315,7 @@ class StackedANI(nn.Module):
                     self.register_buffer(f"w{s}_{j}", weight.contiguous())
                     self.register_buffer(f"wt{s}_{j}", weight.transpose(1, 2).contiguous())
                     self.register_buffer(f"b{s}_{j}", bias)
+        self._restricted: dict[tuple, tuple[ANIAEV, Tensor, dict[int, tuple[Tensor, Tensor]]]] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -324,20 +325,43 @@ class StackedANI(nn.Module):
         """Species index (n_atoms,) of atomic numbers; DataError for an unknown element."""
         return AtomisticModel.species(self, z)  # uses species_of_number and elements only
 
-    def _element_networks(self, s: int, x: Tensor, scale: Tensor, outputs: Tensor,
-                          cotangent: Tensor) -> None:
+    def _first_layers(self, present: tuple[int, ...]) -> tuple[ANIAEV, Tensor | None,
+                                                              dict[int, tuple[Tensor, Tensor]]]:
+        """The AEV, the species map for it and the first-layer weights of each species (wide
+        (F, T * H0) and transposed (T, H0, F)) for a batch of the species ``present``: all F
+        features (map None), or only those of the present species (:meth:`ANIAEV.restricted`,
+        the others are zero) and the matching weight rows, cached (teachers are frozen)."""
+        def weights(s: int) -> tuple[Tensor, Tensor]:
+            return getattr(self, f"w{s}_wide"), getattr(self, f"wt{s}_0")
+
+        if len(present) == len(self.elements):
+            return self.aev, None, {s: weights(s) for s in present}
+        key = (present, self.w0_wide.device, self.dtype)
+        if key not in self._restricted:
+            aev, compact, columns = self.aev.restricted(present)
+            self._restricted[key] = (aev, compact, {
+                s: (weights(s)[0].index_select(0, columns), weights(s)[1].index_select(2, columns))
+                for s in present
+            })
+        return self._restricted[key]
+
+    def _element_networks(self, s: int, x: Tensor, first_layer: tuple[Tensor, Tensor],
+                          scale: Tensor, outputs: Tensor, cotangent: Tensor) -> None:
         """Outputs and scaled gradients for the atoms of species s.
 
         Args:
             s: species index.
             x: (n_e, F) AEVs of the atoms of that species.
+            first_layer: the first layer's weights for these F features, wide (F, T * H0) and
+                transposed (T, H0, F).
             scale: (T,) energy scale of each teacher (Hartree), folded into the gradients.
             outputs: (T, n_e) written: the dimensionless outputs.
             cotangent: (T, n_e, F) written: ``scale * d out / d AEV``, Hartree.
         """
         n_layers = self.num_layers[s]
         t = self.num_teachers
-        pre = torch.addmm(getattr(self, f"b{s}_wide"), x, getattr(self, f"w{s}_wide"))
+        wide, transposed = first_layer
+        pre = torch.addmm(getattr(self, f"b{s}_wide"), x, wide)
         act = F.celu(pre, self.alpha).view(x.shape[0], t, -1).transpose(0, 1)  # (T, n_e, H0)
         acts = [act]
         for j in range(1, n_layers):
@@ -353,11 +377,12 @@ class StackedANI(nn.Module):
             grad = torch.ops.aten.elu_backward(grad, self.alpha, 1.0, 1.0 / self.alpha, True, acts[j])
             if j > 0:
                 grad = torch.bmm(grad, getattr(self, f"wt{s}_{j}"))
-        torch.bmm(grad, getattr(self, f"wt{s}_0"), out=cotangent)
+        torch.bmm(grad, transposed, out=cotangent)
 
-    def networks(self, aev: Tensor, scale: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
+    def networks(self, aev: Tensor, scale: Tensor, sizes: list[int],
+                 first_layers: dict[int, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         """All teachers' element networks on AEVs grouped by species (``sizes`` atoms of each
-        species in turn).
+        species in turn), with the first-layer weights of :meth:`_first_layers`.
 
         Returns:
             outputs (T, n_atoms), dimensionless, and ``scale * d out / d AEV`` (T, n_atoms,
@@ -370,8 +395,8 @@ class StackedANI(nn.Module):
         for s, size in enumerate(sizes):
             if size:
                 stop = start + size
-                self._element_networks(s, aev[start:stop], scale, outputs[:, start:stop],
-                                       cotangent[:, start:stop])
+                self._element_networks(s, aev[start:stop], first_layers[s], scale,
+                                       outputs[:, start:stop], cotangent[:, start:stop])
                 start = stop
         return outputs, cotangent
 
@@ -389,9 +414,13 @@ class StackedANI(nn.Module):
             return empty, pos.new_zeros(self.num_teachers, 0, 3)
         # atoms grouped by species: the AEV of atom order[r] is computed straight into row r, once
         _, rank, sizes = group_by_species(species, len(self.elements))
-        aev, jac = aev_with_jacobian(self.aev, species, pos.to(self.dtype), batch, rank)
+        # only the features of the species in the batch (the others are zero)
+        aev_of_present, compact, first_layers = self._first_layers(
+            tuple(s for s, n in enumerate(sizes) if n))
+        aev, jac = aev_with_jacobian(aev_of_present, species if compact is None else compact[species],
+                                     pos.to(self.dtype), batch, rank)
         scale = self.energy_scale  # (T,) Hartree
-        outputs, cotangent = self.networks(aev, scale.to(aev.dtype), sizes)
+        outputs, cotangent = self.networks(aev, scale.to(aev.dtype), sizes, first_layers)
         contributions = outputs.index_select(1, rank)  # atom order
         atomic = scale.unsqueeze(1) * contributions.to(torch.float64)
         atomic = atomic + self.self_energies[:, species]

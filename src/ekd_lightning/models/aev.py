@@ -353,6 +353,7 @@ class ANIAEV(nn.Module):
         self.radial_length = self.num_species * self.radial_features
         self.angular_length = self.num_species_pairs * self.angular_features
         self.out_dim = self.radial_length + self.angular_length
+        self._restricted: dict[tuple, tuple[ANIAEV, Tensor, Tensor]] = {}
 
     @classmethod
     def like_2x(cls, num_species: int = 7) -> "ANIAEV":
@@ -372,6 +373,40 @@ class ANIAEV(nn.Module):
         return f"num_species={self.num_species}, out_dim={self.out_dim}, " + ", ".join(
             f"{k}={v}" for k, v in self.config.items()
         )
+
+    def restricted(self, present: tuple[int, ...]) -> tuple["ANIAEV", Tensor, Tensor]:
+        """This AEV over the species ``present`` only, for batches without the others.
+
+        The features of absent species are zero, so the networks need not multiply them: the
+        7-element ANI-2x AEV has 1008 features, of which 384 can be nonzero on molecules of
+        H, C, N and O only (ANI-1ccx, COMP6).
+
+        Args:
+            present: species indices, ascending.
+
+        Returns:
+            the restricted AEV (the same constants over ``len(present)`` species); ``compact``
+            (num_species,): the restricted species index of each species (-1 if absent); and
+            ``columns`` (restricted out_dim,): the column of each restricted feature in this
+            AEV, ascending, so that ``restricted(compact[species], ...)`` equals
+            ``self(species, ...)[:, columns]``. Cached per species set and device.
+        """
+        device = self.triu_index.device
+        key = (tuple(present), device)
+        if key not in self._restricted:
+            index = torch.tensor(present, dtype=torch.long, device=device)
+            aev = ANIAEV(len(present), **self.config).to(device)
+            compact = torch.full((self.num_species,), -1, dtype=torch.long, device=device)
+            compact[index] = torch.arange(len(present), device=device)
+            a, b = torch.triu_indices(len(present), len(present), device=device)
+            blocks = self.triu_index[index[a], index[b]]
+            columns = torch.cat([
+                spread_units(index * self.radial_features, self.radial_features),
+                spread_units(self.radial_length + blocks * self.angular_features,
+                             self.angular_features),
+            ])
+            self._restricted[key] = (aev, compact, columns)
+        return self._restricted[key]
 
     def radial_terms(self, distances: Tensor) -> Tensor:
         """Radial terms (n_pairs, radial_num_shifts), dimensionless, of distances (n_pairs,) Å."""

@@ -10,6 +10,7 @@ sizes, CELU(alpha=0.1) activations and biases, so torchani weights can be copied
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .aev import ANIAEV
@@ -102,22 +103,44 @@ class ANIModel(AtomisticModel):
     def atomic_contributions(self, species: Tensor, pos: Tensor, batch: Tensor) -> Tensor:
         """Dimensionless per-atom outputs (n_atoms,) in the dtype of the network weights.
 
+        Only the AEV features of the species in the batch are computed and multiplied
+        (:meth:`ANIAEV.restricted`; the others are zero): the first layers use the matching
+        columns of their weights, whose other columns get zero gradients.
+
         Args:
             species: (n_atoms,) species index into ``elements``.
             pos: (n_atoms, 3) coordinates in Å (cast to the weights' dtype).
             batch: (n_atoms,) molecule index of each atom, sorted ascending.
         """
         dtype = self.networks[self.elements[0]][0].weight.dtype
+        contributions = pos.new_zeros(species.shape[0], dtype=dtype)
+        if species.numel() == 0:
+            return contributions
         # the AEV of atom order[r] is written straight to row r, no copy
         order, rank, sizes = group_by_species(species, self.num_species)
-        features = self.aev(species, pos.to(dtype), batch, rank)  # (n_atoms, n_features)
+        present = tuple(s for s, n in enumerate(sizes) if n)
+        columns = None
+        if len(present) == self.num_species:
+            features = self.aev(species, pos.to(dtype), batch, rank)  # (n_atoms, n_features)
+        else:
+            aev, compact, columns = self.aev.restricted(present)
+            features = aev(compact[species], pos.to(dtype), batch, rank)
         grouped = features.split(sizes)
         outputs = [
-            net(x).squeeze(-1)
+            _network_on_columns(net, x, columns).squeeze(-1)
             for net, x, n in zip(self.networks.values(), grouped, sizes, strict=True)
             if n > 0
         ]
-        contributions = features.new_zeros(species.shape[0])
-        if not outputs:
-            return contributions
         return contributions.index_copy(0, order, torch.cat(outputs))
+
+
+def _network_on_columns(net: nn.Sequential, x: Tensor, columns: Tensor | None) -> Tensor:
+    """``net(x)`` for an input that holds only the ``columns`` of the full one (the others
+    being zero): the first layer uses those columns of its weight (None: all)."""
+    if columns is None:
+        return net(x)
+    first, *rest = net
+    x = F.linear(x, first.weight.index_select(1, columns), first.bias)
+    for layer in rest:
+        x = layer(x)
+    return x
