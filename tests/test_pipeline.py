@@ -47,6 +47,9 @@ def test_pipeline_report_compares_every_model(finished):
     assert models["student"]["n_seeds"] == 2 and models["oracle"]["n_seeds"] == 1
     assert all(0 < models[m]["force_mae"] < 1e3 for m in models)
     assert isinstance(report["heldout"]["force_gap_closed"], float)
+    # run folders are named by each run's model file (schnet_small is the schnet class)
+    folders = {p.name.rsplit("-", 1)[0] for p in (root / "store").iterdir() if p.is_dir()}
+    assert {"teacher-ani2x-seed100", "teacher-schnet_small-seed101", "student-ani2x-seed1"} <= folders
     # the test file is evaluated per COMP6 subset, the labels against the true forces
     test_rows = json.loads((root / "ekd/report/test/metrics.json").read_text())["rows"]
     assert {r["subset"] for r in test_rows} == {"all", "gdb", "md"}
