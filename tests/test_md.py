@@ -219,6 +219,31 @@ def test_stability_table_side_by_side(comp6_file, tmp_path):
     assert (tmp_path / "stability.csv").is_file() and (tmp_path / "stability_runs.csv").is_file()
 
 
+def test_stability_of_a_checkpoint_is_cached_beside_it(tmp_path, monkeypatch):
+    import ekd_lightning.md as md
+
+    module = make_module("ani2x")
+    checkpoint = tmp_path / "run" / "best.ckpt"
+    checkpoint.parent.mkdir()
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()},
+               checkpoint)
+    settings = dict(molecules=default_molecules(["CH3OH"]), temperatures=(300.0,), seeds=(0,),
+                    steps=20, nve_steps=10)
+    first = stability_table({"m": str(checkpoint)}, cache=True, **settings)
+    assert len(list(checkpoint.parent.glob("md-*.json"))) == 1
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("run again although cached")
+
+    monkeypatch.setattr(md, "run_stability", not_again)
+    again = stability_table({"m": str(checkpoint)}, cache=True, **settings)
+    assert again == first  # the wall time too: these are the saved rows
+    with pytest.raises(AssertionError, match="run again"):  # other settings: not cached
+        stability_table({"m": str(checkpoint)}, cache=True, **{**settings, "steps": 30})
+    with pytest.raises(AssertionError, match="run again"):  # cache off
+        stability_table({"m": str(checkpoint)}, **settings)
+
+
 def test_unknown_element_is_a_clear_error():
     calculator = EKDCalculator(make_module("ani2x"))
     with pytest.raises(ValueError, match="not among this model's elements"):

@@ -32,6 +32,8 @@ import argparse
 import contextlib
 import copy
 import functools
+import hashlib
+import json
 import logging
 import math
 import sys
@@ -400,6 +402,30 @@ def run_stability(
     return trajectories, nve
 
 
+def run_stability_cached(checkpoint: str | Path, molecules: Sequence[Atoms], **settings
+                         ) -> tuple[list[dict], list[dict]]:
+    """:func:`run_stability` of a checkpoint file, whose rows are kept beside it
+    (``md-<key>.json``, written atomically) and reused when the same checkpoint is run again with
+    the same molecules and settings (e.g. the baseline and oracle shared by ablation variants).
+
+    The key is the SHA-256 of the checkpoint's bytes, the molecules (symbols, positions) and the
+    settings, so a retrained checkpoint or another setting is run afresh.
+    """
+    digest = hashlib.sha256(Path(checkpoint).read_bytes())
+    for atoms in molecules:
+        digest.update(str(atoms.get_chemical_symbols()).encode())
+        digest.update(np.ascontiguousarray(atoms.positions, dtype=np.float64).tobytes())
+    digest.update(repr(sorted((k, repr(v)) for k, v in settings.items())).encode())
+    path = Path(checkpoint).with_name(f"md-{digest.hexdigest()[:16]}.json")
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return saved["trajectories"], saved["nve"]
+    trajectories, nve = run_stability(checkpoint, molecules, **settings)
+    write_json_atomic(json_safe({"checkpoint": str(checkpoint), "trajectories": trajectories,
+                                 "nve": nve}), path)
+    return trajectories, nve
+
+
 def _finite_mean(values) -> float:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(values)) if values else math.nan
@@ -428,12 +454,20 @@ def summarize_stability(name: str, trajectories: Sequence[dict], nve: Sequence[d
     return row
 
 
+def _run_one(model, molecules: Sequence[Atoms], cache: bool, **settings) -> tuple[list[dict], list[dict]]:
+    """:func:`run_stability`, or :func:`run_stability_cached` for a checkpoint path if ``cache``."""
+    if cache and isinstance(model, str | Path):
+        return run_stability_cached(model, molecules, **settings)
+    return run_stability(model, molecules, **settings)
+
+
 def stability_table(
     models: Mapping[str, object], molecules: Sequence[Atoms] | None = None,
     temperatures: Sequence[float] = (300.0, 600.0), seeds: Sequence[int] = (0, 1),
     steps: int = 400, timestep_fs: float = 0.5, friction_per_fs: float = 0.01,
     nve_steps: int = 200, criteria: StabilityCriteria = StabilityCriteria(),
     out_dir: str | Path | None = None, num_threads: int | None = 1, map_fn=map,
+    cache: bool = False,
 ) -> list[dict]:
     """Side-by-side MD stability of named models (see :func:`run_stability` for the arguments).
 
@@ -444,16 +478,18 @@ def stability_table(
             trajectory and NVE row and the criteria in the JSON) and ``stability_runs.csv``.
         map_fn: how the models' runs are mapped, e.g. a process pool's ``map`` to run models
             side by side (then give checkpoint paths, which cross process boundaries cheaply).
+        cache: reuse the rows of checkpoint paths run before with the same settings
+            (:func:`run_stability_cached`); other models are always run.
 
     Returns:
         One :func:`summarize_stability` row per model.
     """
     molecules = default_molecules() if molecules is None else list(molecules)
     rows, runs, nve_runs = [], [], []
-    run = functools.partial(
-        run_stability, molecules=molecules, temperatures=temperatures, seeds=seeds, steps=steps,
-        timestep_fs=timestep_fs, friction_per_fs=friction_per_fs, nve_steps=nve_steps,
-        criteria=criteria, num_threads=num_threads)
+    settings = dict(temperatures=temperatures, seeds=seeds, steps=steps, timestep_fs=timestep_fs,
+                    friction_per_fs=friction_per_fs, nve_steps=nve_steps, criteria=criteria,
+                    num_threads=num_threads)
+    run = functools.partial(_run_one, molecules=molecules, cache=cache, **settings)
     for name, (trajectories, nve) in zip(models, map_fn(run, models.values()), strict=True):
         rows.append(summarize_stability(name, trajectories, nve))
         runs += [{"model": name, **t} for t in trajectories]

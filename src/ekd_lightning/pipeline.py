@@ -270,7 +270,8 @@ def evaluate(cfg: DictConfig, models: Mapping[str, object], labels: Path, out: P
 
 def md_stability(cfg: DictConfig, runs: Sequence[Run], out: Path, runner: Runner) -> list[dict]:
     """Step 5: Langevin MD stability and NVE drift of baseline vs student (vs oracle), the
-    models side by side in the runner's worker processes."""
+    models side by side in the runner's worker processes; the rows of a checkpoint already run
+    with the same settings (a baseline shared by ablation variants) are reused."""
     from .md import default_molecules, stability_table
 
     md = cfg.pipeline.md
@@ -278,7 +279,7 @@ def md_stability(cfg: DictConfig, runs: Sequence[Run], out: Path, runner: Runner
               if run.name.split("-seed")[0] in md.variants and run.name.endswith(f"-seed{md.seed}")}
     return stability_table(
         chosen, default_molecules(list(md.molecules)), list(md.temperatures), list(md.seeds),
-        md.steps, nve_steps=md.nve_steps, out_dir=out / "md", map_fn=runner.map)
+        md.steps, nve_steps=md.nve_steps, out_dir=out / "md", map_fn=runner.map, cache=True)
 
 
 # ----------------------------------------------------------------------------- report
