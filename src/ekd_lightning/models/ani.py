@@ -127,14 +127,14 @@ class ANIModel(AtomisticModel):
             features = aev(compact[species], pos.to(dtype), batch, rank)
         grouped = features.split(sizes)
         outputs = [
-            _network_on_columns(net, x, columns).squeeze(-1)
+            network_on_columns(net, x, columns).squeeze(-1)
             for net, x, n in zip(self.networks.values(), grouped, sizes, strict=True)
             if n > 0
         ]
         return contributions.index_copy(0, order, torch.cat(outputs))
 
 
-def _network_on_columns(net: nn.Sequential, x: Tensor, columns: Tensor | None) -> Tensor:
+def network_on_columns(net: nn.Sequential, x: Tensor, columns: Tensor | None) -> Tensor:
     """``net(x)`` for an input that holds only the ``columns`` of the full one (the others
     being zero): the first layer uses those columns of its weight (None: all)."""
     if columns is None:
