@@ -14,7 +14,13 @@ from conftest import write_label_file
 from ekd_lightning.checkpoint import load_potential
 from ekd_lightning.data import EKDDataModule
 from ekd_lightning.errors import CheckpointError
-from ekd_lightning.training import register_resolvers, run_training
+from ekd_lightning.module import FeatureCache
+from ekd_lightning.training import (
+    build_datamodule,
+    build_module,
+    register_resolvers,
+    run_training,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_ANI = "model.kwargs.hidden={H:[32,32],C:[32,32],N:[32,32],O:[32,32]}"
@@ -64,6 +70,42 @@ def test_student_on_force_labels_beats_energy_only_teacher(ani1x_file, teacher_r
 def test_student_without_labels_is_refused(ani1x_file, tmp_path):
     with pytest.raises(ValueError, match="distill.labels"):
         run_training(make_cfg(ani1x_file, "stage=student"), tmp_path)
+
+
+def test_teacher_from_cached_features_equals_teacher_from_positions(ani1x_file, teacher_run,
+                                                                   tmp_path):
+    """The teacher run keeps its AEVs across epochs (feature_cache_mb, on by default); trained
+    without the cache, the same run ends with the same weights to float32 rounding (an AEV
+    computed within another batch can differ in its last bit: vectorised kernels treat the
+    tail of a tensor apart)."""
+    cfg = make_cfg(ani1x_file, "stage=teacher", "trainer.max_epochs=8", SMALL_ANI, "optim.lr=3e-3",
+                   "feature_cache_mb=0")
+    run_training(cfg, tmp_path)
+    cached = torch.load(teacher_run[0] / "checkpoints" / "last.ckpt", weights_only=False)
+    plain = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert cached["state_dict"].keys() == plain["state_dict"].keys()
+    for key, value in cached["state_dict"].items():
+        torch.testing.assert_close(value, plain["state_dict"][key], rtol=0, atol=1e-6)
+
+
+def test_feature_cache_fills_reuses_and_stops_at_its_size(ani1x_file):
+    cfg = make_cfg(ani1x_file, "stage=teacher", SMALL_ANI)
+    dm = build_datamodule(cfg)
+    dm.setup()
+    module = build_module(cfg, dm).train()
+    batch = next(iter(dm.train_dataloader()))
+    expected = module(batch, with_forces=False)[0]
+    cache = module.feature_cache
+    first = cache.energies(module.model, batch)
+    assert len(cache.rows) == batch.num_graphs and cache.nbytes > 0 and not cache.full
+    assert torch.equal(first, expected)
+    assert torch.equal(cache.energies(module.model, batch), expected)  # from the held features
+    loss, _, forces = module.loss(batch, create_graph=True)  # the training loss takes this path
+    assert forces is None and torch.equal(loss, module.energy_loss(expected, batch))
+    small = FeatureCache(max_bytes=cache.nbytes // 2)
+    assert torch.equal(small.energies(module.model, batch), expected)
+    assert small.full and 0 < len(small.rows) < batch.num_graphs
+    assert small.energies(module.model, batch) is None  # full: left to the usual path
 
 
 def test_checkpoint_round_trip(teacher_run, ani1x_file):

@@ -68,6 +68,7 @@ def build_module(cfg: DictConfig, datamodule: EKDDataModule) -> PotentialModule:
         stage=cfg.stage.name,
         **{**OmegaConf.to_container(cfg.loss, resolve=True), "force_loss": student_force_loss(cfg)},
         **OmegaConf.to_container(cfg.optim, resolve=True),
+        feature_cache_mb=float(cfg.get("feature_cache_mb", 0.0)),
     )
 
 

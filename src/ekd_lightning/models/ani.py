@@ -100,7 +100,28 @@ class ANIModel(AtomisticModel):
             }
         )
 
-    def atomic_contributions(self, species: Tensor, pos: Tensor, batch: Tensor) -> Tensor:
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the network weights (AEVs are computed in it)."""
+        return self.networks[self.elements[0]][0].weight.dtype
+
+    def features(self, z: Tensor, pos: Tensor, batch: Tensor) -> Tensor:
+        """The AEVs (n_atoms, aev.out_dim) of all elements, atom order, no autograd graph: for
+        :meth:`energies_from_features` (e.g. kept across the epochs of energy-only training,
+        where positions never change)."""
+        with torch.no_grad():
+            return self.aev(self.species(z), pos.to(self.dtype), batch)
+
+    def energies_from_features(self, z: Tensor, features: Tensor, batch: Tensor,
+                               num_molecules: int) -> Tensor:
+        """Energies (num_molecules,) Hartree, float64, from :meth:`features` of these atoms: the
+        same values as ``forward`` on their positions (no forces: features are constants)."""
+        species = self.species(z)
+        return self.sum_energies(species, self.atomic_contributions(species, None, batch, features),
+                                 batch, num_molecules)
+
+    def atomic_contributions(self, species: Tensor, pos: Tensor | None, batch: Tensor,
+                             features: Tensor | None = None) -> Tensor:
         """Dimensionless per-atom outputs (n_atoms,) in the dtype of the network weights.
 
         Only the AEV features of the species in the batch are computed and multiplied
@@ -111,20 +132,25 @@ class ANIModel(AtomisticModel):
             species: (n_atoms,) species index into ``elements``.
             pos: (n_atoms, 3) coordinates in Å (cast to the weights' dtype).
             batch: (n_atoms,) molecule index of each atom, sorted ascending.
+            features: optional (n_atoms, aev.out_dim) AEVs from :meth:`features` (then ``pos``
+                is not used).
         """
-        dtype = self.networks[self.elements[0]][0].weight.dtype
-        contributions = pos.new_zeros(species.shape[0], dtype=dtype)
+        contributions = species.new_zeros(species.shape[0], dtype=self.dtype)
         if species.numel() == 0:
             return contributions
-        # the AEV of atom order[r] is written straight to row r, no copy
+        # grouped by species: the AEV of atom order[r] is (written to) row r
         order, rank, sizes = group_by_species(species, self.num_species)
         present = tuple(s for s, n in enumerate(sizes) if n)
-        columns = None
-        if len(present) == self.num_species:
-            features = self.aev(species, pos.to(dtype), batch, rank)  # (n_atoms, n_features)
+        columns = None if len(present) == self.num_species else self.aev.restricted(present)[2]
+        if features is not None:
+            features = features.index_select(0, order)
+            if columns is not None:
+                features = features.index_select(1, columns)
+        elif columns is None:
+            features = self.aev(species, pos.to(self.dtype), batch, rank)
         else:
-            aev, compact, columns = self.aev.restricted(present)
-            features = aev(compact[species], pos.to(dtype), batch, rank)
+            aev, compact, _ = self.aev.restricted(present)
+            features = aev(compact[species], pos.to(self.dtype), batch, rank)
         grouped = features.split(sizes)
         outputs = [
             network_on_columns(net, x, columns).squeeze(-1)

@@ -68,9 +68,15 @@ class AtomisticModel(nn.Module):
             num_molecules: number of molecules in the batch.
         """
         species = self.species(z)
-        contributions = self.atomic_contributions(species, pos, batch).to(torch.float64)
-        atomic = self.energy_scale * contributions + self.self_energies[species]
-        energies = torch.zeros(num_molecules, dtype=torch.float64, device=pos.device)
+        return self.sum_energies(species, self.atomic_contributions(species, pos, batch), batch,
+                                 num_molecules)
+
+    def sum_energies(self, species: Tensor, contributions: Tensor, batch: Tensor,
+                     num_molecules: int) -> Tensor:
+        """Energies (num_molecules,) Hartree, float64, from the per-atom outputs (n_atoms,):
+        ``sum_atoms(energy_scale * contribution + self_energy[species])``."""
+        atomic = self.energy_scale * contributions.to(torch.float64) + self.self_energies[species]
+        energies = torch.zeros(num_molecules, dtype=torch.float64, device=species.device)
         return energies.index_add(0, batch, atomic)
 
 
