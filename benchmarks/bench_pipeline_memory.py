@@ -76,6 +76,9 @@ def main() -> None:
     parser.add_argument("--store", default=None,
                         help="pipeline.store (default: runs/<run-name>/store, a fresh one)")
     parser.add_argument("--log", default=None, help="pipeline output file (default: discarded)")
+    parser.add_argument("--trace", default=None,
+                        help="CSV of every PSS sample (seconds, processes, main RSS, largest RSS, "
+                             "sum of RSS, sum of PSS; GiB): where in the run the peak falls")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (after --)")
     args = parser.parse_args()
 
@@ -92,10 +95,16 @@ def main() -> None:
     main_proc = psutil.Process(child.pid)
     peak = {"main": 0, "largest": 0, "sum_rss": 0, "sum_pss": 0, "processes": 0}
     n = 0
+    trace = open(args.trace, "w") if args.trace else None  # noqa: SIM115
+    if trace:
+        trace.write("seconds,processes,main_rss,largest_rss,sum_rss,sum_pss\n")
     try:
         while child.poll() is None:
             procs = tree(main_proc)
             rss, pss = sample(procs, with_pss=n % args.pss_every == 0)
+            if rss and trace and pss:
+                trace.write(f"{time.perf_counter() - start:.1f},{len(rss)},{rss[0] / GIB:.3f},"
+                            f"{max(rss) / GIB:.3f},{sum(rss) / GIB:.3f},{pss / GIB:.3f}\n")
             if rss:
                 peak["main"] = max(peak["main"], rss[0])
                 peak["largest"] = max(peak["largest"], max(rss))
@@ -110,6 +119,8 @@ def main() -> None:
         child.wait()
         if args.log:
             log.close()
+        if trace:
+            trace.close()
     wall = time.perf_counter() - start
     kernel_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
     ok = child.returncode == 0

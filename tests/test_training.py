@@ -102,10 +102,15 @@ def test_feature_cache_fills_reuses_and_stops_at_its_size(ani1x_file):
     assert torch.equal(cache.energies(module.model, batch), expected)  # from the held features
     loss, _, forces = module.loss(batch, create_graph=True)  # the training loss takes this path
     assert forces is None and torch.equal(loss, module.energy_loss(expected, batch))
-    small = FeatureCache(max_bytes=cache.nbytes // 2)
+    batch_bytes = sum(rows.nbytes for rows in cache.rows.values())
+    small = FeatureCache(max_bytes=batch_bytes // 2)
+    small.SLAB_BYTES = batch_bytes // 8
     assert torch.equal(small.energies(module.model, batch), expected)
     assert small.full and 0 < len(small.rows) < batch.num_graphs
     assert small.energies(module.model, batch) is None  # full: left to the usual path
+    assert small.nbytes <= batch_bytes // 2
+    module.on_fit_end()  # the memory is handed back after training
+    assert not cache.rows and not cache.slabs
 
 
 def test_checkpoint_round_trip(teacher_run, ani1x_file):

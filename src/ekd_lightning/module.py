@@ -29,19 +29,41 @@ class FeatureCache:
     In energy-only training (teacher, baseline) positions never change, so each conformation's
     features are computed once, in the first epoch, and reused: the AEV is about 40% of an
     ``ani2x`` energy-only step (``benchmarks/README.md``). The energies are the same values as
-    from positions. Keyed by conformation (``batch.mol``, ``batch.conf``); at most
-    ``max_bytes`` are held, after which batches with a conformation not held are left to the
-    usual path (:meth:`energies` returns None).
+    from positions (to float32 rounding). Keyed by conformation (``batch.mol``, ``batch.conf``);
+    rows are packed into slabs of ``SLAB_BYTES`` (large allocations, handed back to the system
+    when :meth:`clear` frees them, where many small ones would stay in the process heap); at
+    most ``max_bytes`` are held, after which batches with a conformation not held are left to
+    the usual path (:meth:`energies` returns None).
     """
+
+    SLAB_BYTES = 16 * 2**20
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
-        self.rows: dict[tuple[int, int], Tensor] = {}
-        self.nbytes = 0
-        self.full = False
+        self.clear()
 
     def clear(self) -> None:
-        self.rows, self.nbytes, self.full = {}, 0, False
+        self.slabs: list[Tensor] = []
+        self.rows: dict[tuple[int, int], Tensor] = {}  # views into the slabs
+        self.used = 0  # rows used in the last slab
+        self.nbytes = 0  # bytes of the slabs
+        self.full = False
+
+    def _hold(self, rows: Tensor) -> Tensor | None:
+        """A copy of ``rows`` (n, F) in a slab, or None when the cache would outgrow max_bytes."""
+        n, width = rows.shape
+        if not self.slabs or self.used + n > self.slabs[-1].shape[0]:
+            slab_rows = max(n, self.SLAB_BYTES // (width * rows.element_size()))
+            slab_bytes = slab_rows * width * rows.element_size()
+            if self.nbytes + slab_bytes > self.max_bytes:
+                return None
+            self.slabs.append(rows.new_empty(slab_rows, width))
+            self.nbytes += slab_bytes
+            self.used = 0
+        held = self.slabs[-1][self.used : self.used + n]
+        held.copy_(rows)
+        self.used += n
+        return held
 
     def energies(self, model, batch) -> Tensor | None:
         """Energies (n_molecules,) Hartree of ``batch`` from held (or now computed) features;
@@ -56,13 +78,12 @@ class FeatureCache:
             features = model.features(batch.z, batch.pos, batch.batch)
             sizes = torch.bincount(batch.batch, minlength=batch.num_graphs).tolist()
             for key, rows in zip(keys, features.split(sizes), strict=True):
-                if key in self.rows:
-                    continue
-                if self.nbytes + rows.nbytes > self.max_bytes:
-                    self.full = True
-                    break
-                self.rows[key] = rows.clone()
-                self.nbytes += rows.nbytes
+                if key not in self.rows:
+                    copy = self._hold(rows)
+                    if copy is None:
+                        self.full = True
+                        break
+                    self.rows[key] = copy
         return model.energies_from_features(batch.z, features, batch.batch, batch.num_graphs)
 
 
@@ -204,6 +225,10 @@ class PotentialModule(pl.LightningModule):
     # ----------------------------------------------------------------- steps
     def on_fit_start(self) -> None:
         if self.feature_cache is not None:  # features of another fit's data are not reused
+            self.feature_cache.clear()
+
+    def on_fit_end(self) -> None:
+        if self.feature_cache is not None:  # the memory goes back before testing, or the next job
             self.feature_cache.clear()
 
     def training_step(self, batch, batch_idx):
