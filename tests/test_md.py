@@ -11,6 +11,7 @@ from ase import Atoms
 from ase.build import molecule
 from ase.calculators.emt import EMT
 
+from ekd_lightning.evaluate import json_safe
 from ekd_lightning.md import (
     FAILURE_REASONS,
     EKDCalculator,
@@ -20,6 +21,7 @@ from ekd_lightning.md import (
     langevin_trajectory,
     molecules_from_records,
     nve_drift,
+    run_stability,
     stability_table,
     summarize_stability,
 )
@@ -217,6 +219,15 @@ def test_stability_table_side_by_side(comp6_file, tmp_path):
     assert [t["stable"] for t in emt_methanol] == [True, True]
     assert [t["time_to_failure_fs"] for t in emt_methanol] == [15.0, 15.0]
     assert (tmp_path / "stability.csv").is_file() and (tmp_path / "stability_runs.csv").is_file()
+    # run as one task per (model, molecule): the same rows, in the same order, as one run
+    direct, _ = run_stability(EMT(), molecules, temperatures=(300.0, 600.0), seeds=(0,), steps=30,
+                              nve_steps=20)
+    emt_rows = [t for t in saved["trajectories"] if t["model"] == "emt"]
+
+    def comparable(row):
+        return {k: v for k, v in row.items() if k not in ("model", "wall_s")}
+
+    assert [comparable(t) for t in emt_rows] == [comparable(json_safe(t)) for t in direct]
 
 
 def test_stability_of_a_checkpoint_is_cached_beside_it(tmp_path, monkeypatch):

@@ -454,11 +454,13 @@ def summarize_stability(name: str, trajectories: Sequence[dict], nve: Sequence[d
     return row
 
 
-def _run_one(model, molecules: Sequence[Atoms], cache: bool, **settings) -> tuple[list[dict], list[dict]]:
-    """:func:`run_stability`, or :func:`run_stability_cached` for a checkpoint path if ``cache``."""
+def _run_one(task: tuple[object, Atoms], cache: bool, **settings) -> tuple[list[dict], list[dict]]:
+    """:func:`run_stability` of one (model, molecule) task, or :func:`run_stability_cached` for
+    a checkpoint path if ``cache``."""
+    model, atoms = task
     if cache and isinstance(model, str | Path):
-        return run_stability_cached(model, molecules, **settings)
-    return run_stability(model, molecules, **settings)
+        return run_stability_cached(model, [atoms], **settings)
+    return run_stability(model, [atoms], **settings)
 
 
 def stability_table(
@@ -476,8 +478,9 @@ def stability_table(
         molecules: starting geometries; default :func:`default_molecules`.
         out_dir: if given, write ``stability.csv`` / ``stability.json`` (summary rows, plus every
             trajectory and NVE row and the criteria in the JSON) and ``stability_runs.csv``.
-        map_fn: how the models' runs are mapped, e.g. a process pool's ``map`` to run models
-            side by side (then give checkpoint paths, which cross process boundaries cheaply).
+        map_fn: how the (model, molecule) runs are mapped, e.g. a process pool's ``map`` to run
+            them side by side (then give checkpoint paths, which cross process boundaries
+            cheaply); one task per model and molecule keeps the workers evenly busy.
         cache: reuse the rows of checkpoint paths run before with the same settings
             (:func:`run_stability_cached`); other models are always run.
 
@@ -489,8 +492,13 @@ def stability_table(
     settings = dict(temperatures=temperatures, seeds=seeds, steps=steps, timestep_fs=timestep_fs,
                     friction_per_fs=friction_per_fs, nve_steps=nve_steps, criteria=criteria,
                     num_threads=num_threads)
-    run = functools.partial(_run_one, molecules=molecules, cache=cache, **settings)
-    for name, (trajectories, nve) in zip(models, map_fn(run, models.values()), strict=True):
+    run = functools.partial(_run_one, cache=cache, **settings)
+    tasks = [(model, atoms) for model in models.values() for atoms in molecules]
+    results = list(map_fn(run, tasks))
+    for i, name in enumerate(models):
+        mine = results[i * len(molecules):(i + 1) * len(molecules)]  # molecule order, as run_stability
+        trajectories = [t for rows_of_molecule, _ in mine for t in rows_of_molecule]
+        nve = [n for _, nve_of_molecule in mine for n in nve_of_molecule]
         rows.append(summarize_stability(name, trajectories, nve))
         runs += [{"model": name, **t} for t in trajectories]
         nve_runs += [{"model": name, **n} for n in nve]
