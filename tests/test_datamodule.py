@@ -63,3 +63,15 @@ def test_train_fraction_subsets_training_split_only(ani1x_file):
     assert len(half.graphs["train"]) == 128
     assert np.array_equal(full.splits["test"], half.splits["test"])
     assert {tuple(r) for r in half.splits["train"]} <= {tuple(r) for r in full.splits["train"]}
+
+
+def test_batches_are_pinned_only_for_a_cuda_trainer(ani1x_file):
+    from types import SimpleNamespace
+
+    dm = EKDDataModule(str(ani1x_file), "emt.energy", batch_size=8)
+    dm.setup()
+    assert not dm.train_dataloader().pin_memory  # no trainer attached
+    for device, pinned in (("cpu", False), ("cuda", True)):
+        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+        assert dm.train_dataloader().pin_memory is pinned
+        assert dm.val_dataloader().pin_memory is pinned

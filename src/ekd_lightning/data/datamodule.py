@@ -210,10 +210,17 @@ class EKDDataModule(pl.LightningDataModule):
                         len(graphs) - len(kept))
         self.graphs["train"] = kept
 
+    def _pin_memory(self) -> bool:
+        """Batches in pinned host memory (faster, asynchronous copies to the device) when the
+        attached trainer runs on a CUDA GPU."""
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
             self.graphs[split], batch_size=self.batch_size, shuffle=shuffle,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin_memory(),
         )
 
     def train_dataloader(self) -> DataLoader:
