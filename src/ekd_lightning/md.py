@@ -53,6 +53,7 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
+from .checkpoint import file_sha256
 from .errors import DataError, EKDError
 from .evaluate import format_table, json_safe, parse_named, write_csv_atomic
 from .models.base import energy_and_forces
@@ -411,7 +412,7 @@ def run_stability_cached(checkpoint: str | Path, molecules: Sequence[Atoms], **s
     The key is the SHA-256 of the checkpoint's bytes, the molecules (symbols, positions) and the
     settings, so a retrained checkpoint or another setting is run afresh.
     """
-    digest = hashlib.sha256(Path(checkpoint).read_bytes())
+    digest = hashlib.sha256(file_sha256(checkpoint).encode())
     for atoms in molecules:
         digest.update(str(atoms.get_chemical_symbols()).encode())
         digest.update(np.ascontiguousarray(atoms.positions, dtype=np.float64).tobytes())
