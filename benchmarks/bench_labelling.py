@@ -142,8 +142,7 @@ def run(name: str, args) -> dict[str, float]:
 
     def networks_alone_loop(i):
         aev, _, sizes, _ = inputs[i]
-        present = tuple(s for s, n in enumerate(sizes) if n)
-        columns = None if len(present) == len(elements) else group.aev.restricted(present)[2]
+        columns = group.aev.restricted(tuple(s for s, n in enumerate(sizes) if n))[2]
         for model in models:
             for net, x in zip(model.networks.values(), aev.split(sizes), strict=True):
                 if len(x):

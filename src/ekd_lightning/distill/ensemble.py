@@ -334,11 +334,11 @@ class StackedANI(nn.Module):
         def weights(s: int) -> tuple[Tensor, Tensor]:
             return getattr(self, f"w{s}_wide"), getattr(self, f"wt{s}_0")
 
-        if len(present) == len(self.elements):
-            return self.aev, None, {s: weights(s) for s in present}
+        aev, compact, columns = self.aev.restricted(present)
+        if columns is None:
+            return aev, None, {s: weights(s) for s in present}
         key = (present, self.w0_wide.device, self.dtype)
         if key not in self._restricted:
-            aev, compact, columns = self.aev.restricted(present)
             self._restricted[key] = (aev, compact, {
                 s: (weights(s)[0].index_select(0, columns), weights(s)[1].index_select(2, columns))
                 for s in present

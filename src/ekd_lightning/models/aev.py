@@ -374,7 +374,7 @@ class ANIAEV(nn.Module):
             f"{k}={v}" for k, v in self.config.items()
         )
 
-    def restricted(self, present: tuple[int, ...]) -> tuple["ANIAEV", Tensor, Tensor]:
+    def restricted(self, present: tuple[int, ...]) -> tuple["ANIAEV", Tensor | None, Tensor | None]:
         """This AEV over the species ``present`` only, for batches without the others.
 
         The features of absent species are zero, so the networks need not multiply them: the
@@ -389,8 +389,11 @@ class ANIAEV(nn.Module):
             (num_species,): the restricted species index of each species (-1 if absent); and
             ``columns`` (restricted out_dim,): the column of each restricted feature in this
             AEV, ascending, so that ``restricted(compact[species], ...)`` equals
-            ``self(species, ...)[:, columns]``. Cached per species set and device.
+            ``self(species, ...)[:, columns]``. Cached per species set and device. With every
+            species present: ``(self, None, None)``, nothing to restrict.
         """
+        if len(present) == self.num_species:
+            return self, None, None
         device = self.triu_index.device
         key = (tuple(present), device)
         if key not in self._restricted:

@@ -140,17 +140,14 @@ class ANIModel(AtomisticModel):
             return contributions
         # grouped by species: the AEV of atom order[r] is (written to) row r
         order, rank, sizes = group_by_species(species, self.num_species)
-        present = tuple(s for s, n in enumerate(sizes) if n)
-        columns = None if len(present) == self.num_species else self.aev.restricted(present)[2]
+        aev, compact, columns = self.aev.restricted(tuple(s for s, n in enumerate(sizes) if n))
         if features is not None:
             features = features.index_select(0, order)
             if columns is not None:
                 features = features.index_select(1, columns)
-        elif columns is None:
-            features = self.aev(species, pos.to(self.dtype), batch, rank)
         else:
-            aev, compact, _ = self.aev.restricted(present)
-            features = aev(compact[species], pos.to(self.dtype), batch, rank)
+            species_of_aev = species if compact is None else compact[species]
+            features = aev(species_of_aev, pos.to(self.dtype), batch, rank)
         grouped = features.split(sizes)
         outputs = [
             network_on_columns(net, x, columns).squeeze(-1)
