@@ -105,7 +105,9 @@ class PotentialModule(pl.LightningModule):
         lr, weight_decay, lr_factor, lr_patience: AdamW and ReduceLROnPlateau on ``val/loss``.
         feature_cache_mb: keep the input features of training conformations across epochs
             while no force term is trained (:class:`FeatureCache`), up to this many MiB; 0: off.
-            Not a hyperparameter: it changes speed and memory, never the result.
+            Not a hyperparameter saved in checkpoints: it changes speed and memory, and the
+            result only through float32 rounding (kept in the config hash, so that a run in the
+            store is reproduced bit for bit).
     """
 
     def __init__(
