@@ -90,14 +90,8 @@ def labels(energies, forces):
 
 def network_inputs(group, z, pos, batch):
     """What :meth:`StackedANI.networks` takes for a batch (as ``StackedANI.forward`` makes it)."""
-    from ekd_lightning.distill.ensemble import aev_with_jacobian
-    from ekd_lightning.models.ani import group_by_species
-
-    species = group.species(z)
-    _, rank, sizes = group_by_species(species, len(group.elements))
-    aev_module, compact, first_layers = group._first_layers(tuple(s for s, n in enumerate(sizes) if n))
-    aev, _ = aev_with_jacobian(aev_module, species if compact is None else compact[species],
-                               pos, batch, rank)
+    with torch.no_grad():
+        aev, _, _, sizes, first_layers = group.features(group.species(z), pos, batch)
     return aev, group.energy_scale.to(aev.dtype), sizes, first_layers
 
 

@@ -400,6 +400,21 @@ class StackedANI(nn.Module):
                 start = stop
         return outputs, cotangent
 
+    def features(self, species: Tensor, pos: Tensor, batch: Tensor):
+        """What :meth:`networks` and the forces need for a batch of atoms (n_atoms >= 1).
+
+        Returns the AEVs (n_atoms, F) with atoms grouped by species (the AEV of atom i in row
+        ``rank[i]``) and only the features of the species present (the others are zero), their
+        :class:`AEVJacobian`, ``rank``, the number of atoms of each species and the first-layer
+        weights for those features (:meth:`_first_layers`).
+        """
+        _, rank, sizes = group_by_species(species, len(self.elements))
+        aev_of_present, compact, first_layers = self._first_layers(
+            tuple(s for s, n in enumerate(sizes) if n))
+        aev, jac = aev_with_jacobian(aev_of_present, species if compact is None else compact[species],
+                                     pos.to(self.dtype), batch, rank)
+        return aev, jac, rank, sizes, first_layers
+
     @torch.no_grad()
     def forward(self, z: Tensor, pos: Tensor, batch: Tensor, num_molecules: int) -> tuple[Tensor, Tensor]:
         """Energies (T, num_molecules) Hartree float64 and forces (T, n_atoms, 3) Hartree/Å.
@@ -412,13 +427,7 @@ class StackedANI(nn.Module):
         if species.numel() == 0:
             empty = self.self_energies.new_zeros(self.num_teachers, num_molecules)
             return empty, pos.new_zeros(self.num_teachers, 0, 3)
-        # atoms grouped by species: the AEV of atom order[r] is computed straight into row r, once
-        _, rank, sizes = group_by_species(species, len(self.elements))
-        # only the features of the species in the batch (the others are zero)
-        aev_of_present, compact, first_layers = self._first_layers(
-            tuple(s for s, n in enumerate(sizes) if n))
-        aev, jac = aev_with_jacobian(aev_of_present, species if compact is None else compact[species],
-                                     pos.to(self.dtype), batch, rank)
+        aev, jac, rank, sizes, first_layers = self.features(species, pos, batch)
         scale = self.energy_scale  # (T,) Hartree
         outputs, cotangent = self.networks(aev, scale.to(aev.dtype), sizes, first_layers)
         contributions = outputs.index_select(1, rank)  # atom order
