@@ -22,7 +22,7 @@ register_resolvers()
 sys.argv = teachers_override_argv(sys.argv)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="distill")
+@hydra.main(version_base="1.3", config_path="pkg://ekd_lightning.conf", config_name="distill")
 def main(cfg: DictConfig) -> None:
     print(f"labels: {run_from_config(cfg)}")
 

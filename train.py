@@ -16,7 +16,7 @@ from ekd_lightning.training import register_resolvers, run_training
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://ekd_lightning.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     out_dir = HydraConfig.get().runtime.output_dir
     if cfg.get("pipeline") is not None:

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 
 from conftest import SHARED_S66X8, write_label_file
 from ekd_lightning.checkpoint import load_potential
@@ -158,7 +158,7 @@ def checkpoint(ani1x_file, tmp_path_factory) -> Path:
     """A SchNet trained for 2 epochs on the EMT fixture (seconds)."""
     run_dir = tmp_path_factory.mktemp("eval_run")
     register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=[
             f"data.path={ani1x_file}", "data.energy_key=emt.energy", "data.force_key=emt.forces",
             "data.batch_size=32", "logger=csv", "trainer.enable_progress_bar=false",

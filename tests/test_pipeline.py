@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 
 from ekd_lightning.pipeline import (
     ablation_table,
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pipeline_cfg(data_file, test_file, store, *overrides):
     register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
         return compose("train", overrides=[
             "experiment=ekd", f"data.path={data_file}", "data.energy_key=emt.energy",
             "data.force_key=emt.forces", "data.batch_size=16", "logger=csv",

@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -236,7 +236,7 @@ def test_random_malformed_files_load_or_raise_ekd_errors(
 # =========================================================================== training runs
 def make_cfg(data_file, *overrides, base=TINY):
     register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
         return compose("train", overrides=[f"data.path={data_file}", *base, *overrides])
 
 

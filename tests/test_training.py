@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 
 from conftest import write_label_file
 from ekd_lightning.checkpoint import load_potential
@@ -28,7 +28,7 @@ SMALL_ANI = "model.kwargs.hidden={H:[32,32],C:[32,32],N:[32,32],O:[32,32]}"
 
 def make_cfg(data_file, *overrides):
     register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
         return compose("train", overrides=[
             f"data.path={data_file}", "data.energy_key=emt.energy", "data.force_key=emt.forces",
             "data.batch_size=16", "logger=csv", "trainer.enable_progress_bar=false",

@@ -50,8 +50,8 @@ from .training import config_sha256, run_training, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-"""The Hydra config folder of a source checkout (model and stage group files)."""
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+"""The packaged Hydra config folder (model and stage group files)."""
 FORCE_MAE = "force_mae"
 
 
