@@ -1,5 +1,6 @@
 """The one-command EKD pipeline (python train.py experiment=ekd) on tiny EMT data."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def pipeline_cfg(data_file, test_file, store, *overrides):
             f"pipeline.store={store}", "pipeline.teachers.models=[ani2x,schnet_small]",
             "pipeline.teachers.max_epochs=2", "pipeline.max_epochs=2", "pipeline.seeds=[0,1]",
             f"pipeline.test_data.path={test_file}", "pipeline.md.steps=20",
-            "pipeline.md.nve_steps=10", "pipeline.md.molecules=[CH3OH]", "pipeline.md.seeds=[0]",
+            "pipeline.md.nve_steps=10", "pipeline.md.molecules=[CH3OH]", "pipeline.md.replicas=2",
+            "pipeline.md.reference_steps=20",
             *overrides,
         ])
 
@@ -55,9 +57,21 @@ def test_pipeline_report_compares_every_model(finished):
     assert {r["subset"] for r in test_rows} == {"all", "gdb", "md"}
     assert report["labels"]["n_conformations"] == 320 and report["labels"]["force_mae"] > 0
     assert {r["model"].split("-seed")[0] for r in report["md"]} == {"baseline", "student", "oracle"}
+    # the MD step's survival rows: per model and temperature (2 replicas of CH3OH each), pooled,
+    # each model tested against the baseline; h(r) against the GFN2-xTB reference
+    survival = list(csv.DictReader((root / "ekd/report/md/survival.csv").open()))
+    assert sorted((r["model"], r["temperature"], r["n"]) for r in survival) == sorted(
+        (f"{m}-seed0", t, "4" if t == "all" else "2")
+        for m in ("baseline", "student", "oracle") for t in ("300K", "1000K", "all"))
+    student = next(r for r in report["md"] if r["model"] == "student-seed0")
+    assert student["n_trajectories"] == 4 and "p_logrank" in student
+    assert student["survival_1000K"].count("[") == 1 and 0 <= student["hr_error_300K"] <= 2
+    assert [r["p_logrank"] for r in survival if r["model"] == "baseline-seed0"] == ["", "", ""]
     text = (root / "ekd/report/summary.md").read_text()
     assert "gap closed" in text and "| student | 2 |" in text
-    for name in ("heldout/energy_parity.png", "test/force_errors.png", "md/stability.csv"):
+    assert "| p_logrank |" in text
+    for name in ("heldout/energy_parity.png", "test/force_errors.png", "md/stability.csv",
+                 "md/survival.png"):
         assert (root / "ekd/report" / name).is_file()
 
 

@@ -15,6 +15,9 @@ Stability test (:func:`stability_table`): for each molecule, Langevin MD (0.5 fs
   radii (so a start from a compressed, distorted conformation does not lower the threshold):
   C–H 1.09 Å -> 2.18 Å; thermal amplitudes at 600 K are ~0.1 Å, so only a dissociation or an
   H hop reaches it.
+- ``bond_deviation`` (off unless ``max_bond_deviation`` is set; the batched test of
+  :mod:`ekd_lightning.batched_md` sets 0.5 Å, Fu et al., "Forces are not enough", TMLR 2023): a
+  pair bonded at the start whose length differs from its initial length by more than that.
 - ``energy_explosion`` / ``energy_hole``: the potential energy rose / fell by more than 1.0 eV per
   atom from its start (≈ 23 kcal/mol/atom, ~13× the mean potential energy 3/2 k_B T per atom
   that 600 K adds to a harmonic molecule; a hole is a model collapsing into an unphysical well).
@@ -64,7 +67,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MOLECULES = ("CH3OH", "CH3CH2OH", "CH3CHO", "HCOOH", "CH3CONH2")
 """ASE g2 molecules (H, C, N, O) of the default stability test."""
-FAILURE_REASONS = ("nonfinite", "collision", "bond_break", "energy_explosion", "energy_hole")
+FAILURE_REASONS = ("nonfinite", "collision", "bond_break", "bond_deviation", "energy_explosion",
+                   "energy_hole")
 """Failure reasons, in the order they are checked within one frame."""
 
 
@@ -151,12 +155,15 @@ class StabilityCriteria:
         bond_scale: a pair is bonded at the start if closer than this × the sum of covalent radii.
         bond_break_factor: a bond breaks beyond this × max(initial length, sum of covalent radii).
         min_distance: Å; any pair closer collides.
+        max_bond_deviation: Å; a bonded pair fails when |length − initial length| exceeds it
+            (inf: off).
         max_energy_rise, max_energy_drop: eV per atom of potential energy change from frame 0.
     """
 
     bond_scale: float = 1.25
     bond_break_factor: float = 2.0
     min_distance: float = 0.5
+    max_bond_deviation: float = math.inf
     max_energy_rise: float = 1.0
     max_energy_drop: float = 1.0
 
@@ -187,10 +194,11 @@ def failure_masks(positions, energies, numbers, criteria: StabilityCriteria = St
         bonded = dist[0] < criteria.bond_scale * radii
         reference = np.maximum(dist[0, bonded], radii[bonded])  # a compressed start counts as r_cov
         bond_break = (dist[:, bonded] > criteria.bond_break_factor * reference).any(axis=1)
+        deviation = np.abs(dist[:, bonded] - dist[0, bonded]) > criteria.max_bond_deviation
         change = (energies - energies[0]) / n_atoms
         rise, drop = change > criteria.max_energy_rise, change < -criteria.max_energy_drop
     return {"nonfinite": nonfinite, "collision": collision, "bond_break": bond_break,
-            "energy_explosion": rise, "energy_hole": drop}
+            "bond_deviation": deviation.any(axis=1), "energy_explosion": rise, "energy_hole": drop}
 
 
 def detect_failure(positions, energies, numbers, criteria: StabilityCriteria = StabilityCriteria(),
@@ -234,6 +242,23 @@ def default_molecules(names: Sequence[str] = DEFAULT_MOLECULES) -> list[Atoms]:
         atoms.info["name"] = name
         out.append(atoms)
     return out
+
+
+def molecules_from_file(path: str | Path) -> list[Atoms]:
+    """Every structure of an ASE-readable file (xyz, extxyz, sdf, ...; ``info["name"]`` = the
+    file's stem, plus ``-<index>`` when it holds several); DataError when it cannot be read."""
+    from ase.io import read
+
+    try:
+        images = read(path, index=":")
+    except Exception as exc:  # ASE raises many types for unreadable or unknown files
+        raise DataError(f"{path}: cannot read structures ({type(exc).__name__}: {exc}); give a "
+                        "file ASE reads (xyz, extxyz, sdf, ...)") from exc
+    if not images:
+        raise DataError(f"{path}: holds no structure; give a file with at least one molecule")
+    for k, atoms in enumerate(images):
+        atoms.info["name"] = Path(path).stem + (f"-{k}" if len(images) > 1 else "")
+    return images
 
 
 def molecules_from_records(records, max_molecules: int | None = None, conformation: int = 0) -> list[Atoms]:
@@ -339,6 +364,14 @@ def langevin_trajectory(
     }
 
 
+def energy_drift(total, n_atoms: int, timestep_fs: float) -> tuple[float, float]:
+    """NVE drift of total energies ``total`` (T,) eV, one per ``timestep_fs``, in meV/atom/ps:
+    (|E(end) − E(start)| / duration, |slope of a least-squares line|)."""
+    total = np.asarray(total, dtype=np.float64) * 1000.0 / n_atoms  # meV/atom
+    t_ps = np.arange(len(total)) * timestep_fs / 1000.0
+    return float(abs(total[-1] - total[0]) / t_ps[-1]), float(abs(np.polyfit(t_ps, total, 1)[0]))
+
+
 def nve_drift(
     calculator: Calculator, atoms: Atoms, temperature_K: float = 300.0, seed: int = 0,
     steps: int = 200, timestep_fs: float = 0.5, criteria: StabilityCriteria = StabilityCriteria(),
@@ -357,10 +390,7 @@ def nve_drift(
     verdict, recorder = _run_checked(dyn, md_atoms, steps, 50, criteria)
     drift = fit = math.nan
     if verdict["stable"] and len(recorder.total) > 1:
-        total = np.array(recorder.total) * 1000.0 / len(atoms)  # meV/atom
-        t_ps = np.arange(len(total)) * timestep_fs / 1000.0
-        drift = float(abs(total[-1] - total[0]) / t_ps[-1])
-        fit = float(abs(np.polyfit(t_ps, total, 1)[0]))
+        drift, fit = energy_drift(recorder.total, len(atoms), timestep_fs)
     return {"molecule": molecule_name(atoms), "n_atoms": len(atoms), "stable": verdict["stable"],
             "reason": verdict["reason"], "drift_meV_atom_ps": drift, "drift_fit_meV_atom_ps": fit,
             "wall_s": time.perf_counter() - start}
@@ -403,6 +433,18 @@ def run_stability(
     return trajectories, nve
 
 
+def cache_path(checkpoint: str | Path, molecules: Sequence[Atoms], settings: Mapping,
+               prefix: str = "md") -> Path:
+    """``<prefix>-<key>.json`` beside ``checkpoint``; the key is the SHA-256 of the checkpoint's
+    bytes, the molecules (symbols, positions) and the settings."""
+    digest = hashlib.sha256(file_sha256(checkpoint).encode())
+    for atoms in molecules:
+        digest.update(str(atoms.get_chemical_symbols()).encode())
+        digest.update(np.ascontiguousarray(atoms.positions, dtype=np.float64).tobytes())
+    digest.update(repr(sorted((k, repr(v)) for k, v in settings.items())).encode())
+    return Path(checkpoint).with_name(f"{prefix}-{digest.hexdigest()[:16]}.json")
+
+
 def run_stability_cached(checkpoint: str | Path, molecules: Sequence[Atoms], **settings
                          ) -> tuple[list[dict], list[dict]]:
     """:func:`run_stability` of a checkpoint file, whose rows are kept beside it
@@ -412,12 +454,7 @@ def run_stability_cached(checkpoint: str | Path, molecules: Sequence[Atoms], **s
     The key is the SHA-256 of the checkpoint's bytes, the molecules (symbols, positions) and the
     settings, so a retrained checkpoint or another setting is run afresh.
     """
-    digest = hashlib.sha256(file_sha256(checkpoint).encode())
-    for atoms in molecules:
-        digest.update(str(atoms.get_chemical_symbols()).encode())
-        digest.update(np.ascontiguousarray(atoms.positions, dtype=np.float64).tobytes())
-    digest.update(repr(sorted((k, repr(v)) for k, v in settings.items())).encode())
-    path = Path(checkpoint).with_name(f"md-{digest.hexdigest()[:16]}.json")
+    path = cache_path(checkpoint, molecules, settings)
     if path.is_file():
         saved = json.loads(path.read_text())
         return saved["trajectories"], saved["nve"]
@@ -524,6 +561,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoints", nargs="+", required=True, metavar="[NAME=]CKPT")
     parser.add_argument("--molecules", nargs="*", default=list(DEFAULT_MOLECULES),
                         help="ASE g2 molecule names")
+    parser.add_argument("--structures", nargs="+", default=None, metavar="FILE",
+                        help="ASE-readable structure files (xyz, extxyz, sdf, ...), instead of "
+                        "--molecules")
     parser.add_argument("--temperatures", nargs="+", type=float, default=[300.0, 600.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=400)
@@ -533,7 +573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         models = parse_named(args.checkpoints)
-        rows = stability_table(models, default_molecules(args.molecules), args.temperatures,
+        molecules = ([a for f in args.structures for a in molecules_from_file(f)] if args.structures
+                     else default_molecules(args.molecules))
+        rows = stability_table(models, molecules, args.temperatures,
                                args.seeds, args.steps, nve_steps=args.nve_steps, out_dir=args.out)
     except (EKDError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,209 @@
+"""Batched MD: the integrator (NVE drift, Langevin temperature), batched vs single forces,
+failure at the right step, caching, h(r), structure files."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ase import units
+from ase.build import molecule
+
+from ekd_lightning import batched_md
+from ekd_lightning.batched_md import (
+    baoab_step,
+    batched_stability_table,
+    hr_counts,
+    hr_error,
+    kinetic_energy,
+    load_members,
+    make_replicas,
+    potential,
+    run_replicas,
+    stability_runs_cached,
+)
+from ekd_lightning.errors import DataError
+from ekd_lightning.md import default_molecules, molecules_from_file
+from ekd_lightning.models.base import energy_and_forces
+from ekd_lightning.module import PotentialModule
+from ekd_lightning.units import HARTREE_TO_EV
+
+ELEMENTS = ["H", "C", "N", "O"]
+SAE = [-0.6, -38.1, -54.7, -75.2]
+
+
+class ElasticNetwork(torch.nn.Module):
+    """A smooth test potential: springs (k Hartree/Å²) between every pair of atoms of each
+    replica at the pair's length in ``atoms`` (all replicas are copies of that molecule)."""
+
+    def __init__(self, atoms, k=0.3):
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.tensor(k, dtype=torch.float64))
+        self.n = len(atoms)
+        self.i, self.j = np.triu_indices(self.n, k=1)
+        pos = torch.as_tensor(atoms.positions)
+        self.register_buffer("d0", (pos[self.i] - pos[self.j]).norm(dim=-1))
+
+    def forward(self, z, pos, batch, num_molecules):
+        x = pos.view(num_molecules, self.n, 3)
+        d = (x[:, self.i] - x[:, self.j]).norm(dim=-1)
+        return (0.5 * self.k * (d - self.d0) ** 2).sum(-1).double()
+
+
+class Pull(torch.nn.Module):
+    """Constant force f (Hartree/Å) on atom 1 of every 5-atom replica (CH4), along its C–H bond,
+    away from the carbon; nothing on other molecules."""
+
+    def __init__(self, direction, f=0.01):
+        super().__init__()
+        self.f = torch.nn.Parameter(torch.tensor(f, dtype=torch.float64))
+        self.register_buffer("u", torch.as_tensor(direction, dtype=torch.float64))
+
+    def forward(self, z, pos, batch, num_molecules):
+        counts = torch.bincount(batch, minlength=num_molecules)
+        local = torch.arange(len(z)) - (torch.cumsum(counts, 0) - counts)[batch]
+        pulled = (local == 1) & (counts[batch] == 5)
+        energy = -self.f * (pos.double() @ self.u) * pulled
+        return torch.zeros(num_molecules, dtype=torch.float64).index_add(0, batch, energy)
+
+
+def test_nve_conserves_energy_on_a_smooth_model():
+    atoms = molecule("CH3OH")
+    out = run_replicas(ElasticNetwork(atoms), [atoms], [600.0], 8, 1000, timestep_fs=0.5,
+                       friction_per_fs=0.0, check_every=50, record_every=10, keep_total_energy=True)
+    assert all(r["stable"] for r in out["trajectories"])
+    total = out["total_energy"] * 1000 / len(atoms)  # meV/atom, (8 replicas, 101 frames)
+    kinetic_scale = 1.5 * units.kB * 600 * 1000  # meV/atom of kinetic energy at 600 K
+    assert np.isfinite(total).all()
+    # 0.5 ps of velocity Verlet at 0.5 fs: the total energy fluctuates (O(dt²)) within 3% of the
+    # thermal energy and does not drift
+    assert np.abs(total - total[:, :1]).max() < 0.03 * kinetic_scale
+    drift = np.polyfit(np.arange(total.shape[1]) * 5e-3, total.T, 1)[0]  # meV/atom/ps per replica
+    assert np.abs(drift).max() < 0.3
+
+
+def test_langevin_thermostat_reaches_the_target_temperature():
+    atoms = molecule("CH3OH")
+    members = load_members(ElasticNetwork(atoms))
+    generator = torch.Generator().manual_seed(0)
+    state, _ = make_replicas([atoms], [500.0], 64, generator)
+    energies, forces = potential(members, state.z, state.pos, state.batch, state.n)
+    dt, friction = 0.5 * units.fs, 0.05 / units.fs
+    samples = []
+    for step in range(1200):
+        energies, forces = baoab_step(
+            state, forces, lambda pos: potential(members, state.z, pos, state.batch, state.n),
+            dt, friction, generator)
+        if step >= 200 and step % 4 == 0:
+            samples.append(kinetic_energy(state))
+    dof = 3 * len(atoms)  # the thermostat acts on every degree of freedom, centre of mass too
+    temperature = 2 * torch.stack(samples).mean().item() / (dof * units.kB)
+    # without the thermostat (NVE from 500 K at the minimum) equipartition gives ~250 K
+    assert temperature == pytest.approx(500.0, rel=0.03)
+
+
+@pytest.mark.parametrize("name", ["ani2x", "schnet"])
+def test_batched_forces_equal_single_molecule_forces(name):
+    torch.manual_seed(0)
+    kwargs = ({"hidden": {e: [16] for e in ELEMENTS}} if name == "ani2x" else
+              {"hidden_channels": 16, "num_filters": 16, "num_interactions": 1, "num_gaussians": 8})
+    module = PotentialModule(name, kwargs, ELEMENTS, SAE, 0.01).eval()
+    molecules = default_molecules(["CH3OH", "CH3CONH2"])
+    state, rows = make_replicas(molecules, [300.0, 1000.0], 2, torch.Generator().manual_seed(1))
+    state.pos += 0.05 * torch.randn(state.pos.shape, dtype=torch.float64)  # every replica differs
+    members = load_members(module)
+    energies, forces = potential(members, state.z, state.pos, state.batch, state.n)
+    single = module.model.double()
+    assert len(rows) == state.n == 8
+    for r in range(state.n):
+        atoms = state.batch == r
+        e, f = energy_and_forces(single, state.z[atoms], state.pos[atoms],
+                                 torch.zeros(int(atoms.sum()), dtype=torch.long), 1)
+        assert energies[r].item() == pytest.approx(e.item() * HARTREE_TO_EV, rel=1e-12)
+        torch.testing.assert_close(forces[atoms], f * HARTREE_TO_EV, rtol=1e-9, atol=1e-10)
+    # the float32 path agrees to float32 precision
+    e32, f32 = potential(load_members(module, torch.float32), state.z, state.pos, state.batch, state.n)
+    torch.testing.assert_close(f32, forces, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("record_every", [1, 3])
+def test_a_broken_bond_is_detected_at_the_right_step(record_every):
+    ch4, water = default_molecules(["CH4", "H2O"])
+    bond = ch4.positions[1] - ch4.positions[0]
+    u = bond / np.linalg.norm(bond)
+    f = 0.01  # Hartree/Å on the pulled H
+    out = run_replicas(Pull(u, f), [ch4, water], [0.0], 2, 300, timestep_fs=0.5,
+                       friction_per_fs=0.0, check_every=30 * record_every // math.gcd(30, record_every),
+                       record_every=record_every)
+    # at 0 K and a constant force, velocity Verlet is exact: the H moves a t² / 2 along the bond
+    accel = f * HARTREE_TO_EV / ch4.get_masses()[1]  # Å per ASE time unit²
+    t = np.arange(1, 301) * 0.5 * units.fs
+    first = int(np.flatnonzero(0.5 * accel * t**2 > 0.5)[0]) + 1  # first step past 0.5 Å
+    expected = math.ceil(first / record_every) * record_every  # the first recorded frame past it
+    pulled = [r for r in out["trajectories"] if r["molecule"] == "CH4"]
+    assert [(r["stable"], r["reason"], r["steps_run"]) for r in pulled] == [(False, "bond_deviation", expected)] * 2
+    assert pulled[0]["time_to_failure_fs"] == expected * 0.5
+    # the water replicas ran on to the end, intact, after the CH4 ones left the batch
+    assert [(r["stable"], r["steps_run"]) for r in out["trajectories"] if r["molecule"] == "H2O"] == [(True, 300)] * 2
+
+
+def test_hr_error_is_zero_for_itself_and_large_for_another_geometry():
+    a, b = molecule("CH3OH").positions[None], molecule("CH3CH2OH").positions[None]
+    assert hr_error(hr_counts(a), hr_counts(a)) == 0.0
+    assert 0.5 < hr_error(hr_counts(a), hr_counts(b)) <= 2.0
+    assert math.isnan(hr_error(np.zeros(400), hr_counts(a)))
+
+
+def test_stability_runs_of_a_checkpoint_are_cached(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    module = PotentialModule("ani2x", {"hidden": {e: [16] for e in ELEMENTS}}, ELEMENTS, SAE, 0.001)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    settings = dict(temperatures=[300.0], replicas=2, steps=8, record_every=2)
+    first = stability_runs_cached(path, default_molecules(["CH3OH"]), **settings)
+    def not_again(*args, **kwargs):
+        raise AssertionError("ran again")
+
+    monkeypatch.setattr(batched_md, "stability_runs", not_again)
+    assert stability_runs_cached(path, default_molecules(["CH3OH"]), **settings) == first
+    assert len(list(tmp_path.glob("md-batched-*.json"))) == 1
+    with pytest.raises(AssertionError, match="ran again"):  # another setting is not reused
+        stability_runs_cached(path, default_molecules(["CH3OH"]), **{**settings, "steps": 10})
+
+
+def test_batched_table_writes_survival_and_hr_against_cached_xtb(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    models = {name: PotentialModule("ani2x", {"hidden": {e: [8] for e in ELEMENTS}}, ELEMENTS, SAE,
+                                    scale) for name, scale in (("baseline", 0.003), ("student", 1e-4))}
+    kwargs = dict(molecules=default_molecules(["H2O"]), temperatures=[300.0, 600.0], replicas=3,
+                  steps=40, reference="baseline", reference_steps=16,
+                  reference_cache=tmp_path / "ref", record_every=2)
+    rows, survival = batched_stability_table(models, out_dir=tmp_path / "md", **kwargs)
+    assert [(s["model"], s["temperature"], s["n"]) for s in survival] == [
+        (m, t, 6 if t == "all" else 3) for m in models for t in ("300K", "600K", "all")]
+    student = {s["temperature"]: s for s in survival if s["model"] == "student"}
+    assert 0 <= student["all"]["p_logrank"] <= 1 or math.isnan(student["all"]["p_logrank"])
+    assert "difference_low" in student["300K"] and "p_logrank" not in survival[0]
+    assert {"survival_300K", "survival_600K", "hr_error_300K", "p_logrank"} <= set(rows[1])
+    assert all(0 <= r["hr_error_600K"] <= 2 for r in rows)
+    for name in ("survival.csv", "survival.png", "stability.json", "stability_runs.csv"):
+        assert (tmp_path / "md" / name).is_file()
+    # the xTB reference runs once per molecule and temperature, then comes from the cache
+    assert len(list((tmp_path / "ref").glob("xtb-*.npz"))) == 2
+    monkeypatch.setattr("ase.md.langevin.Langevin.run", lambda *a: pytest.fail("xTB ran again"))
+    again, _ = batched_stability_table(models, **kwargs)
+    assert again[0]["hr_error_300K"] == rows[0]["hr_error_300K"]
+
+
+def test_structures_come_from_any_ase_file(tmp_path):
+    from ase.io import write
+
+    path = tmp_path / "mols.xyz"
+    write(path, [molecule("CH3OH"), molecule("H2O")])
+    molecules = molecules_from_file(path)
+    assert [a.info["name"] for a in molecules] == ["mols-0", "mols-1"]
+    assert molecules[1].get_chemical_formula() == "H2O"
+    bad = tmp_path / "bad.xyz"
+    bad.write_text("not a structure\n")
+    with pytest.raises(DataError, match="bad.xyz: cannot read structures"):
+        molecules_from_file(bad)
