@@ -51,19 +51,22 @@ class ElasticNetwork(torch.nn.Module):
 
 
 class Pull(torch.nn.Module):
-    """Constant force f (Hartree/Å) on atom 1 of every 5-atom replica (CH4), along its C–H bond,
-    away from the carbon; nothing on other molecules."""
+    """A constant force (Hartree/Å) on atom 1 of every replica along a direction, both chosen by
+    the replica's number of atoms: ``{n_atoms: (force, direction)}``."""
 
-    def __init__(self, direction, f=0.01):
+    def __init__(self, pulls):
         super().__init__()
-        self.f = torch.nn.Parameter(torch.tensor(f, dtype=torch.float64))
-        self.register_buffer("u", torch.as_tensor(direction, dtype=torch.float64))
+        self.f = torch.nn.Parameter(torch.zeros(10, dtype=torch.float64))
+        self.register_buffer("u", torch.zeros(10, 3, dtype=torch.float64))
+        with torch.no_grad():
+            for n, (force, direction) in pulls.items():
+                self.f[n], self.u[n] = force, torch.as_tensor(direction)
 
     def forward(self, z, pos, batch, num_molecules):
         counts = torch.bincount(batch, minlength=num_molecules)
         local = torch.arange(len(z)) - (torch.cumsum(counts, 0) - counts)[batch]
-        pulled = (local == 1) & (counts[batch] == 5)
-        energy = -self.f * (pos.double() @ self.u) * pulled
+        n = counts[batch]
+        energy = -self.f[n] * (pos.double() * self.u[n]).sum(-1) * (local == 1)
         return torch.zeros(num_molecules, dtype=torch.float64).index_add(0, batch, energy)
 
 
@@ -129,22 +132,22 @@ def test_batched_forces_equal_single_molecule_forces(name):
 @pytest.mark.parametrize("record_every", [1, 3])
 def test_a_broken_bond_is_detected_at_the_right_step(record_every):
     ch4, water = default_molecules(["CH4", "H2O"])
-    bond = ch4.positions[1] - ch4.positions[0]
-    u = bond / np.linalg.norm(bond)
-    f = 0.01  # Hartree/Å on the pulled H
-    out = run_replicas(Pull(u, f), [ch4, water], [0.0], 2, 300, timestep_fs=0.5,
-                       friction_per_fs=0.0, check_every=30 * record_every // math.gcd(30, record_every),
-                       record_every=record_every)
-    # at 0 K and a constant force, velocity Verlet is exact: the H moves a t² / 2 along the bond
-    accel = f * HARTREE_TO_EV / ch4.get_masses()[1]  # Å per ASE time unit²
-    t = np.arange(1, 301) * 0.5 * units.fs
-    first = int(np.flatnonzero(0.5 * accel * t**2 > 0.5)[0]) + 1  # first step past 0.5 Å
-    expected = math.ceil(first / record_every) * record_every  # the first recorded frame past it
-    pulled = [r for r in out["trajectories"] if r["molecule"] == "CH4"]
-    assert [(r["stable"], r["reason"], r["steps_run"]) for r in pulled] == [(False, "bond_deviation", expected)] * 2
-    assert pulled[0]["time_to_failure_fs"] == expected * 0.5
-    # the water replicas ran on to the end, intact, after the CH4 ones left the batch
-    assert [(r["stable"], r["steps_run"]) for r in out["trajectories"] if r["molecule"] == "H2O"] == [(True, 300)] * 2
+    pulls = {len(a): (force, (a.positions[1] - a.positions[0]) / a.get_distance(0, 1))
+             for a, force in ((ch4, 0.05), (water, 0.0025))}  # an H pulled off its bond, Hartree/Å
+    out = run_replicas(Pull(pulls), [ch4, water], [0.0], 2, 300, timestep_fs=0.5,
+                       friction_per_fs=0.0, check_every=10 * record_every, record_every=record_every)
+    for atoms, (force, _) in zip((ch4, water), pulls.values(), strict=True):
+        # at 0 K and a constant force, velocity Verlet is exact: the H moves a t² / 2 along the bond
+        accel = force * HARTREE_TO_EV / atoms.get_masses()[1]  # Å per ASE time unit²
+        t = np.arange(1, 301) * 0.5 * units.fs
+        first = int(np.flatnonzero(0.5 * accel * t**2 > 0.5)[0]) + 1  # first step past 0.5 Å
+        expected = math.ceil(first / record_every) * record_every  # first recorded frame past it
+        rows = [r for r in out["trajectories"] if r["n_atoms"] == len(atoms)]
+        assert [(r["stable"], r["reason"], r["steps_run"]) for r in rows] == [
+            (False, "bond_deviation", expected)] * 2
+        assert rows[0]["time_to_failure_fs"] == expected * 0.5
+    # the water replicas break later: they ran on with their own forces after CH4 left the batch
+    assert out["trajectories"][-1]["steps_run"] > out["trajectories"][0]["steps_run"] + 10 * record_every
 
 
 def test_hr_error_is_zero_for_itself_and_large_for_another_geometry():
