@@ -8,7 +8,9 @@ the project's other criteria, :class:`ekd_lightning.md.StabilityCriteria`). Writ
 temperature, and each model against ``--reference`` with the log-rank p-value and the
 difference in survival at the end with its 95% interval), ``stability.csv`` / ``.json`` (every
 trajectory, h(r) histograms and their error against GFN2-xTB MD of the same molecules, cached
-in ``--reference-cache``), and prints the tables with the wall time.
+in ``--reference-cache``), and prints the tables with the wall time. Each (checkpoint,
+temperature) run is cached beside its checkpoint (``md-batched-<key>.json``, keyed by the
+checkpoint's bytes, the molecules and every setting), so a model already run is not run again.
 
 The full test of the issue (64 trajectories per model and temperature, 10 ps, 300/600/1000 K):
 
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
             parse_named(args.checkpoints), molecules, args.temperatures, args.replicas, args.steps,
             nve_steps=args.nve_steps, reference=args.reference,
             reference_steps=args.reference_steps, reference_cache=args.reference_cache,
-            out_dir=Path(args.out), map_fn=pool.map if pool else map, seed=args.seed,
+            out_dir=Path(args.out), map_fn=pool.map if pool else map, cache=True, seed=args.seed,
             dtype=args.dtype)
     finally:
         if pool:
