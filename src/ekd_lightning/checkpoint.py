@@ -13,15 +13,14 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from .errors import CheckpointError
 
 
-def atomic_torch_save(obj, path: str | Path, save=torch.save) -> None:
-    """``save(obj, handle)`` (``torch.save``, or e.g. ``torch.jit.save``) to a temporary file in
-    the same folder, then rename over ``path``."""
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            save(obj, handle)
+            torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import atomic_torch_save, file_sha256, load_potential
+from .checkpoint import file_sha256, load_potential
 from .errors import CheckpointError, EKDError
+from .evaluate import _write_atomic
 from .models.aev import angular_triples, cosine_cutoff
 from .models.ani import ANIModel
 from .models.base import AtomisticModel
@@ -276,7 +277,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     module = load_potential(checkpoint)
     scripted = script_model(module.model, module.hparams.model_name, file_sha256(checkpoint))
     check_export(module.model, scripted)
-    atomic_torch_save(scripted, out, save=torch.jit.save)
+    _write_atomic(Path(out), lambda handle: torch.jit.save(scripted, handle))
     return Path(out)
 
 
