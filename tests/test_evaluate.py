@@ -9,9 +9,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
-from conftest import SHARED_S66X8, write_label_file
+from conftest import SHARED_S66X8, train_tiny, write_label_file
 from ekd_lightning.checkpoint import load_potential
 from ekd_lightning.data import read_molecules
 from ekd_lightning.errors import DataError
@@ -31,7 +30,6 @@ from ekd_lightning.evaluate import (
     predict,
 )
 from ekd_lightning.module import PotentialModule
-from ekd_lightning.training import register_resolvers, run_training
 from ekd_lightning.units import HARTREE_TO_KCALMOL as KCAL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,19 +154,10 @@ def test_predict_heterogeneous_ensemble(comp6_file):
 @pytest.fixture(scope="module")
 def checkpoint(ani1x_file, tmp_path_factory) -> Path:
     """A SchNet trained for 2 epochs on the EMT fixture (seconds)."""
-    run_dir = tmp_path_factory.mktemp("eval_run")
-    register_resolvers()
-    with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[
-            f"data.path={ani1x_file}", "data.energy_key=emt.energy", "data.force_key=emt.forces",
-            "data.batch_size=32", "logger=csv", "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
-            "model=schnet",
-            "model.kwargs.num_interactions=1", "model.kwargs.hidden_channels=16",
-            "model.kwargs.num_filters=16", "model.kwargs.num_gaussians=16", "stage=teacher",
-        ])
-    run_training(cfg, run_dir)
-    return run_dir / "checkpoints" / "best.ckpt"
+    return train_tiny(ani1x_file, tmp_path_factory.mktemp("eval_run"), "trainer.log_every_n_steps=1",
+                      "model=schnet", "model.kwargs.num_interactions=1",
+                      "model.kwargs.hidden_channels=16", "model.kwargs.num_filters=16",
+                      "model.kwargs.num_gaussians=16", "stage=teacher")
 
 
 def check_outputs(rows, out_dir: Path, models: list[str], subsets: list[str]):

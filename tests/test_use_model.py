@@ -18,34 +18,21 @@ from ase.build import molecule
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
-from hydra import compose, initialize_config_module
 
+from conftest import train_tiny
 from ekd_lightning import EKDCalculator
 from ekd_lightning.checkpoint import load_potential
 from ekd_lightning.export import main as export_main
 from ekd_lightning.models.base import energy_and_forces
 from ekd_lightning.module import PotentialModule
 from ekd_lightning.predict import main as predict_main
-from ekd_lightning.training import register_resolvers, run_training
 from ekd_lightning.units import HARTREE_TO_EV
 from test_md import make_module
 
+ORACLE = ("trainer.max_epochs=3", "stage=oracle", "loss.force_weight=1.0")  # true EMT forces
 ANI1X_AEV = {"radial_cutoff": 5.2, "radial_eta": 16.0, "radial_start": 0.9, "radial_num_shifts": 16,
              "angular_cutoff": 3.5, "angular_eta": 8.0, "angular_zeta": 32.0, "angular_start": 0.9,
              "angular_num_shifts": 4, "angular_num_sections": 8}
-
-
-def train(data: Path, run_dir: Path, *overrides: str) -> Path:
-    register_resolvers()
-    with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[
-            f"data.path={data}", "data.energy_key=emt.energy", "data.force_key=emt.forces",
-            "data.batch_size=32", "logger=csv", "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false", "trainer.max_epochs=3", "stage=oracle",
-            "loss.force_weight=1.0", *overrides,
-        ])
-    run_training(cfg, run_dir)
-    return run_dir / "checkpoints" / "best.ckpt"
 
 
 def save_checkpoint(module, path: Path) -> Path:
@@ -61,10 +48,11 @@ def checkpoints(ani1x_file, tmp_path_factory) -> dict[str, Path]:
     ani1x = PotentialModule("ani2x", {"aev": ANI1X_AEV, "hidden": {e: [16] for e in "HCNO"}},
                             ["H", "C", "N", "O"], [-0.6, -38.1, -54.7, -75.2], 0.05).eval()
     return {
-        "ani": train(ani1x_file, root / "ani", "model.kwargs.hidden={H:[32],C:[32],N:[32],O:[32]}"),
-        "schnet": train(ani1x_file, root / "schnet", "model=schnet", "model.kwargs.num_interactions=1",
-                        "model.kwargs.hidden_channels=16", "model.kwargs.num_filters=16",
-                        "model.kwargs.num_gaussians=16"),
+        "ani": train_tiny(ani1x_file, root / "ani", *ORACLE,
+                          "model.kwargs.hidden={H:[32],C:[32],N:[32],O:[32]}"),
+        "schnet": train_tiny(ani1x_file, root / "schnet", *ORACLE, "model=schnet",
+                             "model.kwargs.num_interactions=1", "model.kwargs.hidden_channels=16",
+                             "model.kwargs.num_filters=16", "model.kwargs.num_gaussians=16"),
         "ani1x": save_checkpoint(ani1x, root / "ani1x.ckpt"),
     }
 
