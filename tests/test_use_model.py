@@ -327,3 +327,21 @@ def test_export_refuses_a_bad_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("ekd-export: error: ") and str(bad) in err and "\n" not in err
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_calculator_and_export_on_a_gpu_match_the_cpu(checkpoints, tmp_path):
+    atoms = rattled("CH3CH2OH")
+    cpu = EKDCalculator.from_checkpoint(checkpoints["ani"])
+    gpu = EKDCalculator.from_checkpoint(checkpoints["ani"], device="cuda")
+    assert gpu.get_potential_energy(atoms.copy()) == pytest.approx(
+        cpu.get_potential_energy(atoms.copy()), rel=1e-10)
+    np.testing.assert_allclose(gpu.get_forces(atoms.copy()), cpu.get_forces(atoms.copy()), atol=1e-9)
+
+    assert export_main([str(checkpoints["ani"]), str(tmp_path / "m.pt")]) == 0
+    z, pos = torch.tensor(atoms.numbers), torch.tensor(atoms.positions, dtype=torch.float32)
+    e_cpu, f_cpu = torch.jit.load(tmp_path / "m.pt").energy_and_forces(z, pos)
+    e_gpu, f_gpu = torch.jit.load(tmp_path / "m.pt", map_location="cuda").energy_and_forces(
+        z.cuda(), pos.cuda())
+    assert float(e_gpu) == pytest.approx(float(e_cpu), abs=1e-6)  # Hartree, float32 rounding
+    np.testing.assert_allclose(f_gpu.cpu().numpy(), f_cpu.numpy(), atol=1e-5 * float(f_cpu.abs().max()))
