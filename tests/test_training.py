@@ -232,22 +232,27 @@ def test_bad_checkpoints_are_refused(teacher_run, tmp_path):
         load_potential(tmp_path / "tampered.ckpt")
 
 
-def test_cli_student_and_multirun_sweep(ani1x_file, tmp_path):
+def test_cli_student_and_multirun_sweep_restarted_skips_finished_jobs(ani1x_file, tmp_path):
+    """A -m sweep with the default hydra.sweep.dir, run twice with the same command: the second
+    finds the first's job folders and trains nothing (metrics.json untouched)."""
     labels = write_label_file(tmp_path / "labels.h5", ani1x_file, "emt.energy", "emt.forces")
     common = [f"data.path={ani1x_file}", "data.energy_key=emt.energy", "data.force_key=emt.forces",
               f"distill.labels={labels}", "logger=csv", "trainer.max_epochs=1",
               "trainer.enable_progress_bar=false", "model=schnet", "model.kwargs.num_interactions=1"]
-    sweep = tmp_path / "sweep"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", "stage=student",
-         "loss.force_weight=0.01,1", f"hydra.sweep.dir={sweep}", *common],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )
+    command = [sys.executable, str(ROOT / "train.py"), "-m", "stage=student",
+               "loss.force_weight=0.01,1", *common]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
+    runs = sorted(p.parent for p in (tmp_path / "multirun").glob("*/metrics.json"))
     assert [r.name.split(",")[0] for r in runs] == ["0_data.energy_key=emt.energy", "1_data.energy_key=emt.energy"]
     weights = [yaml.safe_load((r / ".hydra" / "config.yaml").read_text())["loss"]["force_weight"] for r in runs]
     assert weights == [0.01, 1]
+    finished = {r: (r / "metrics.json").stat().st_mtime_ns for r in runs}
+    again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {r: (r / "metrics.json").stat().st_mtime_ns for r in runs} == finished
+    assert sorted(p.parent for p in tmp_path.rglob("metrics.json")) == runs
+    assert (again.stdout + again.stderr).count("already finished with this config") == 2
 
 
 def test_trainings_in_one_process_get_their_own_wandb_runs(ani1x_file, tmp_path, monkeypatch):
