@@ -63,18 +63,10 @@ def load_members(model, dtype: torch.dtype = torch.float64, device: str | torch.
     ``dtype`` on ``device``, in eval mode, without parameter gradients."""
     import copy
 
-    from .checkpoint import load_potential
-    from .module import PotentialModule
+    from .calculator import _load_members
 
-    items = [model] if isinstance(model, str | Path | torch.nn.Module) else list(model)
-    members = []
-    for item in items:
-        module = load_potential(item) if isinstance(item, str | Path) else copy.deepcopy(item)
-        module = module.model if isinstance(module, PotentialModule) else module
-        members.append(module.to(device, dtype).eval().requires_grad_(False))
-    if not members:
-        raise ValueError("batched MD needs a model: a checkpoint, a PotentialModule or an ensemble")
-    return members
+    return [copy.deepcopy(m).to(device, dtype).eval().requires_grad_(False)
+            for m in _load_members(model)]
 
 
 def potential(members: Sequence[torch.nn.Module], z: Tensor, pos: Tensor, batch: Tensor,
@@ -391,7 +383,7 @@ def stability_runs(model, molecules: Sequence[Atoms], temperatures: Sequence[flo
 
     ``dtype`` names the model's precision (float32 is about 1.5× faster on CPU than float64 and
     enough under a thermostat; the NVE runs always use float64)."""
-    from .md import torch_threads
+    from .calculator import torch_threads
 
     with torch_threads(num_threads):
         out = run_replicas(model, molecules, temperatures, replicas, steps, timestep_fs,
