@@ -24,6 +24,7 @@ from ekd_lightning.batched_md import (
 )
 from ekd_lightning.errors import DataError
 from ekd_lightning.md import default_molecules, molecules_from_file
+from ekd_lightning.md import main as md_main
 from ekd_lightning.models.base import energy_and_forces
 from ekd_lightning.module import PotentialModule
 from ekd_lightning.units import HARTREE_TO_EV
@@ -198,7 +199,7 @@ def test_batched_table_writes_survival_and_hr_against_cached_xtb(tmp_path, monke
     assert again[0]["hr_error_300K"] == rows[0]["hr_error_300K"]
 
 
-def test_structures_come_from_any_ase_file(tmp_path):
+def test_structures_come_from_any_ase_file(tmp_path, capsys):
     from ase.io import write
 
     path = tmp_path / "mols.xyz"
@@ -210,3 +211,15 @@ def test_structures_come_from_any_ase_file(tmp_path):
     bad.write_text("not a structure\n")
     with pytest.raises(DataError, match="bad.xyz: cannot read structures"):
         molecules_from_file(bad)
+    # ekd-md runs the file's molecules; an unreadable file is a one-line error naming it
+    torch.manual_seed(0)
+    module = PotentialModule("ani2x", {"hidden": {e: [8] for e in ELEMENTS}}, ELEMENTS, SAE, 0.001)
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, checkpoint)
+    args = ["--checkpoints", f"m={checkpoint}", "--temperatures", "300", "--seeds", "0",
+            "--steps", "4", "--nve-steps", "0", "--out", str(tmp_path / "md")]
+    assert md_main([*args, "--structures", str(path)]) == 0
+    runs = (tmp_path / "md" / "stability_runs.csv").read_text()
+    assert "mols-0" in runs and "mols-1" in runs and "CH3OH" not in runs
+    assert md_main([*args, "--structures", str(bad)]) == 2
+    assert "bad.xyz: cannot read structures" in capsys.readouterr().err
