@@ -221,7 +221,8 @@ def run_replicas(
         steps, timestep_fs, friction_per_fs: run length, time step (fs), friction (1/fs).
         criteria: failure criteria (:func:`~ekd_lightning.md.detect_failure`).
         seed: seeds the velocities and the thermostat noise of the whole batch.
-        check_every: steps between failure checks (a multiple of ``record_every``).
+        check_every: steps between failure checks (``check_every`` and ``steps`` are multiples
+            of ``record_every``).
         record_every: steps between recorded frames (failure checks and h(r) use them).
         dtype: precision of the model evaluation (positions and velocities are float64).
         keep_total_energy: also return each replica's total energy at every recorded frame.
@@ -234,8 +235,9 @@ def run_replicas(
         ``total_energy`` (with ``keep_total_energy``): (n_replicas, n_frames) eV, NaN after a
         failure.
     """
-    if check_every % record_every:
-        raise ValueError(f"check_every {check_every} is not a multiple of record_every {record_every}")
+    if check_every % record_every or steps % record_every:
+        raise ValueError(f"check_every {check_every} and steps {steps} must be multiples of "
+                         f"record_every {record_every} (every frame is checked)")
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     members = load_members(model, dtype)
