@@ -215,7 +215,7 @@ def test_checkpoint_round_trip(teacher_run, ani1x_file):
 
 def test_bad_checkpoints_are_refused(teacher_run, tmp_path):
     best = teacher_run[0] / "checkpoints" / "best.ckpt"
-    with pytest.raises(CheckpointError, match="is a 'ani2x' model, expected 'schnet'"):
+    with pytest.raises(CheckpointError, match="is a 'ani' model, expected 'schnet'"):
         load_potential(best, expected_model="schnet")
     truncated = tmp_path / "cut.ckpt"
     truncated.write_bytes(best.read_bytes()[:1000])

@@ -100,8 +100,7 @@ def run_config(cfg: DictConfig, stage: str, seed: int, max_epochs: int, model: s
             sub.model = _group_file("model", model)
         sub.seed = int(seed)
         sub.trainer.max_epochs = int(max_epochs)
-        # named by the model file (model=ani1x builds the ani2x class with other constants)
-        sub.run_name = f"{stage}-{model or sub.model.name}-seed{seed}"
+        sub.run_name = f"{stage}-{sub.model.name}-seed{seed}"
         if data:
             sub.data = OmegaConf.merge(sub.data, data)
     return OmegaConf.merge(sub, extra) if extra else sub
