@@ -232,17 +232,47 @@ def variant_jobs(cfg: DictConfig, stage: str, store: Path, labels: Path | None =
 
 def distill(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Path:
     """Step 2: label every conformation of ``cfg.data`` with the teacher ensemble, into
-    ``<store>/labels-<sha>.h5`` named by the teachers' run folders (shared like the runs)."""
+    ``<store>/labels-<sha>.h5`` named by the teachers' run folder names (which hold their config
+    hashes), so shared like the runs, wherever the store is."""
     from .distill import distill_labels, make_job
 
     data = cfg.data
-    name = hashlib.sha256("\n".join(str(t.run_dir) for t in teachers).encode()).hexdigest()[:10]
+    name = hashlib.sha256("\n".join(t.run_dir.name for t in teachers).encode()).hexdigest()[:10]
     job = make_job(
         dataset=data.path, energy_key=data.energy_key, out=store / f"labels-{name}.h5",
         teachers=[str(t.checkpoint) for t in teachers], file_format=data.file_format,
         elements=list(data.elements), batch_size=data.batch_size,
     )
     return distill_labels(job, OmegaConf.to_container(cfg.trainer, resolve=True))
+
+
+def default_teacher_labels(cfg: DictConfig) -> Path:
+    """The label file of the default teacher ensemble for a training config with neither
+    ``distill.labels`` nor ``distill.teachers`` (``python train.py stage=student``).
+
+    The ensemble is ``distill.default_teachers`` (``conf/ensemble/ekd.yaml``, the teachers of
+    ``experiment=ekd``); each teacher is derived from ``cfg`` as the pipeline derives it, so it
+    is found in the run store ``distill.store`` by its config hash (trained by a pipeline or an
+    earlier student) or trained there now, one after another; the labels are cached there too,
+    named by the teachers' hash (:func:`distill`).
+    """
+    store = Path(cfg.distill.store)
+    spec = cfg.copy()
+    with open_dict(spec):
+        spec.pipeline = {"teachers": cfg.distill.default_teachers}
+    jobs = teacher_jobs(spec, store)
+    log.info("no distill.labels or distill.teachers: using the default teacher ensemble "
+             "(distill.default_teachers: %s, %s epochs) from the run store %s",
+             list(spec.pipeline.teachers.models), spec.pipeline.teachers.max_epochs, store)
+    teachers = []
+    for i, teacher in enumerate(jobs, 1):
+        found = (teacher.run_dir / "metrics.json").is_file()
+        log.info("teacher %d/%d: %s %s", i, len(jobs), "found in" if found else "training into",
+                 teacher.run_dir)
+        teachers.append(run_job(teacher))
+    labels = distill(spec, teachers, store)
+    log.info("student labels: %s", labels)
+    return labels
 
 
 def named_models(teachers: Sequence[Run], variants: Mapping[str, Sequence[Run]]) -> dict:
