@@ -30,7 +30,13 @@ from conftest import write_ani1x_file
 from ekd_lightning.callbacks import KILL_ENV
 from ekd_lightning.data import read_molecules
 from ekd_lightning.data.readers import check_elements, detect_format
-from ekd_lightning.errors import CheckpointError, ConfigError, DataError, EKDError, NonFiniteLossError
+from ekd_lightning.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EKDError,
+    NonFiniteLossError,
+)
 from ekd_lightning.module import PotentialModule
 from ekd_lightning.training import computed_config, register_resolvers, run_training
 

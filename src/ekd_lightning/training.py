@@ -18,9 +18,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from . import __version__
 from .callbacks import robustness_callbacks
 from .checkpoint import AtomicCheckpointIO, file_sha256
-from .errors import ConfigError
 from .data import EKDDataModule
 from .distill import labels_for_training, student_force_loss
+from .errors import ConfigError
 from .module import PotentialModule
 
 log = logging.getLogger(__name__)
