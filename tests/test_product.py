@@ -144,3 +144,26 @@ def test_missing_input_is_one_line_and_exit_code_2(tiny_file, tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'missing.h5'}")
+
+
+def test_pipeline_teachers_find_a_users_model_config_through_the_search_path(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "tiny_ani.yaml").write_text(
+        "name: tiny_ani\narch: ani\nkwargs: {aev: null, hidden: {H: [8], C: [8], N: [8], O: [8]}}\n")
+    register_resolvers()
+    with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True, overrides=[
+            "experiment=ekd", f"hydra.searchpath=[file://{tmp_path}]",
+            "pipeline.teachers.models=[ani2x,tiny_ani]"])
+    HydraConfig.instance().set_config(cfg)  # as under ekd-train
+    try:
+        with open_dict(cfg):
+            del cfg["hydra"]
+        jobs = teacher_jobs(cfg, tmp_path / "store")
+    finally:
+        HydraConfig.instance().cfg = None
+    assert jobs[1].run_dir.name.startswith("teacher-tiny_ani-seed101-")
+    assert jobs[1].cfg["model"]["kwargs"]["hidden"]["H"] == [8]

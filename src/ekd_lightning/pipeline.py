@@ -45,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import load_potential
 from .data import EKDDataModule
+from .errors import ConfigError
 from .evaluate import (
     ALL,
     evaluate_models,
@@ -74,12 +75,27 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- configs
+def config_folders() -> list[Path]:
+    """The packaged config folder, then the user's own (``hydra.searchpath=[file://...]``) when
+    running under Hydra, in Hydra's order: where a teacher's ``conf/model`` file is looked up."""
+    from hydra.core.hydra_config import HydraConfig
+
+    folders = [CONF_DIR]
+    if HydraConfig.initialized():
+        folders += [Path(source.path) for source in HydraConfig.get().runtime.config_sources
+                    if source.schema == "file"]
+    return folders
+
+
 def _group_file(group: str, name: str) -> DictConfig:
-    path = CONF_DIR / group / f"{name}.yaml"
-    if not path.is_file():
-        choices = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        raise ValueError(f"{group}={name}: no {path} (choices: {', '.join(choices)})")
-    return OmegaConf.load(path)
+    folders = config_folders()
+    for folder in folders:
+        if (folder / group / f"{name}.yaml").is_file():
+            return OmegaConf.load(folder / group / f"{name}.yaml")
+    choices = sorted({p.stem for folder in folders for p in (folder / group).glob("*.yaml")})
+    raise ConfigError(f"{group}={name}: no {group}/{name}.yaml in {', '.join(map(str, folders))} "
+                      f"(choices: {', '.join(choices)}); add your own folder with "
+                      "hydra.searchpath=[file:///abs/path]")
 
 
 def run_config(cfg: DictConfig, stage: str, seed: int, max_epochs: int, model: str | None = None,
