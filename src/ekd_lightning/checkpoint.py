@@ -68,11 +68,16 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         checkpoint = safe_load(path)
-    except pickle.UnpicklingError as exc:
-        what = next((line for line in str(exc).splitlines() if "GLOBAL" in line), "").strip()
+    except pickle.UnpicklingError as exc:  # torch's message: boilerplate around one finding
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        found = [line.strip() for line in str(exc).splitlines()
+                 if line.strip() and not line.startswith(boilerplate)]
+        what = found[-1] if found else "unreadable pickle"
+        if "GLOBAL" not in what:  # not a pickle naming a class or function: corrupt
+            raise CheckpointError(f"{path}: cannot read checkpoint (corrupt or truncated?): {what}") from exc
         raise CheckpointError(
-            f"{path}: refused: it holds more than weights and plain data ({what or 'an object'}),"
-            " which could run code when loaded; use only checkpoints written by ekd-lightning"
+            f"{path}: refused: it holds more than weights and plain data ({what}), which could "
+            "run code when loaded; use only checkpoints written by ekd-lightning"
         ) from exc
     except Exception as exc:  # torch raises many types for a corrupt file
         raise CheckpointError(f"{path}: cannot read checkpoint (corrupt or truncated?): {exc}") from exc
