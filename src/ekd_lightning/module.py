@@ -241,7 +241,9 @@ class PotentialModule(pl.LightningModule):
 
     def _evaluate(self, batch, split: str) -> None:
         has_reference = "forces" in batch
-        force_weight = self.current_force_weight()
+        # the fixed, final force weight (not the warm-up ramp): a quantity comparable across
+        # epochs, which early stopping and the best checkpoint can monitor
+        force_weight = 0.0 if self.hparams.force_target == "none" else self.hparams.force_weight
         energies, forces = self(batch, with_forces=has_reference or force_weight > 0)
         loss = self.hparams.energy_weight * self.energy_loss(energies, batch)
         if force_weight > 0:

@@ -122,7 +122,7 @@ class EpochLine(pl.Callback):
     def __init__(self, name: str):
         self.name = name
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):  # after the epoch's metrics are computed
         if trainer.sanity_checking:
             return
         m = trainer.callback_metrics
