@@ -167,11 +167,12 @@ class TrainingHistory(Callback):
             write_json_atomic(self.history, self.path)
 
     def summary(self, monitor: str = "val/loss") -> dict:
-        """``epochs`` trained, ``best_epoch`` (lowest ``monitor``: what best.ckpt holds) and
-        ``train_time_s``."""
+        """``epochs`` trained, ``best_epoch`` (lowest ``monitor``: what best.ckpt holds), that
+        lowest value (``best_val_loss``) and ``train_time_s``."""
         scored = [h for h in self.history if math.isfinite(h.get(monitor, math.nan))]
-        best = min(scored, key=lambda h: h[monitor])["epoch"] if scored else None
-        return {"epochs": len(self.history), "best_epoch": best,
+        best = min(scored, key=lambda h: h[monitor]) if scored else {}
+        return {"epochs": len(self.history), "best_epoch": best.get("epoch"),
+                f"best_{monitor.replace('/', '_')}": best.get(monitor),
                 "train_time_s": round(self.train_time_s, 3)}
 
     def state_dict(self) -> dict[str, Any]:
