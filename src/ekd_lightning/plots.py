@@ -152,6 +152,8 @@ def plot_force_errors(predictions: Mapping, records: Sequence, path: str | Path)
 def plot_learning_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path):
     """Validation force MAE and energy MAE per epoch (log scale), one thin line per run in its
     role's colour (``histories``: ``{run name: history.json entries}``), one legend entry per role."""
+    from matplotlib.ticker import FormatStrFormatter
+
     fig, axes = grid_figure(2)
     for ax, key, label in zip(axes, ("val/force_mae", "val/energy_mae"),
                               ("val force MAE (kcal/mol/Å)", "val energy MAE (kcal/mol)"), strict=True):
@@ -166,6 +168,8 @@ def plot_learning_curves(histories: Mapping[str, Sequence[Mapping]], path: str |
                     label=None if role in shown else role)
             shown.add(role)
         ax.set(yscale="log", xlabel="epoch", ylabel=label)
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         if shown:
             ax.legend(fontsize=8)
     save_figure(fig, path)
