@@ -67,8 +67,8 @@ def test_report_compares_converged_ends_and_costs(finished):
     text = (root / "ekd/report/summary.md").read_text()
     best = report["best_teacher"]
     assert best in ("teacher0", "teacher1")
-    for line in ("student vs converged baseline", f"best single teacher ({best}",
-                 "student vs teacher ensemble", "student vs converged oracle",
+    for line in ("student vs baseline: force MAE", f"best single teacher ({best}",
+                 "student vs teacher ensemble", "student vs oracle: force MAE",
                  "early stopping on `val/loss`", "| teacher1 | 2 | ", "| student-seed1 | 2 | ",
                  "teachers ", "ms per conformation", "the student's time per conformation",
                  "![Learning curves", "(learning_curves.png)", "(heldout/force_parity.png)"):

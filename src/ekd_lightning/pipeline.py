@@ -15,9 +15,14 @@ Steps (each resumable: a finished step is skipped when the command is run again)
    out-of-sample test file (``report/test``, COMP6 layout), plus the quality of the distilled
    labels against the true forces where the dataset has them.
 5. **md**: Langevin MD stability and NVE drift of baseline vs student (vs oracle).
-6. **report**: ``report/summary.md`` (tables, mean ± spread over seeds, the fraction of the
-   force-error gap closed, (baseline − student) / (baseline − oracle)), ``report/summary.json``,
-   printed at the end and logged to W&B when ``logger=wandb``.
+6. **report**: ``report/summary.md`` (tables, mean ± spread over seeds, the student against
+   baseline, best single teacher, ensemble and oracle, the fraction of the force-error gap
+   closed, (baseline − student) / (baseline − oracle), guarded by :func:`gap_verdict`; stop
+   epochs, training and inference cost; learning curves and parity figures),
+   ``report/summary.json``, printed at the end and logged to W&B when ``logger=wandb``.
+
+Every training run gets the composed config's ``callbacks`` (``experiment=ekd``: the one
+early-stopping rule) and the epoch cap ``pipeline.max_epochs``, teachers included.
 
 Training runs are derived from the composed config: the ``stage`` group file sets the loss, the
 ``model`` group file the architecture, and ``pipeline.*`` epochs and seeds; everything else (data,
@@ -394,7 +399,7 @@ def inference_cost(models: Mapping[str, object], records, names: Sequence[str],
     return cost
 
 
-def _split_section(cfg, split: str, title: str, rows, training, report: dict) -> list[str]:
+def _split_section(split: str, title: str, rows, training, report: dict) -> list[str]:
     """One split's table, the comparison with best teacher and ensemble, and the gap closed."""
     summary = seed_summary(rows, ["baseline", "student", "oracle"])
     closed, why = gap_verdict(summary)
@@ -404,17 +409,17 @@ def _split_section(cfg, split: str, title: str, rows, training, report: dict) ->
     student = by.get("student")
     best = best_teacher(training)
     if student:
-        for other, label in (("baseline", "converged baseline"),
+        for other, label in (("baseline", "baseline"),
                              (best, f"best single teacher ({best}, lowest val loss)"),
-                             ("ensemble", "teacher ensemble"), ("oracle", "converged oracle")):
+                             ("ensemble", "teacher ensemble"), ("oracle", "oracle")):
             if other in by:
                 change = student[FORCE_MAE] / by[other][FORCE_MAE] - 1
                 text.append(f"- student vs {label}: force MAE {student[FORCE_MAE]:.2f} vs "
                             f"{by[other][FORCE_MAE]:.2f} ({change:+.0%}), energy MAE "
                             f"{student['energy_mae']:.2f} vs {by[other]['energy_mae']:.2f}")
     gap = f"**{closed:.0%}**" if math.isfinite(closed) else why
-    text += ["", "Force-error gap closed by the student between the converged ends, (baseline "
-             f"− student) / (baseline − oracle): {gap}", ""]
+    text += ["", "Force-error gap closed by the student, (baseline − student) / (baseline − "
+             f"oracle), every model under the same stopping rule: {gap}", ""]
     return text
 
 
@@ -483,7 +488,7 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
                                      "split of the training molecules)"),
                          ("test", "Out-of-sample molecules (test file, all subsets)")):
         if split in results:
-            text += _split_section(cfg, split, title, results[split], training, report)
+            text += _split_section(split, title, results[split], training, report)
     stages = ["baseline", "student", "oracle"]
     if "test" in results:
         subsets = sorted({r["subset"] for r in results["test"]} - {ALL})
