@@ -83,8 +83,29 @@ def test_pipeline_report_compares_every_model(finished):
     assert "gap closed" in text and "| student | 2 |" in text
     assert "| p_logrank |" in text
     for name in ("heldout/energy_parity.png", "test/force_errors.png", "md/stability.csv",
-                 "md/survival.png"):
+                 "md/survival.png", "heldout/force_parity.png", "learning_curves.png"):
         assert (root / "ekd/report" / name).is_file()
+
+
+def test_report_compares_converged_ends_and_costs(finished):
+    _, root, report = finished
+    text = (root / "ekd/report/summary.md").read_text()
+    best = report["best_teacher"]
+    assert best in ("teacher0", "teacher1")
+    for line in ("student vs baseline: force MAE", f"best single teacher ({best}",
+                 "student vs teacher ensemble", "student vs oracle: force MAE",
+                 "early stopping on `val/loss`", "| teacher1 | 2 | ", "| student-seed1 | 2 | ",
+                 "teachers ", "ms per conformation", "the student's time per conformation",
+                 "![Learning curves", "(learning_curves.png)", "(heldout/force_parity.png)"):
+        assert line in text, line
+    training = report["training"]
+    assert set(training) == {"teacher0", "teacher1", "baseline-seed0", "baseline-seed1",
+                             "student-seed0", "student-seed1", "oracle-seed0"}
+    assert all(t["epochs"] == 2 and t["train_time_s"] > 0 and t["best_epoch"] in (1, 2)
+               for t in training.values())
+    inference = report["inference_s_per_conformation"]
+    assert set(inference) == {"student-seed0", "baseline-seed0", "ensemble"}
+    assert all(v > 0 for v in inference.values())
 
 
 def test_student_trains_on_the_teachers_labels(finished):

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,63 @@ class ResumableRNG(Callback):
         cuda = state_dict.get("cuda")
         if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
+
+
+HISTORY_KEYS = ("val/loss", "val/energy_mae", "val/force_mae")
+"""Validation quantities recorded per epoch by :class:`TrainingHistory` (val/loss at the fixed,
+final force weight; MAE in kcal/mol and kcal/mol/Å; the force MAE only where the data has
+reference forces)."""
+
+
+class TrainingHistory(Callback):
+    """The per-epoch validation history and the training wall time of a run.
+
+    After each validation epoch (not the sanity check) it appends ``{"epoch": e (1-based),
+    "time_s": training wall time so far, "val/loss": ..., "val/energy_mae": ...,
+    "val/force_mae": ...}`` and, on rank 0, rewrites ``path`` (``history.json``) atomically, so
+    a running training's curve can be read. Its state travels in checkpoints: a resumed run
+    continues the same history and the same clock (the time of a killed epoch is lost).
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.history: list[dict[str, float]] = []
+        self.train_time_s = 0.0
+        self._mark: float | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._mark = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self._mark is None:
+            return
+        now = time.perf_counter()
+        self.train_time_s += now - self._mark
+        self._mark = now
+        m = trainer.callback_metrics
+        entry = {"epoch": trainer.current_epoch + 1, "time_s": round(self.train_time_s, 3)}
+        entry.update({k: float(m[k]) for k in HISTORY_KEYS if k in m})
+        self.history.append(entry)
+        if self.path is not None and trainer.is_global_zero:
+            from .training import write_json_atomic
+
+            write_json_atomic(self.history, self.path)
+
+    def summary(self, monitor: str = "val/loss") -> dict:
+        """``epochs`` trained, ``best_epoch`` (lowest ``monitor``: what best.ckpt holds), that
+        lowest value (``best_val_loss``) and ``train_time_s``."""
+        scored = [h for h in self.history if math.isfinite(h.get(monitor, math.nan))]
+        best = min(scored, key=lambda h: h[monitor]) if scored else {}
+        return {"epochs": len(self.history), "best_epoch": best.get("epoch"),
+                f"best_{monitor.replace('/', '_')}": best.get(monitor),
+                "train_time_s": round(self.train_time_s, 3)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "train_time_s": self.train_time_s}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        self.train_time_s = float(state_dict.get("train_time_s", 0.0))
 
 
 class SigkillAt(Callback):

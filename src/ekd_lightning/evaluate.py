@@ -20,7 +20,8 @@ the check in ``metrics.json``).
 The metric functions (:func:`error_stats`, :func:`conformer_pair_differences`,
 :func:`compute_metrics`, :func:`metrics_by_subset`) are pure functions of arrays in Hartree and
 Hartree/Å. :func:`evaluate_models` runs named models on a file and writes ``metrics.csv``,
-``metrics.json``, ``energy_parity.png`` and ``force_errors.png``. CLI::
+``metrics.json``, ``energy_parity.png``, ``force_parity.png`` and ``force_errors.png``
+(:mod:`ekd_lightning.plots`: one colour and panel per role, panels in a grid). CLI::
 
     python -m ekd_lightning.evaluate --checkpoints t0=a.ckpt t1=b.ckpt student=s.ckpt \\
         --ensemble ensemble=t0,t1 --data s66x8_wb97x6-31gd.h5 --out eval/
@@ -47,6 +48,7 @@ from torch_geometric.loader import DataLoader
 from .data.datamodule import conformation_graph
 from .data.readers import MoleculeRecord, read_molecules
 from .errors import DataError, EKDError
+from .plots import plot_energy_parity, plot_force_errors, plot_force_parity
 from .training import write_json_atomic
 from .units import HARTREE_TO_KCALMOL as KCAL
 
@@ -323,69 +325,6 @@ def format_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, 
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- plots
-def _save_figure(fig, path: Path) -> None:
-    _write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
-
-
-def plot_energy_parity(predictions: Mapping[str, Prediction], records: Sequence[MoleculeRecord],
-                       path: str | Path) -> None:
-    """Energy parity plot, one panel per model, points coloured by subset (PNG, Agg).
-
-    Axes are in kcal/mol relative to the mean *reference* energy of each molecule, so molecules of
-    different size share one scale while a per-molecule offset of the prediction stays visible.
-    """
-    from matplotlib.figure import Figure
-
-    names = list(predictions)
-    fig = Figure(figsize=(4.0 * len(names), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(names), squeeze=False)[0]
-    subsets = sorted({r.subset or ALL for r in records})
-    colours = {s: f"C{k % 10}" for k, s in enumerate(subsets)}
-    for ax, name in zip(axes, names, strict=True):
-        prediction = predictions[name]
-        for subset in subsets:
-            ref, pred = [], []
-            for k, r in enumerate(records):
-                if (r.subset or ALL) == subset:
-                    centre = r.energies.mean()
-                    ref.append((r.energies - centre) * KCAL)
-                    pred.append((prediction.energies[k] - centre) * KCAL)
-            ax.scatter(np.concatenate(ref), np.concatenate(pred), s=4, alpha=0.6,
-                       color=colours[subset], label=subset)
-        low, high = ax.get_xlim()
-        low, high = min(low, ax.get_ylim()[0]), max(high, ax.get_ylim()[1])
-        ax.plot([low, high], [low, high], color="k", lw=0.8)
-        ax.set(xlim=(low, high), ylim=(low, high), title=name,
-               xlabel="reference E − ⟨E_ref⟩_mol (kcal/mol)")
-    axes[0].set_ylabel("predicted E − ⟨E_ref⟩_mol (kcal/mol)")
-    axes[-1].legend(fontsize=7, markerscale=3)
-    _save_figure(fig, Path(path))
-
-
-def plot_force_errors(predictions: Mapping[str, Prediction], records: Sequence[MoleculeRecord],
-                      path: str | Path) -> None:
-    """Histogram of |F_pred − F_ref| per Cartesian component (kcal/mol/Å), models overlaid."""
-    from matplotlib.figure import Figure
-
-    errors = {
-        name: np.abs(np.concatenate([(p.forces[k] - r.forces).ravel() for k, r in enumerate(records)])) * KCAL
-        for name, p in predictions.items()
-    }
-    positive = np.concatenate([e[e > 0] for e in errors.values()])
-    low, high = (1e-3, 1.0) if positive.size == 0 else (np.quantile(positive, 1e-3), positive.max())
-    bins = np.geomspace(max(low, 1e-4), max(high, low * 10), 60)
-    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
-    ax = fig.subplots()
-    for name, e in errors.items():
-        ax.hist(np.clip(e, bins[0], bins[-1]), bins=bins, histtype="step", lw=1.5,
-                label=f"{name} (MAE {e.mean():.2f})")
-    ax.set(xscale="log", xlabel="|force error| per component (kcal/mol/Å)", ylabel="count",
-           title="force errors")
-    ax.legend(fontsize=8)
-    _save_figure(fig, Path(path))
-
-
 # --------------------------------------------------------------------------- evaluation
 def _common_elements(models: Mapping[str, object]) -> list[str]:
     """Elements every member of every model knows (the order of the first model)."""
@@ -415,7 +354,8 @@ def evaluate_models(
         file_format: ``comp6``, ``ani1x`` or ``auto``.
         elements: keep molecules made of these elements; None: the elements all models know.
         out_dir: if given, write ``metrics.csv``, ``metrics.json`` and (``plots``)
-            ``energy_parity.png`` and ``force_errors.png`` there (atomic writes).
+            ``energy_parity.png``, ``force_parity.png`` and ``force_errors.png`` there (atomic
+            writes).
         batch_size: conformations per forward pass.
 
     Returns:
@@ -458,6 +398,7 @@ def evaluate_records(
             plot_energy_parity(predictions, records, out_dir / "energy_parity.png")
             if all(r.forces is not None for r in records):
                 plot_force_errors(predictions, records, out_dir / "force_errors.png")
+                plot_force_parity(predictions, records, out_dir / "force_parity.png")
     return rows
 
 

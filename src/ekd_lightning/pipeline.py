@@ -15,9 +15,14 @@ Steps (each resumable: a finished step is skipped when the command is run again)
    out-of-sample test file (``report/test``, COMP6 layout), plus the quality of the distilled
    labels against the true forces where the dataset has them.
 5. **md**: Langevin MD stability and NVE drift of baseline vs student (vs oracle).
-6. **report**: ``report/summary.md`` (tables, mean ± spread over seeds, the fraction of the
-   force-error gap closed, (baseline − student) / (baseline − oracle)), ``report/summary.json``,
-   printed at the end and logged to W&B when ``logger=wandb``.
+6. **report**: ``report/summary.md`` (tables, mean ± spread over seeds, the student against
+   baseline, best single teacher, ensemble and oracle, the fraction of the force-error gap
+   closed, (baseline − student) / (baseline − oracle), guarded by :func:`gap_verdict`; stop
+   epochs, training and inference cost; learning curves and parity figures),
+   ``report/summary.json``, printed at the end and logged to W&B when ``logger=wandb``.
+
+Every training run gets the composed config's ``callbacks`` (``experiment=ekd``: the one
+early-stopping rule) and the epoch cap ``pipeline.max_epochs``, teachers included.
 
 Training runs are derived from the composed config: the ``stage`` group file sets the loss, the
 ``model`` group file the architecture, and ``pipeline.*`` epochs and seeds; everything else (data,
@@ -145,7 +150,7 @@ class EpochLine(pl.Callback):
     def __init__(self, name: str):
         self.name = name
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):  # after the epoch's metrics are computed
         if trainer.sanity_checking:
             return
         m = trainer.callback_metrics
@@ -301,15 +306,20 @@ def named_models(teachers: Sequence[Run], variants: Mapping[str, Sequence[Run]])
 
 
 def evaluate(cfg: DictConfig, models: Mapping[str, object], labels: Path, out: Path) -> dict:
-    """Step 4: metrics on the held-out split and on the test file, and the labels' quality."""
+    """Step 4: metrics on the held-out split and on the test file, the labels' quality, and the
+    inference time per conformation of the student, the baseline and the teacher ensemble."""
     data = cfg.data
     datamodule = EKDDataModule(**OmegaConf.to_container(data, resolve=True))
     datamodule.setup("fit")
     split = cfg.pipeline.heldout_split
+    records = datamodule.split_records(split)
     results = {"heldout": evaluate_records(
-        models, datamodule.split_records(split), out / "heldout",
+        models, records, out / "heldout",
         about={"dataset": str(data.path), "split": split, "energy_key": data.energy_key,
                "force_key": data.force_key})}
+    first = cfg.pipeline.seeds[0]
+    results["inference_s_per_conformation"] = inference_cost(
+        models, records, [f"student-seed{first}", f"baseline-seed{first}", "ensemble"])
     test = cfg.pipeline.get("test_data")
     if test and test.get("path"):
         results["test"] = evaluate_models(
@@ -367,13 +377,26 @@ def seed_summary(rows: Sequence[Mapping], stages: Sequence[str], subset: str = A
     return summary
 
 
-def gap_closed(summary: Sequence[Mapping], metric: str = FORCE_MAE) -> float:
-    """(baseline − student) / (baseline − oracle) of a metric's seed means; NaN without oracle."""
+def gap_verdict(summary: Sequence[Mapping], metric: str = FORCE_MAE) -> tuple[float, str]:
+    """``(gap closed, why)``: (baseline − student) / (baseline − oracle) of a metric's seed
+    means, or NaN and the reason when it would mislead: no oracle, or an oracle not clearly
+    better than the baseline (baseline − oracle ≤ 2 × the seeds' spread, √(std_b² + std_o²)),
+    where the ratio divides by noise (it once read 229%)."""
     by = {r["model"]: r for r in summary}
     if not {"baseline", "student", "oracle"} <= set(by):
-        return math.nan
-    gap = by["baseline"][metric] - by["oracle"][metric]
-    return (by["baseline"][metric] - by["student"][metric]) / gap if gap > 0 else math.nan
+        return math.nan, "n/a: needs baseline, student and oracle"
+    base, oracle = by["baseline"], by["oracle"]
+    gap = base[metric] - oracle[metric]
+    noise = math.hypot(base.get(f"{metric}_std", 0.0), oracle.get(f"{metric}_std", 0.0))
+    if gap <= 0 or gap <= 2 * noise:
+        return math.nan, (f"n/a: the oracle is not clearly better than the baseline (gap "
+                          f"{gap:.2f} ≤ 2 × seed std {noise:.2f})")
+    return (base[metric] - by["student"][metric]) / gap, ""
+
+
+def gap_closed(summary: Sequence[Mapping], metric: str = FORCE_MAE) -> float:
+    """The figure of :func:`gap_verdict` (NaN when it has none)."""
+    return gap_verdict(summary, metric)[0]
 
 
 def _fmt(entry: Mapping, key: str) -> str:
@@ -393,25 +416,140 @@ def markdown_table(summary: Sequence[Mapping]) -> str:
     return "\n".join([head, *lines])
 
 
+def best_teacher(training: Mapping[str, Mapping]) -> str | None:
+    """The teacher with the lowest best validation loss: the single model a user would pick
+    without looking at held-out or test data."""
+    scores = {name: t["best_val_loss"] for name, t in training.items()
+              if name.startswith("teacher") and t.get("best_val_loss") is not None}
+    return min(scores, key=scores.get) if scores else None
+
+
+def training_record(runs: Sequence[Run]) -> dict[str, dict]:
+    """``{run name: epochs, best_epoch, best_val_loss, stopped_early, max_epochs, train_time_s,
+    history}`` from each run's ``metrics.json`` and ``history.json`` (missing keys: None)."""
+    record = {}
+    for run in runs:
+        path = run.run_dir / "history.json"
+        history = json.loads(path.read_text()) if path.is_file() else []
+        losses = [h["val/loss"] for h in history if math.isfinite(h.get("val/loss", math.nan))]
+        record[run.name] = {
+            **{k: run.metrics.get(k) for k in ("epochs", "best_epoch", "stopped_early",
+                                               "max_epochs", "train_time_s")},
+            "best_val_loss": min(losses) if losses else None, "history": history}
+    return record
+
+
+def inference_cost(models: Mapping[str, object], records, names: Sequence[str],
+                   repeats: int = 3) -> dict[str, float]:
+    """Seconds per conformation to predict energies and forces of ``records`` (best of
+    ``repeats`` passes after a warm-up), for each of ``names`` (a model or an ensemble), all
+    measured in this process with its threads, so the figures compare."""
+    from .evaluate import predict
+
+    n_conf = sum(r.num_conformations for r in records)
+    cost = {}
+    for name in (n for n in names if n in models):
+        predict(models[name], records[:1])
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            predict(models[name], records)
+            times.append(time.perf_counter() - start)
+        cost[name] = min(times) / n_conf
+    return cost
+
+
+def _split_section(split: str, title: str, rows, training, report: dict) -> list[str]:
+    """One split's table, the comparison with best teacher and ensemble, and the gap closed."""
+    summary = seed_summary(rows, ["baseline", "student", "oracle"])
+    closed, why = gap_verdict(summary)
+    report[split] = {"summary": summary, "force_gap_closed": closed, "force_gap_note": why}
+    by = {e["model"]: e for e in summary}
+    text = [f"## {title}", "", markdown_table(summary), ""]
+    student = by.get("student")
+    best = best_teacher(training)
+    if student:
+        for other, label in (("baseline", "baseline"),
+                             (best, f"best single teacher ({best}, lowest val loss)"),
+                             ("ensemble", "teacher ensemble"), ("oracle", "oracle")):
+            if other in by:
+                change = student[FORCE_MAE] / by[other][FORCE_MAE] - 1
+                text.append(f"- student vs {label}: force MAE {student[FORCE_MAE]:.2f} vs "
+                            f"{by[other][FORCE_MAE]:.2f} ({change:+.0%}), energy MAE "
+                            f"{student['energy_mae']:.2f} vs {by[other]['energy_mae']:.2f}")
+    gap = f"**{closed:.0%}**" if math.isfinite(closed) else why
+    text += ["", "Force-error gap closed by the student, (baseline − student) / (baseline − "
+             f"oracle), every model under the same stopping rule: {gap}", ""]
+    return text
+
+
+def _training_section(cfg, training: Mapping[str, Mapping], inference: Mapping[str, float],
+                      timings: Mapping) -> list[str]:
+    """Stop epochs and training time per run, and the cost side (training and inference)."""
+    stop = (cfg.get("callbacks") or {}).get("early_stopping")
+    rule = (f"early stopping on `{stop.monitor}` (fixed force weight), patience {stop.patience} "
+            f"epochs" if stop else "no early stopping")
+    text = ["## Training: one stopping rule", "",
+            f"Every model: {rule}, at most {cfg.pipeline.max_epochs} epochs, best checkpoint "
+            "(lowest val loss).", "",
+            "| run | epochs | best epoch | stopped early | train time (s) |", "|---|---|---|---|---|"]
+    for name, t in training.items():
+        time_s = t.get("train_time_s")
+        text.append(f"| {name} | {t.get('epochs', '—')} | {t.get('best_epoch', '—')} | "
+                    f"{ {True: 'yes', False: 'no (cap)'}.get(t.get('stopped_early'), '—')} | "
+                    f"{'—' if time_s is None else f'{time_s:.0f}'} |")
+    text.append("")
+
+    def total(role: str) -> float:
+        return sum(t.get("train_time_s") or 0.0 for n, t in training.items() if n.startswith(role))
+
+    n_students = sum(n.startswith("student") for n in training) or 1
+    n_baselines = sum(n.startswith("baseline") for n in training) or 1
+    text += ["## Cost", "",
+             f"- training: teachers {total('teacher'):.0f} s in all, distillation "
+             f"{timings.get('distill', math.nan):.0f} s, student {total('student') / n_students:.0f} s "
+             f"per seed, baseline {total('baseline') / n_baselines:.0f} s per seed (wall time of "
+             "each run's own epochs, runs side by side in worker processes)"]
+    if inference:
+        cells = ", ".join(f"{name} {1e3 * s:.2f} ms" for name, s in inference.items())
+        text.append(f"- inference (energies and forces, held-out split, one process): {cells} "
+                    "per conformation")
+        student = next((s for n, s in inference.items() if n.startswith("student")), None)
+        if student and "ensemble" in inference:
+            text.append(f"- the teacher ensemble takes {inference['ensemble'] / student:.1f}x the "
+                        "student's time per conformation")
+    return [*text, ""]
+
+
+FIGURES = (("learning_curves.png", "Learning curves (validation, one colour per role)"),
+           ("heldout/force_parity.png", "Held-out force parity"),
+           ("test/force_parity.png", "Test-file force parity"),
+           ("test/energy_parity.png", "Test-file energy parity"),
+           ("heldout/force_errors.png", "Held-out force errors"))
+"""Figures shown in summary.md (relative links), when they exist."""
+
+
 def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], timings: Mapping,
-                 out: Path) -> dict:
-    """Step 6: ``summary.md`` and ``summary.json`` in ``out``; returns the summary."""
-    stages = ["baseline", "student", "oracle"]
-    report = {"timings_s": dict(timings), "md": list(md_rows)}
+                 out: Path, training: Mapping[str, Mapping] | None = None) -> dict:
+    """Step 6: ``summary.md`` (with figures), ``summary.json`` and ``learning_curves.png`` in
+    ``out``; ``training`` is :func:`training_record` of every run; returns the summary."""
+    from .plots import plot_learning_curves
+
+    training = dict(training or {})
+    inference = dict(results.get("inference_s_per_conformation", {}))
+    report = {"timings_s": dict(timings), "md": list(md_rows),
+              "training": {n: {k: v for k, v in t.items() if k != "history"}
+                           for n, t in training.items()},
+              "best_teacher": best_teacher(training), "inference_s_per_conformation": inference}
     text = [f"# EKD pipeline report: {cfg.run_name}", "",
             "Energies in kcal/mol, forces in kcal/mol/Å; mean ± standard deviation over seeds "
             f"{list(cfg.pipeline.seeds)}.", ""]
     for split, title in (("heldout", f"Held-out conformations ({cfg.pipeline.heldout_split} "
                                      "split of the training molecules)"),
                          ("test", "Out-of-sample molecules (test file, all subsets)")):
-        if split not in results:
-            continue
-        summary = seed_summary(results[split], stages)
-        closed = gap_closed(summary)
-        report[split] = {"summary": summary, "force_gap_closed": closed}
-        text += [f"## {title}", "", markdown_table(summary), "",
-                 f"Force-error gap closed by the student, (baseline − student) / (baseline − "
-                 f"oracle): **{closed:.0%}**" if math.isfinite(closed) else "", ""]
+        if split in results:
+            text += _split_section(split, title, results[split], training, report)
+    stages = ["baseline", "student", "oracle"]
     if "test" in results:
         subsets = sorted({r["subset"] for r in results["test"]} - {ALL})
         text += ["## Test file per subset (force MAE, kcal/mol/Å; seed means)", "",
@@ -431,6 +569,8 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
                  f"force MAE {q['force_mae']:.2f}, RMSE {q['force_rmse']:.2f} kcal/mol/Å; RMS "
                  f"teacher spread {q['label_std_rms']:.2f} kcal/mol/Å over "
                  f"{q['n_conformations']} conformations", ""]
+    if training:
+        text += _training_section(cfg, training, inference, timings)
     if md_rows:
         extra = [k for k in md_rows[0] if k.startswith(("survival_", "hr_error_"))]
         text += ["## MD stability (batched Langevin, per model)", "", format_table(
@@ -441,6 +581,12 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
                  "∫|h(r) − h_xTB(r)| dr against GFN2-xTB MD (0..2); survival curves in "
                  "md/survival.png, table in md/survival.csv.", ""]
     text += ["## Wall time (s)", "", " · ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
+    out.mkdir(parents=True, exist_ok=True)
+    histories = {n: t["history"] for n, t in training.items() if t.get("history")}
+    if histories:
+        plot_learning_curves(histories, out / "learning_curves.png")
+    text += ["## Figures", ""] + [f"![{title}]({name})" for name, title in FIGURES
+                                  if (out / name).is_file()] + [""]
     write_text_atomic("\n".join(text), out / "summary.md")
     write_json_atomic(json_safe(report), out / "summary.json")
     return report
@@ -461,6 +607,16 @@ def log_to_wandb(cfg: DictConfig, report: Mapping, out: Path) -> None:
             run.log({f"{split}/summary": wandb.Table(
                 columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
             run.summary[f"{split}/force_gap_closed"] = report[split]["force_gap_closed"]
+            run.summary[f"{split}/force_gap_note"] = report[split].get("force_gap_note", "")
+    training = report.get("training") or {}
+    if training:
+        columns = ["run", "epochs", "best_epoch", "stopped_early", "train_time_s"]
+        run.log({"training": wandb.Table(columns=columns, data=[
+            [name, *(t.get(c) for c in columns[1:])] for name, t in training.items()])})
+    for name, seconds in (report.get("inference_s_per_conformation") or {}).items():
+        run.summary[f"inference_s_per_conformation/{name}"] = seconds
+    if (out / "learning_curves.png").is_file():
+        run.log({"learning_curves": wandb.Image(str(out / "learning_curves.png"))})
     run.finish()
 
 
@@ -500,7 +656,8 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict:
         md_rows = timed("md", md_stability, cfg, runs, out / "report", runner) if p.md.steps else []
     finally:
         runner.close()
-    report = write_report(cfg, results, md_rows, timings, out / "report")
+    trained = [*teachers, *(run for stage_runs in variants.values() for run in stage_runs)]
+    report = write_report(cfg, results, md_rows, timings, out / "report", training_record(trained))
     log_to_wandb(cfg, report, out / "report")
     print((out / "report" / "summary.md").read_text())
     return report
@@ -522,6 +679,9 @@ def ablation_row(name: str, report: Mapping) -> dict:
         row[f"{split}_student_force"] = _fmt(student, FORCE_MAE)
         row[f"{split}_baseline_force"] = _fmt(baseline, FORCE_MAE)
         row[f"{split}_ensemble_force"] = _fmt(_entry(summary, "ensemble"), FORCE_MAE)
+        if report.get("best_teacher"):
+            row[f"{split}_best_teacher_force"] = _fmt(_entry(summary, report["best_teacher"]),
+                                                      FORCE_MAE)
         row[f"{split}_gap_closed"] = report[split]["force_gap_closed"]
         if student and baseline:
             row[f"{split}_energy_ratio"] = student["energy_mae"] / baseline["energy_mae"]
@@ -535,6 +695,7 @@ ABLATION_COLUMNS = {
     "variant": "variant",
     "heldout_student_force": "held-out F student",
     "heldout_baseline_force": "F baseline",
+    "heldout_best_teacher_force": "F best teacher",
     "heldout_ensemble_force": "F teacher ensemble",
     "heldout_gap_closed": "gap closed",
     "heldout_energy_ratio": "E student/baseline",
@@ -564,7 +725,8 @@ def ablation_table(folder: str | Path) -> str:
              "|" + "---|" * len(ABLATION_COLUMNS)]
     lines += ["| " + " | ".join(cell(r.get(k)) for k in ABLATION_COLUMNS) + " |" for r in rows]
     note = ("Forces: MAE in kcal/mol/Å, mean ± std over student/baseline seeds; gap closed = "
-            "(baseline − student) / (baseline − oracle); E ratio = student / baseline energy MAE; "
+            "(baseline − student) / (baseline − oracle), every model under one stopping rule, "
+            "— when the oracle is not clearly better than the baseline; E ratio = student / baseline energy MAE; "
             "MD: fraction of stable Langevin trajectories.")
     return "\n".join([*lines, "", note])
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from . import __version__
-from .callbacks import robustness_callbacks
+from .callbacks import TrainingHistory, robustness_callbacks
 from .checkpoint import AtomicCheckpointIO, file_sha256
 from .data import EKDDataModule
 from .distill import labels_for_training, student_force_loss
@@ -71,6 +71,27 @@ def build_module(cfg: DictConfig, datamodule: EKDDataModule) -> PotentialModule:
         **OmegaConf.to_container(cfg.optim, resolve=True),
         feature_cache_mb=float(cfg.get("feature_cache_mb", 0.0)),
     )
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The callbacks of the ``callbacks`` config group: one ``_target_`` entry per callback
+    (``conf/callbacks/early_stopping.yaml``), built with :func:`hydra.utils.instantiate`."""
+    from hydra.utils import instantiate
+
+    specs = cfg.get("callbacks") or {}
+    return [instantiate(spec) for spec in specs.values() if spec is not None and "_target_" in spec]
+
+
+def stopping_summary(trainer: pl.Trainer, history: TrainingHistory) -> dict:
+    """``epochs`` trained, ``best_epoch``, ``train_time_s`` and ``stopped_early`` (an
+    EarlyStopping callback ended the run before ``trainer.max_epochs``)."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    stops = [c for c in trainer.callbacks if isinstance(c, EarlyStopping)]
+    summary = history.summary()
+    summary["stopped_early"] = any(c.stopped_epoch > 0 for c in stops)
+    summary["max_epochs"] = trainer.max_epochs
+    return summary
 
 
 def build_logger(cfg: DictConfig, run_dir: Path):
@@ -243,6 +264,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str
     (or one with a higher ``trainer.max_epochs``: the run is extended); a folder holding a run
     of another config or other input files is refused (:func:`check_same_run`, ConfigError).
     ``resume=false`` trains afresh in the folder, whatever it holds.
+    The folder also receives ``history.json`` (per-epoch validation metrics,
+    :class:`TrainingHistory`), and ``metrics.json`` records the epochs trained, the best epoch,
+    the training wall time and whether early stopping ended the run.
     """
     run_dir = Path(run_dir)
     fingerprint, requested = config_sha256(cfg), computed_config(cfg)
@@ -259,6 +283,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
+    history = TrainingHistory(run_dir / "history.json")
     checkpoint_dir = run_dir / "checkpoints"
     checkpointing = ModelCheckpoint(
         dirpath=checkpoint_dir, filename="best", monitor="val/loss", save_last=True
@@ -266,7 +291,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         inference_mode=False, logger=build_logger(cfg, run_dir),
-        callbacks=[checkpointing, *robustness_callbacks(), *callbacks],
+        callbacks=[checkpointing, history, *build_callbacks(cfg), *robustness_callbacks(),
+                   *callbacks],
         plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
     )
     info = {**provenance(cfg, datamodule), "config_sha256": fingerprint, "computed_config": requested}
@@ -280,6 +306,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str
         log.info("resuming from %s", resume_from)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics.update(stopping_summary(trainer, history))
     results = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
     metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     metrics["best_checkpoint"] = checkpointing.best_model_path

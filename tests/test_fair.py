@@ -1,0 +1,123 @@
+"""EKD measured fairly: one stopping rule (EarlyStopping from YAML), the recorded history, the
+gap-closed guard and the report's figures (grid layout, one colour per role)."""
+
+import json
+
+import matplotlib.image
+import numpy as np
+import pytest
+from matplotlib.colors import to_hex
+
+from ekd_lightning.data import read_molecules
+from ekd_lightning.evaluate import Prediction
+from ekd_lightning.pipeline import gap_verdict, seed_summary
+from ekd_lightning.plots import (
+    ROLE_COLOURS,
+    plot_energy_parity,
+    plot_force_errors,
+    plot_force_parity,
+    plot_learning_curves,
+)
+from ekd_lightning.training import run_training
+from test_training import SMALL_ANI, make_cfg
+
+STOP = ("callbacks=early_stopping", "callbacks.early_stopping.patience=2", SMALL_ANI)
+
+
+def test_stopping_rule_stops_a_stalled_run_and_records_it(ani1x_file, tmp_path):
+    # lr 0: val/loss never improves after the first epoch, so patience 2 ends it at epoch 3
+    cfg = make_cfg(ani1x_file, "stage=baseline", "trainer.max_epochs=20", "optim.lr=0", *STOP)
+    metrics = run_training(cfg, tmp_path)
+    assert metrics["epochs"] == 3 and metrics["stopped_early"] is True
+    assert metrics["best_epoch"] == 1 and metrics["max_epochs"] == 20
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert all({"val/loss", "val/energy_mae", "val/force_mae", "time_s"} <= set(h) for h in history)
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_stopping_rule_lets_an_improving_run_reach_its_cap(ani1x_file, tmp_path):
+    cfg = make_cfg(ani1x_file, "stage=baseline", "trainer.max_epochs=5", "optim.lr=3e-3", *STOP)
+    metrics = run_training(cfg, tmp_path)
+    history = json.loads((tmp_path / "history.json").read_text())
+    losses = [h["val/loss"] for h in history]
+    assert metrics["epochs"] == 5 and metrics["stopped_early"] is False
+    assert metrics["best_epoch"] == 1 + int(np.argmin(losses))
+    assert metrics["train_time_s"] >= history[-1]["time_s"] > history[0]["time_s"] > 0
+
+
+def summary_with(oracle: float, spread: float):
+    rows = [{"model": f"{stage}-seed{s}", "subset": "all", "energy_mae": 1.0, "de_mae": 1.0,
+             "force_mae": value + sign * spread, "force_rmse": 1.0}
+            for stage, value in (("baseline", 10.0), ("student", 8.0), ("oracle", oracle))
+            for s, sign in ((0, -1), (1, 1))]
+    return seed_summary(rows, ["baseline", "student", "oracle"])
+
+
+def test_gap_closed_needs_an_oracle_clearly_better_than_the_baseline():
+    closed, why = gap_verdict(summary_with(oracle=6.0, spread=0.5))
+    assert closed == pytest.approx(0.5) and why == ""
+    # the oracle 0.9 below a baseline whose seeds spread ±0.5: no "229%", a reason instead
+    closed, why = gap_verdict(summary_with(oracle=9.1, spread=0.5))
+    assert np.isnan(closed) and why.startswith("n/a") and "0.90" in why
+    closed, why = gap_verdict(summary_with(oracle=11.0, spread=0.0))  # oracle worse
+    assert np.isnan(closed) and why.startswith("n/a")
+
+
+NAMES = ["teacher0", "teacher1", "teacher2", "teacher3", "ensemble", "baseline-seed0",
+         "baseline-seed1", "baseline-seed2", "student-seed0", "student-seed1", "student-seed2",
+         "oracle-seed0"]
+
+
+@pytest.fixture(scope="module")
+def predictions(comp6_file):
+    records, _ = read_molecules(comp6_file, "energies", "forces", "comp6", ["H", "C", "N", "O"])
+    rng = np.random.default_rng(0)
+    preds = {name: Prediction([r.energies + rng.normal(0, 1e-3, r.energies.shape) for r in records],
+                              [r.forces + rng.normal(0, 1e-2, r.forces.shape) for r in records])
+             for name in NAMES}
+    return preds, records
+
+
+def png_shape(path):
+    height, width = matplotlib.image.imread(path).shape[:2]
+    return width, height
+
+
+@pytest.mark.parametrize("plot", [plot_energy_parity, plot_force_parity])
+def test_parity_plots_are_a_grid_of_one_panel_per_role(plot, predictions, tmp_path):
+    preds, records = predictions
+    fig = plot(preds, records, tmp_path / "parity.png")
+    assert len(fig.axes) == 5  # teacher, ensemble, baseline, student, oracle: 12 models pooled
+    titles = [ax.get_title().split(" (")[0] for ax in fig.axes]
+    assert titles == ["teacher", "ensemble", "baseline", "student", "oracle"]
+    width, height = png_shape(tmp_path / "parity.png")
+    assert 1.0 <= width / height <= 2.0 and width <= 1600  # 3 columns x 2 rows, not 1 x 12
+
+
+def test_force_errors_draw_one_line_per_role_in_its_colour(predictions, tmp_path):
+    preds, records = predictions
+    fig = plot_force_errors(preds, records, tmp_path / "errors.png")
+    (ax,) = fig.axes
+    colours = [to_hex(p.get_edgecolor()) for p in ax.patches]
+    assert colours == [ROLE_COLOURS[r] for r in ("teacher", "ensemble", "baseline", "student", "oracle")]
+    assert len(set(colours)) == 5
+
+
+def test_learning_curves_colour_each_run_by_its_role(tmp_path):
+    histories = {name: [{"epoch": e, "val/force_mae": 10.0 / e, "val/energy_mae": 5.0 / e}
+                        for e in range(1, 4)] for name in NAMES if name != "ensemble"}
+    fig = plot_learning_curves(histories, tmp_path / "curves.png")
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        lines = ax.get_lines()
+        assert len(lines) == len(histories)
+        by_role = {}
+        for line, name in zip(lines, histories, strict=True):
+            by_role.setdefault(name.split("-seed")[0].rstrip("0123"), set()).add(to_hex(line.get_color()))
+        assert by_role == {"teacher": {ROLE_COLOURS["teacher"]}, "baseline": {ROLE_COLOURS["baseline"]},
+                           "student": {ROLE_COLOURS["student"]}, "oracle": {ROLE_COLOURS["oracle"]}}
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["teacher", "baseline",
+                                                                       "student", "oracle"]
+    width, height = png_shape(tmp_path / "curves.png")
+    assert width > height
