@@ -482,7 +482,7 @@ def plot_survival(runs: Sequence[Mapping], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .evaluate import _save_figure
+    from .plots import ROLE_COLOURS, role_of, save_figure
 
     temperatures = sorted({float(r["temperature_K"]) for r in runs})
     models = list(dict.fromkeys(r["model"] for r in runs))
@@ -494,7 +494,8 @@ def plot_survival(runs: Sequence[Mapping], path: str | Path) -> None:
             times = np.array([r["time_to_failure_fs"] for r in mine]) / 1000.0
             curve = kaplan_meier(times, [not r["stable"] for r in mine])
             t = np.append(curve["time"], times.max())
-            colour = f"C{k}"
+            role = role_of(model)  # pipeline names get their role colour, others the cycle
+            colour = ROLE_COLOURS[role] if role != "other" else f"C{k}"
             ax.step(t, np.append(curve["survival"], curve["survival"][-1]), where="post",
                     color=colour, label=f"{model} (n={len(mine)})")
             ax.fill_between(t, np.append(curve["lower"], curve["lower"][-1]),
@@ -504,7 +505,7 @@ def plot_survival(runs: Sequence[Mapping], path: str | Path) -> None:
     axes[0][0].set_ylabel("fraction intact (Kaplan-Meier, 95% CI)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, Path(path))
+    save_figure(fig, Path(path))
     plt.close(fig)
 
 
