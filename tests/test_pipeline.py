@@ -94,15 +94,16 @@ def test_report_compares_converged_ends_and_costs(finished):
     assert best in ("teacher0", "teacher1")
     for line in ("student vs baseline: force MAE", f"best single teacher ({best}",
                  "student vs teacher ensemble", "student vs oracle: force MAE",
-                 "early stopping on `val/loss`", "| teacher1 | 2 | ", "| student-seed1 | 2 | ",
+                 "early stopping on `val/loss`", "| teacher1 | 6 | ", "| student-seed1 | 2 | ",
                  "teachers ", "ms per conformation", "the student's time per conformation",
                  "![Learning curves", "(learning_curves.png)", "(heldout/force_parity.png)"):
         assert line in text, line
     training = report["training"]
     assert set(training) == {"teacher0", "teacher1", "baseline-seed0", "baseline-seed1",
                              "student-seed0", "student-seed1", "oracle-seed0"}
-    assert all(t["epochs"] == 2 and t["train_time_s"] > 0 and t["best_epoch"] in (1, 2)
-               for t in training.values())
+    for name, t in training.items():  # teachers: pipeline.teachers.max_epochs=6, others 2
+        cap = 6 if name.startswith("teacher") else 2
+        assert t["epochs"] == cap and t["train_time_s"] > 0 and 1 <= t["best_epoch"] <= t["epochs"], name
     inference = report["inference_s_per_conformation"]
     assert set(inference) == {"student-seed0", "baseline-seed0", "ensemble"}
     assert all(v > 0 for v in inference.values())

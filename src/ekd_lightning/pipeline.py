@@ -281,6 +281,8 @@ def default_teacher_labels(cfg: DictConfig) -> Path:
     spec = cfg.copy()
     with open_dict(spec):
         spec.pipeline = {"teachers": cfg.distill.default_teachers}
+        # the pipeline's stopping rule (experiment=ekd), so these are the pipeline's teachers
+        spec.callbacks = _group_file("callbacks", "early_stopping")
     jobs = teacher_jobs(spec, store)
     log.info("no distill.labels or distill.teachers: using the default teacher ensemble "
              "(distill.default_teachers: %s, %s epochs) from the run store %s",
