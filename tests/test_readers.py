@@ -191,7 +191,7 @@ def test_force_sign_reaches_the_datamodule(tmp_path):
         dm = EKDDataModule(str(path), "energies", "forces", "comp6", val_fraction=0,
                            test_fraction=0, forces_are_gradients=flag)
         dm.setup()
-        graph = dm.graphs["train"][0]
+        graph = dm.datasets["train"][0]
         np.testing.assert_array_equal(graph.forces.numpy(), sign * stored[graph.conf.item()])
 
 

@@ -42,9 +42,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch_geometric.loader import DataLoader
+from torch.utils.data import DataLoader
 
-from .data.datamodule import conformation_graph
+from .data.packed import records_loader
 from .data.readers import MoleculeRecord, read_molecules
 from .errors import DataError, EKDError
 from .training import write_json_atomic
@@ -85,13 +85,6 @@ def _members(models) -> list:
     if not members:
         raise ValueError("an ensemble needs at least one model")
     return members
-
-
-def _loader(records: Sequence[MoleculeRecord], batch_size: int) -> DataLoader:
-    graphs = [
-        conformation_graph(r, m, c) for m, r in enumerate(records) for c in range(r.num_conformations)
-    ]
-    return DataLoader(graphs, batch_size=batch_size, shuffle=False)
 
 
 def _predict_member(module, loader: DataLoader, records: Sequence[MoleculeRecord]) -> Prediction:
@@ -138,7 +131,7 @@ def predict(models, records: Sequence[MoleculeRecord], batch_size: int = 64,
         batch_size: conformations per forward pass.
     """
     members = _members(models)
-    loader = _loader(records, batch_size)
+    loader = records_loader(records, batch_size)
     predictions = []
     for module in members:
         key = id(module)
