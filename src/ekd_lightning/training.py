@@ -17,8 +17,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from . import __version__
 from .callbacks import robustness_callbacks
-from .checkpoint import AtomicCheckpointIO, file_sha256
+from .checkpoint import AtomicCheckpointIO
 from .data import EKDDataModule
+from .labels import cached_sha256
 from .distill import labels_for_training, student_force_loss
 from .module import PotentialModule
 
@@ -113,8 +114,8 @@ def provenance(cfg: DictConfig, datamodule: EKDDataModule) -> dict:
     labels = datamodule.labels_path
     return {
         "ekd_lightning": __version__, "versions": versions, "git_revision": revision,
-        "dataset": str(datamodule.path), "dataset_sha256": file_sha256(datamodule.path),
-        "labels": labels, "labels_sha256": file_sha256(labels) if labels else None,
+        "dataset": str(datamodule.path), "dataset_sha256": cached_sha256(datamodule.path),
+        "labels": labels, "labels_sha256": cached_sha256(labels) if labels else None,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
