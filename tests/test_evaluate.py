@@ -342,3 +342,29 @@ def test_several_files_pool_into_one_benchmark(checkpoint, comp6_file, tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no .h5 file"):
         evaluate_models({"m": model}, tmp_path / "empty", plots=False)
+
+
+def test_pipeline_test_data_takes_a_folder_list_and_the_force_convention(
+        checkpoint, ani1x_file, comp6_file, tmp_path):
+    """pipeline.test_data.path may be a list (file, folder) and forces_are_gradients reaches
+    the reader: forcing 'gradients' on a file of true forces negates its reference forces."""
+    from ekd_lightning import pipeline
+
+    folder = tmp_path / "comp6v1"
+    folder.mkdir()
+    (folder / "b.h5").symlink_to(comp6_file)
+    register_resolvers()
+    with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=ekd", f"data.path={ani1x_file}", "data.energy_key=emt.energy",
+            "data.force_key=null", f"pipeline.test_data.path=[{folder}]",
+            "pipeline.test_data.forces_are_gradients=true"])
+    model = load_potential(checkpoint)
+    results = pipeline.evaluate(cfg, {"m": model}, tmp_path / "labels.h5", tmp_path / "out")
+    test = {r["subset"]: r for r in results["test"]}
+    assert set(test) == {"all", "gdb", "md"}
+    flipped = evaluate_models({"m": model}, comp6_file, forces_are_gradients=True, plots=False)[0]
+    assert test["all"]["force_mae"] == pytest.approx(flipped["force_mae"])
+    # work along the conformations against ΔE: slope -1 once true forces are negated
+    about = json.loads((tmp_path / "out" / "test" / "metrics.json").read_text())
+    assert about["force_energy_consistency"] < -0.5
