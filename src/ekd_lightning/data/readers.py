@@ -219,15 +219,15 @@ def _check_geometry(path: Path, group: h5py.Group, coordinates: np.ndarray) -> N
     i, j = np.triu_indices(n, k=1)
     step = max(1, GEOMETRY_CHUNK // len(i))
     for lo in range(0, len(coordinates), step):
-        block = coordinates[lo:lo + step]
-        dist = np.linalg.norm(block[:, i] - block[:, j], axis=-1)  # (block, n_pairs)
-        close = dist.min(axis=1) < MIN_DISTANCE
+        diff = coordinates[lo:lo + step, i] - coordinates[lo:lo + step, j]
+        squared = np.einsum("cpk,cpk->cp", diff, diff)  # (block, n_pairs) Å²
+        close = squared.min(axis=1) < MIN_DISTANCE**2
         if close.any():
             c = int(np.nonzero(close)[0][0])
-            p = int(np.argmin(dist[c]))
+            p = int(np.argmin(squared[c]))
             raise DataError(
                 f"{path}: group '{group.name}' conformation {lo + c}: atoms {i[p]} and {j[p]} are "
-                f"{dist[c, p]:.3f} Å apart (below {MIN_DISTANCE} Å: duplicated atom?)"
+                f"{np.sqrt(squared[c, p]):.3f} Å apart (below {MIN_DISTANCE} Å: duplicated atom?)"
             )
 
 
