@@ -318,9 +318,8 @@ def test_several_files_pool_into_one_benchmark(checkpoint, comp6_file, tmp_path)
     """Two COMP6-layout files (one given as a folder) give one table: a row per subset of
     both and an ``all`` row over every conformation, equal to evaluating the files' molecules
     together; the shift columns use offsets fitted on everything."""
-    from conftest import write_comp6_file
-
     import ekd_lightning.evaluate as ev
+    from conftest import write_comp6_file
 
     other = tmp_path / "more"
     other.mkdir()

@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import torch
-from batch_digest import FROZEN, digests
 from torch_geometric.data import Batch, Data
 
+from batch_digest import FROZEN, digests
 from ekd_lightning.data import read_molecules
 from ekd_lightning.data.packed import PackedConformations, PackedSplit
 

@@ -19,8 +19,8 @@ from . import __version__
 from .callbacks import robustness_callbacks
 from .checkpoint import AtomicCheckpointIO
 from .data import EKDDataModule
-from .labels import cached_sha256
 from .distill import labels_for_training, student_force_loss
+from .labels import cached_sha256
 from .module import PotentialModule
 
 log = logging.getLogger(__name__)
