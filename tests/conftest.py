@@ -4,6 +4,7 @@ EMT (effective medium theory) has H, C, N, O parameters and gives consistent ene
 forces in milliseconds, so tests can write files whose forces are exactly -dE/dx.
 """
 
+import os
 from pathlib import Path
 
 import h5py
@@ -13,7 +14,9 @@ from ase.build import molecule
 from ase.calculators.emt import EMT
 from ase.units import Hartree
 
-SHARED_S66X8 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "comp6v1" / "s66x8_wb97x6-31gd.h5"
+SHARED_DIR = Path(os.environ.get("EKD_SHARED_DIR") or Path(__file__).resolve().parents[1] / ".." / "shared")
+"""The project's shared material (``../shared`` beside the checkout; EKD_SHARED_DIR overrides)."""
+SHARED_S66X8 = SHARED_DIR / "data" / "comp6v1" / "s66x8_wb97x6-31gd.h5"
 MOLECULES = ["CH4", "H2O", "NH3", "CH3OH", "C2H6", "HCOOH", "CH3CHO", "CH3CH2OH"]
 
 
@@ -66,6 +69,12 @@ def write_comp6_file(path: Path, n_conf: int = 5, seed: int = 1) -> Path:
                 group["energies"] = energies
                 group["forces"] = forces.astype(np.float32)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hash_cache(tmp_path_factory):
+    """Tests record file hashes in a temporary folder, not in the user's cache."""
+    os.environ["EKD_HASH_CACHE"] = str(tmp_path_factory.mktemp("sha256-cache"))
 
 
 @pytest.fixture(scope="session")

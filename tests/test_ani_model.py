@@ -5,7 +5,6 @@ the ``[ani]`` extra); gradient checks and invariances run everywhere.
 """
 
 import os
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 from ase import Atoms
 from ase.build import molecule
 
+from conftest import SHARED_S66X8 as S66X8  # ../shared beside the checkout, or EKD_SHARED_DIR
 from ekd_lightning.models.aev import ANIAEV, angular_triples
 from ekd_lightning.models.ani import ANIModel
 from ekd_lightning.models.base import energy_and_forces
@@ -22,7 +22,6 @@ from ekd_lightning.models.neighbors import neighbor_pairs
 os.environ.setdefault("TORCHANI_NO_WARN_EXTENSIONS", "1")
 
 ANI2X = ("H", "C", "N", "O", "S", "F", "Cl")
-S66X8 = Path(__file__).parents[1] / ".." / "shared" / "data" / "comp6v1" / "s66x8_wb97x6-31gd.h5"
 ASE_MOLECULES = ("CH3CH2OH", "C6H6", "CH3CONH2", "CH3SH", "CH3Cl", "CF4", "C2H6SO", "H2O")
 
 

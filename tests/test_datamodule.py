@@ -1,4 +1,4 @@
-"""Splits, self-energy fit and PyG graphs of the data module."""
+"""Splits, self-energy fit and PyG batches of the data module."""
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ def test_self_energies_recover_additive_energies(ani1x_file):
 def test_graphs_and_batches(ani1x_file):
     dm = EKDDataModule(str(ani1x_file), "emt.energy", "emt.forces", batch_size=8, seed=1)
     dm.setup()
-    assert {k: len(v) for k, v in dm.graphs.items()} == {"train": 256, "val": 32, "test": 32}
+    assert {k: len(v) for k, v in dm.datasets.items()} == {"train": 256, "val": 32, "test": 32}
     batch = next(iter(dm.val_dataloader()))
     assert batch.num_graphs == 8
     assert batch.pos.dtype == torch.float32 and batch.energy.dtype == torch.float64
@@ -60,7 +60,7 @@ def test_train_fraction_subsets_training_split_only(ani1x_file):
                          train_subset_seed=7)
     full.setup()
     half.setup()
-    assert len(half.graphs["train"]) == 128
+    assert len(half.datasets["train"]) == 128
     assert np.array_equal(full.splits["test"], half.splits["test"])
     assert {tuple(r) for r in half.splits["train"]} <= {tuple(r) for r in full.splits["train"]}
 

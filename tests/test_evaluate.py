@@ -251,3 +251,117 @@ def test_label_quality(comp6_file, tmp_path):
 
     with pytest.raises(DataError, match="not an ekd label file"):
         label_quality(comp6_file, comp6_file, "energies", "forces")
+
+
+# --------------------------------------------------------------------------- all of COMP6
+def _independent_s66x8_metrics(model) -> dict:
+    """Metrics of ``model`` on the real S66x8 file computed here: numpy on the raw arrays (only
+    species, coordinates, energies and forces, shapes checked; forces are stored as dE/dx) and
+    the model's forward pass on hand-built batches, one molecule at a time."""
+    from torch_geometric.data import Batch
+
+    numbers_of = {b"H": 1, b"C": 6, b"N": 7, b"O": 8}
+    e_err, de_err, f_err, counts, residual = [], [], [], [], []
+    with h5py.File(SHARED_S66X8, "r") as f:
+        for name in sorted(f["s66x8"]):
+            g = f["s66x8"][name]
+            z = np.array([numbers_of[s] for s in g["species"][()]])
+            xyz, energy, grad = g["coordinates"][()], g["energies"][()], g["forces"][()]
+            n_conf, n_atoms = len(energy), len(z)
+            assert xyz.shape == grad.shape == (n_conf, n_atoms, 3) and energy.shape == (n_conf,)
+            batch = Batch(z=torch.from_numpy(np.tile(z, n_conf)),
+                          pos=torch.from_numpy(xyz.reshape(-1, 3).astype(np.float32)),
+                          batch=torch.arange(n_conf).repeat_interleave(n_atoms))
+            batch._num_graphs = n_conf
+            e_pred, f_pred = model(batch)
+            e_pred = e_pred.detach().double().numpy()
+            f_pred = f_pred.detach().double().numpy().reshape(n_conf, n_atoms, 3)
+            e_err.append(e_pred - energy)
+            i, j = np.triu_indices(n_conf, k=1)
+            de_err.append((e_pred[i] - e_pred[j]) - (energy[i] - energy[j]))
+            f_err.append((f_pred - (-grad)).ravel())
+            counts += [[np.sum(z == k) for k in (1, 6, 7, 8)]] * n_conf
+            residual.append(energy - e_pred)
+    counts, residual = np.array(counts, float), np.concatenate(residual)
+    offsets = np.linalg.lstsq(counts, residual, rcond=None)[0]
+    shifted = np.concatenate(e_err) + counts @ offsets
+    out = {}
+    for key, err in (("energy", np.concatenate(e_err)), ("de", np.concatenate(de_err)),
+                     ("force", np.concatenate(f_err)), ("energy_shifted", shifted)):
+        out[f"{key}_mae"] = np.abs(err).mean() * KCAL
+        out[f"{key}_rmse"] = np.sqrt((err**2).mean()) * KCAL
+    return out
+
+
+@pytest.mark.skipif(not SHARED_S66X8.is_file(), reason="real COMP6 S66x8 file not present")
+def test_comp6_folder_command_on_real_s66x8(checkpoint, tmp_path, capsys):
+    """``python -m ekd_lightning.evaluate --data <comp6v1 folder>`` on the real S66x8 file gives
+    the numbers computed independently from the raw HDF5 arrays and the model's predictions."""
+    folder = tmp_path / "comp6v1"
+    folder.mkdir()
+    (folder / SHARED_S66X8.name).symlink_to(SHARED_S66X8)
+    assert main(["--checkpoints", f"m={checkpoint}", "--data", str(folder), "--no-plots",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "energy_shifted_mae" in capsys.readouterr().out
+    rows = {r["subset"]: r for r in json.loads((tmp_path / "out" / "metrics.json").read_text())["rows"]}
+    assert set(rows) == {"all", "s66x8"} and rows["all"]["n_conformations"] == 528
+    expected = _independent_s66x8_metrics(load_potential(checkpoint).eval())
+    for subset in ("all", "s66x8"):
+        for key, value in expected.items():
+            assert rows[subset][key] == pytest.approx(value, rel=1e-5), (subset, key)
+    assert expected["energy_shifted_mae"] < expected["energy_mae"]
+
+
+def test_several_files_pool_into_one_benchmark(checkpoint, comp6_file, tmp_path):
+    """Two COMP6-layout files (one given as a folder) give one table: a row per subset of
+    both and an ``all`` row over every conformation, equal to evaluating the files' molecules
+    together; the shift columns use offsets fitted on everything."""
+    import ekd_lightning.evaluate as ev
+    from conftest import write_comp6_file
+
+    other = tmp_path / "more"
+    other.mkdir()
+    with h5py.File(write_comp6_file(other / "x.h5", seed=5), "r+") as f:
+        f.move("gdb", "extra")  # another subset name, so keys differ from comp6_file's
+        f.move("md", "extra2")
+    model = load_potential(checkpoint)
+    rows = evaluate_models({"m": model}, [comp6_file, other], plots=False)
+    by = {r["subset"]: r for r in rows}
+    assert set(by) == {"all", "gdb", "md", "extra", "extra2"}
+    assert by["all"]["n_conformations"] == 30
+    records = read_molecules(comp6_file, "energies", "forces")[0] + read_molecules(
+        other / "x.h5", "energies", "forces")[0]
+    direct = ev.metric_rows("m", predict(model, records), records)
+    for key in (*ev.METRIC_COLUMNS, *ev.SHIFTED_COLUMNS):
+        assert by["all"][key] == pytest.approx(direct[0][key]), key
+    with pytest.raises(DataError, match="more than one file"):
+        evaluate_models({"m": model}, [comp6_file, comp6_file], plots=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no .h5 file"):
+        evaluate_models({"m": model}, tmp_path / "empty", plots=False)
+
+
+def test_pipeline_test_data_takes_a_folder_list_and_the_force_convention(
+        checkpoint, ani1x_file, comp6_file, tmp_path):
+    """pipeline.test_data.path may be a list (file, folder) and forces_are_gradients reaches
+    the reader: forcing 'gradients' on a file of true forces negates its reference forces."""
+    from ekd_lightning import pipeline
+
+    folder = tmp_path / "comp6v1"
+    folder.mkdir()
+    (folder / "b.h5").symlink_to(comp6_file)
+    register_resolvers()
+    with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=ekd", f"data.path={ani1x_file}", "data.energy_key=emt.energy",
+            "data.force_key=null", f"pipeline.test_data.path=[{folder}]",
+            "pipeline.test_data.forces_are_gradients=true"])
+    model = load_potential(checkpoint)
+    results = pipeline.evaluate(cfg, {"m": model}, tmp_path / "labels.h5", tmp_path / "out")
+    test = {r["subset"]: r for r in results["test"]}
+    assert set(test) == {"all", "gdb", "md"}
+    flipped = evaluate_models({"m": model}, comp6_file, forces_are_gradients=True, plots=False)[0]
+    assert test["all"]["force_mae"] == pytest.approx(flipped["force_mae"])
+    # work along the conformations against ΔE: slope -1 once true forces are negated
+    about = json.loads((tmp_path / "out" / "test" / "metrics.json").read_text())
+    assert about["force_energy_consistency"] < -0.5

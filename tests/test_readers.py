@@ -191,7 +191,7 @@ def test_force_sign_reaches_the_datamodule(tmp_path):
         dm = EKDDataModule(str(path), "energies", "forces", "comp6", val_fraction=0,
                            test_fraction=0, forces_are_gradients=flag)
         dm.setup()
-        graph = dm.graphs["train"][0]
+        graph = dm.datasets["train"][0]
         np.testing.assert_array_equal(graph.forces.numpy(), sign * stored[graph.conf.item()])
 
 
@@ -244,3 +244,41 @@ def test_builder_writes_forces_convention(tmp_path):
         assert f.attrs["forces_convention"] == "-dE/dx"
     records, _ = read_molecules(path, "energies", "forces")
     np.testing.assert_array_equal(records[0].forces, sample.forces)
+
+
+def test_close_atoms_found_block_by_block(tmp_path, monkeypatch):
+    """The geometry check works on blocks of conformations (bounded memory) and still names
+    the conformation's index in the group and the atom pair."""
+    from ekd_lightning.data import readers
+
+    path = write_ani1x_file(tmp_path / "a.h5", n_conf=20, molecules=["CH3OH"])
+    with h5py.File(path, "r+") as f:
+        coords = f["CH3OH/coordinates"]
+        coords[13, 4] = coords[13, 2] + 0.05
+    monkeypatch.setattr(readers, "GEOMETRY_CHUNK", 2 * 15)  # 2 conformations of 6 atoms a block
+    with pytest.raises(DataError, match=r"conformation 13: atoms 2 and 4 are 0\.087 Å apart"):
+        read_molecules(path, "emt.energy")
+
+
+def test_dataset_hashed_once_per_file_version(tmp_path, monkeypatch):
+    """cached_sha256 remembers a file's hash across processes (the cache folder), keyed by
+    path, size and mtime: a new process does not hash again; a rewritten file is hashed again."""
+    import hashlib
+    import os
+
+    from ekd_lightning import checkpoint, labels
+
+    monkeypatch.setenv("EKD_HASH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "d.h5"
+    path.write_bytes(b"first version")
+    calls = []
+    original = checkpoint.file_sha256
+    monkeypatch.setattr(checkpoint, "file_sha256", lambda p: calls.append(p) or original(p))
+    assert labels.cached_sha256(path) == hashlib.sha256(b"first version").hexdigest()
+    labels._sha256_cached.cache_clear()  # as a new process
+    assert labels.cached_sha256(path) == hashlib.sha256(b"first version").hexdigest()
+    assert len(calls) == 1
+    path.write_bytes(b"other version")
+    os.utime(path, ns=(1, 1))
+    assert labels.cached_sha256(path) == hashlib.sha256(b"other version").hexdigest()
+    assert len(calls) == 2

@@ -9,6 +9,15 @@ first component of a record's HDF5 path, e.g. ``s66x8``) and over the whole file
   one conformation contribute no pair.
 - ``force_mae`` / ``force_rmse``: errors per Cartesian force component over all atoms (NaN when
   the file has no reference forces or no ``force_key`` is given).
+- ``energy_shifted_mae`` / ``energy_shifted_rmse``: total-energy errors after a per-element
+  linear shift fitted on the whole benchmark (:func:`element_shift`: least squares of the
+  reference minus the prediction on the element counts, one offset per element, the same for
+  every subset). A model trained at another level of theory (CCSD(T)*/CBS for ANI-1ccx against
+  COMP6's wB97X/6-31G(d)) differs by such offsets; ΔE and forces do not see them.
+
+``--data`` takes a file, a folder (every ``*.h5`` in it, sorted: all of COMP6 v1 in one
+command) or several of either; their molecules are pooled, so ``all`` is the whole benchmark
+and each COMP6 subset gets its row (:func:`read_benchmark`).
 
 Records of an ANI-1x-layout file have no subset (``record.subset == ""``); they count in ``all``
 only. An ensemble's prediction is the mean energy and the mean force over its members.
@@ -25,6 +34,7 @@ Hartree/Å. :func:`evaluate_models` runs named models on a file and writes ``met
 
     python -m ekd_lightning.evaluate --checkpoints t0=a.ckpt t1=b.ckpt student=s.ckpt \\
         --ensemble ensemble=t0,t1 --data s66x8_wb97x6-31gd.h5 --out eval/
+    python -m ekd_lightning.evaluate --checkpoints student=s.ckpt --data path/to/comp6v1/
 """
 
 from __future__ import annotations
@@ -43,9 +53,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch_geometric.loader import DataLoader
+from torch.utils.data import DataLoader
 
-from .data.datamodule import conformation_graph
+from .data.packed import records_loader
 from .data.readers import MoleculeRecord, read_molecules
 from .errors import DataError, EKDError
 from .plots import plot_energy_parity, plot_force_errors, plot_force_parity
@@ -58,8 +68,14 @@ METRIC_COLUMNS = (
     "energy_mae", "energy_rmse", "de_mae", "de_rmse", "force_mae", "force_rmse",
 )
 """Metric columns of a result row (kcal/mol for energy and ΔE, kcal/mol/Å for forces)."""
+SHIFTED_COLUMNS = ("energy_shifted_mae", "energy_shifted_rmse")
+"""Total-energy errors after the per-element shift fitted on the benchmark (kcal/mol)."""
 ROW_COLUMNS = ("model", "subset", "n_molecules", "n_conformations", "n_pairs", *METRIC_COLUMNS)
-"""All columns of a result row, in table order."""
+"""The columns of a result row in table order (rows also carry :data:`SHIFTED_COLUMNS`)."""
+BENCHMARK_COLUMNS = ("model", "subset", "n_molecules", "n_conformations", "n_pairs",
+                     "de_mae", "de_rmse", "force_mae", "force_rmse", "energy_mae", "energy_rmse",
+                     *SHIFTED_COLUMNS)
+"""Columns of the CLI table: ΔE and forces first (the headline across levels of theory)."""
 UNITS = {"energy": "kcal/mol", "de": "kcal/mol", "force": "kcal/mol/Å"}
 ALL = "all"
 """Subset name of the row over every record of the file."""
@@ -87,13 +103,6 @@ def _members(models) -> list:
     if not members:
         raise ValueError("an ensemble needs at least one model")
     return members
-
-
-def _loader(records: Sequence[MoleculeRecord], batch_size: int) -> DataLoader:
-    graphs = [
-        conformation_graph(r, m, c) for m, r in enumerate(records) for c in range(r.num_conformations)
-    ]
-    return DataLoader(graphs, batch_size=batch_size, shuffle=False)
 
 
 def _predict_member(module, loader: DataLoader, records: Sequence[MoleculeRecord]) -> Prediction:
@@ -140,7 +149,7 @@ def predict(models, records: Sequence[MoleculeRecord], batch_size: int = 64,
         batch_size: conformations per forward pass.
     """
     members = _members(models)
-    loader = _loader(records, batch_size)
+    loader = records_loader(records, batch_size)
     predictions = []
     for module in members:
         key = id(module)
@@ -257,14 +266,34 @@ def force_energy_consistency(records: Sequence[MoleculeRecord]) -> float:
     return float((work * delta).sum() / denominator) if denominator > 0 else math.nan
 
 
+def element_shift(records: Sequence[MoleculeRecord], pred_energies: Sequence[np.ndarray]
+                  ) -> dict[int, float]:
+    """Per-element offsets b_Z (Hartree) minimising Σ (E_ref − E_pred − Σ_Z n_Z b_Z)² over every
+    conformation of ``records`` (least squares on the element counts n_Z of each molecule)."""
+    numbers = sorted({int(z) for r in records for z in r.atomic_numbers})
+    counts = np.array([[np.sum(r.atomic_numbers == z) for z in numbers] for r in records], float)
+    rows = np.repeat(counts, [r.num_conformations for r in records], axis=0)
+    residual = np.concatenate([r.energies - p for r, p in zip(records, pred_energies, strict=True)])
+    offsets, *_ = np.linalg.lstsq(rows, residual, rcond=None)
+    return dict(zip(numbers, offsets.tolist(), strict=True))
+
+
 def metric_rows(name: str, prediction: Prediction, records: Sequence[MoleculeRecord]) -> list[dict]:
-    """Result rows (:data:`ROW_COLUMNS`) of one named model's prediction on ``records``."""
+    """Result rows (:data:`ROW_COLUMNS` and :data:`SHIFTED_COLUMNS`) of one named model's
+    prediction on ``records``."""
     has_forces = all(r.forces is not None for r in records)
+    subsets, ref = [r.subset for r in records], [r.energies for r in records]
     by_subset = metrics_by_subset(
-        [r.subset for r in records], prediction.energies, [r.energies for r in records],
+        subsets, prediction.energies, ref,
         prediction.forces if has_forces else None,
         [r.forces for r in records] if has_forces else None,
     )
+    offsets = element_shift(records, prediction.energies)
+    shifted = [p + sum(offsets[int(z)] for z in r.atomic_numbers)
+               for r, p in zip(records, prediction.energies, strict=True)]
+    for subset, metrics in metrics_by_subset(subsets, shifted, ref).items():
+        by_subset[subset]["energy_shifted_mae"] = metrics["energy_mae"]
+        by_subset[subset]["energy_shifted_rmse"] = metrics["energy_rmse"]
     return [{"model": name, "subset": subset, **metrics} for subset, metrics in by_subset.items()]
 
 
@@ -326,6 +355,46 @@ def format_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, 
 
 
 # --------------------------------------------------------------------------- evaluation
+def benchmark_files(data: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The HDF5 files of ``data``: a file, a folder (its ``*.h5`` files, sorted) or a list of
+    either; DataError when a path is missing or a folder holds no ``.h5`` file."""
+    items = [data] if isinstance(data, str | Path) else list(data)
+    files = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(item.glob("*.h5"))
+            if not found:
+                raise DataError(f"{item}: folder holds no .h5 file; pass HDF5 files or their folder")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    if not files:
+        raise DataError("no benchmark file given")
+    return files
+
+
+def read_benchmark(
+    data, energy_key: str = "energies", force_key: str | None = "forces", file_format: str = "auto",
+    elements: Sequence[str] | None = None, forces_are_gradients: bool | None = None,
+) -> tuple[list[MoleculeRecord], dict]:
+    """The molecules of every file of ``data`` (:func:`benchmark_files`), pooled in file order,
+    and what each read dropped (``{file: {"nonfinite": n, "elements": n}}``)."""
+    records, dropped = [], {}
+    for path in benchmark_files(data):
+        part, report = read_molecules(path, energy_key, force_key, file_format, elements,
+                                      forces_are_gradients=forces_are_gradients)
+        records += part
+        dropped[str(path)] = {"nonfinite": report.dropped_nonfinite,
+                              "elements": report.dropped_elements}
+    keys = [r.key for r in records]
+    if len(set(keys)) < len(keys):
+        twice = sorted({k for k in keys if keys.count(k) > 1})[:3]
+        raise DataError(f"{data}: groups {twice} appear in more than one file: pass each file once")
+    return records, dropped
+
+
 def _common_elements(models: Mapping[str, object]) -> list[str]:
     """Elements every member of every model knows (the order of the first model)."""
     element_lists = [list(m.hparams.elements) for v in models.values() for m in _members(v)]
@@ -343,13 +412,15 @@ def evaluate_models(
     out_dir: str | Path | None = None,
     batch_size: int = 64,
     plots: bool = True,
+    forces_are_gradients: bool | None = None,
 ) -> list[dict]:
-    """Evaluate several named models side by side on one HDF5 file.
+    """Evaluate several named models side by side on a benchmark (one or several HDF5 files).
 
     Args:
         models: ``{name: PotentialModule or sequence of PotentialModule (ensemble)}``; an
             ensemble's members already evaluated under another name are not evaluated again.
-        path: dataset (COMP6 or ANI-1x layout).
+        path: dataset (COMP6 or ANI-1x layout): a file, a folder of them or a list (all of
+            COMP6 v1: its folder), see :func:`read_benchmark`.
         energy_key, force_key: dataset names (Hartree, Hartree/Å); ``force_key=None``: no forces.
         file_format: ``comp6``, ``ani1x`` or ``auto``.
         elements: keep molecules made of these elements; None: the elements all models know.
@@ -357,14 +428,18 @@ def evaluate_models(
             ``energy_parity.png``, ``force_parity.png`` and ``force_errors.png`` there (atomic
             writes).
         batch_size: conformations per forward pass.
+        forces_are_gradients: as :func:`~ekd_lightning.data.read_molecules` (None: each file's
+            attribute, else gradients for the COMP6 layout).
 
     Returns:
-        Rows (dicts with :data:`ROW_COLUMNS`): for each model, ``all`` then each subset.
+        Rows (dicts with :data:`ROW_COLUMNS` and :data:`SHIFTED_COLUMNS`): for each model,
+        ``all`` then each subset.
     """
     if not models:
         raise ValueError("evaluate_models needs at least one model")
     elements = list(elements) if elements is not None else _common_elements(models)
-    records, report = read_molecules(path, energy_key, force_key, file_format, elements)
+    records, dropped = read_benchmark(path, energy_key, force_key, file_format, elements,
+                                      forces_are_gradients)
     consistency = force_energy_consistency(records) if force_key else math.nan
     if consistency < 0:
         log.warning(
@@ -372,12 +447,17 @@ def evaluate_models(
             "slope %.2f, expected +1; COMP6 v1 files store gradients): force metrics compare "
             "against the wrong sign", path, force_key, consistency)
     about = {
-        "dataset": str(path), "energy_key": energy_key, "force_key": force_key,
+        "dataset": str(path) if isinstance(path, str | Path) else [str(p) for p in path],
+        "energy_key": energy_key, "force_key": force_key,
         "elements": elements, "units": UNITS, "force_energy_consistency": consistency,
-        "dropped_conformations": {
-            "nonfinite": report.dropped_nonfinite, "elements": report.dropped_elements},
+        "energy_shift": "energy_shifted_*: after per-element offsets fitted on the benchmark",
+        "dropped_conformations": _dropped_total(dropped) if len(dropped) == 1 else dropped,
     }
     return evaluate_records(models, records, out_dir, batch_size, plots, about)
+
+
+def _dropped_total(dropped: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    return {k: sum(d[k] for d in dropped.values()) for k in ("nonfinite", "elements")}
 
 
 def evaluate_records(
@@ -392,7 +472,7 @@ def evaluate_records(
     rows = [row for name, p in predictions.items() for row in metric_rows(name, p, records)]
     if out_dir is not None:
         out_dir = Path(out_dir)
-        write_csv_atomic(rows, out_dir / "metrics.csv", ROW_COLUMNS)
+        write_csv_atomic(rows, out_dir / "metrics.csv", (*ROW_COLUMNS, *SHIFTED_COLUMNS))
         write_json_atomic(json_safe({**(about or {}), "rows": rows}), out_dir / "metrics.json")
         if plots:
             plot_energy_parity(predictions, records, out_dir / "energy_parity.png")
@@ -512,10 +592,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoints to evaluate, each optionally named")
     parser.add_argument("--ensemble", action="append", default=[], metavar="NAME=A,B,...",
                         help="an ensemble (mean energy and forces) of checkpoint names or paths")
-    parser.add_argument("--data", required=True, help="HDF5 file (COMP6 or ANI-1x layout)")
+    parser.add_argument("--data", required=True, nargs="+",
+                        help="HDF5 file(s) (COMP6 or ANI-1x layout) or a folder of them (all of "
+                             "COMP6 v1: its folder)")
     parser.add_argument("--energy-key", default="energies")
     parser.add_argument("--force-key", default="forces", help="'none' for no force metrics")
     parser.add_argument("--format", default="auto", choices=["auto", "comp6", "ani1x"])
+    parser.add_argument("--forces-are-gradients", default=None, choices=["true", "false"],
+                        help="the force datasets hold dE/dx (true) or -dE/dx (false); default: "
+                             "the file's forces_convention attribute, else true for COMP6")
     parser.add_argument("--elements", nargs="*", default=None, help="default: the models' elements")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--labels", default=None, help="also report this label file's force quality")
@@ -530,12 +615,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     force_key = None if args.force_key.lower() == "none" else args.force_key
     try:
         models = load_named_models(args.checkpoints, args.ensemble)
-        rows = evaluate_models(models, args.data, args.energy_key, force_key, args.format,
-                               args.elements, args.out, args.batch_size, not args.no_plots)
-        print(f"units: energy/ΔE kcal/mol, force kcal/mol/Å ({args.data})")
-        print(format_table(rows, ROW_COLUMNS))
+        gradients = None if args.forces_are_gradients is None else args.forces_are_gradients == "true"
+        data = args.data[0] if len(args.data) == 1 else args.data
+        rows = evaluate_models(models, data, args.energy_key, force_key, args.format,
+                               args.elements, args.out, args.batch_size, not args.no_plots,
+                               gradients)
+        print(f"units: energy/ΔE kcal/mol, force kcal/mol/Å ({' '.join(args.data)}); ΔE and "
+              "forces are the headline; energy_shifted_*: total energy after per-element "
+              "offsets fitted on the whole benchmark, energy_*: unshifted")
+        print(format_table(rows, BENCHMARK_COLUMNS))
         if args.labels:
-            quality = label_quality(args.labels, args.data, args.energy_key, force_key, args.format,
+            if len(args.data) > 1 or Path(args.data[0]).is_dir():
+                raise ValueError("--labels needs --data to be the one dataset file they label")
+            quality = label_quality(args.labels, args.data[0], args.energy_key, force_key, args.format,
                                     args.elements)
             print(f"\nlabel quality of {args.labels} (kcal/mol/Å):")
             flat = [{"subset": ALL, **{k: v for k, v in quality.items() if k != "by_subset"}}]

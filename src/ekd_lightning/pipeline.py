@@ -324,9 +324,10 @@ def evaluate(cfg: DictConfig, models: Mapping[str, object], labels: Path, out: P
         models, records, [f"student-seed{first}", f"baseline-seed{first}", "ensemble"])
     test = cfg.pipeline.get("test_data")
     if test and test.get("path"):
-        results["test"] = evaluate_models(
-            models, test.path, test.energy_key, test.get("force_key"), test.file_format,
-            list(data.elements), out / "test")
+        path = OmegaConf.to_container(test.path) if OmegaConf.is_list(test.path) else test.path
+        results["test"] = evaluate_models(  # a file, a folder (all of COMP6) or a list of them
+            models, path, test.energy_key, test.get("force_key"), test.file_format,
+            list(data.elements), out / "test", forces_are_gradients=test.get("forces_are_gradients"))
     if data.get("force_key"):
         results["labels"] = label_quality(labels, data.path, data.energy_key, data.force_key,
                                           data.file_format, list(data.elements))

@@ -17,10 +17,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from . import __version__
 from .callbacks import TrainingHistory, robustness_callbacks
-from .checkpoint import AtomicCheckpointIO, file_sha256
+from .checkpoint import AtomicCheckpointIO
 from .data import EKDDataModule
 from .distill import labels_for_training, student_force_loss
 from .errors import ConfigError
+from .labels import cached_sha256
 from .module import PotentialModule
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,8 @@ def provenance(cfg: DictConfig, datamodule: EKDDataModule) -> dict:
     labels = datamodule.labels_path
     return {
         "ekd_lightning": __version__, "versions": versions, "git_revision": revision,
-        "dataset": str(datamodule.path), "dataset_sha256": file_sha256(datamodule.path),
-        "labels": labels, "labels_sha256": file_sha256(labels) if labels else None,
+        "dataset": str(datamodule.path), "dataset_sha256": cached_sha256(datamodule.path),
+        "labels": labels, "labels_sha256": cached_sha256(labels) if labels else None,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
@@ -208,7 +209,7 @@ def changed_inputs(recorded: dict, current: dict | None = None) -> dict[str, tup
             now = current.get(sha_key)
         else:
             path = recorded.get(path_key)
-            now = (file_sha256(path) if Path(path).is_file() else "missing") if path else None
+            now = (cached_sha256(path) if Path(path).is_file() else "missing") if path else None
         if recorded.get(sha_key) != now:
             changed[sha_key] = (recorded.get(sha_key), now)
     return changed

@@ -1,11 +1,14 @@
 """LightningDataModule over an ANI-1x-layout or COMP6-layout HDF5 file.
 
-Each conformation becomes a PyTorch Geometric ``Data`` graph with fields
+The conformations are packed into flat arrays (:mod:`ekd_lightning.data.packed`); each batch is a
+PyTorch Geometric ``Batch`` gathered from them, with per-conformation fields
 ``z`` (n_atoms,) atomic numbers, ``pos`` (n_atoms, 3) Å, ``energy`` (1,) Hartree, optionally
 ``forces`` (n_atoms, 3) Hartree/Å (reference forces: metrics, and training only in the oracle
 stage), ``label_forces`` (n_atoms, 3) and ``label_force_var`` (n_atoms,) (distilled ensemble
 mean and variance, student stage), and ``mol``/``conf`` (1,), the record index and the
 conformation index in the file, so every prediction can be traced back to its HDF5 group.
+Splits are arrays of global conformation indices; the batches (order and values) are those of
+the per-conformation PyG graphs this module built before (``tests/test_packed.py``).
 """
 
 from __future__ import annotations
@@ -16,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
-from torch_geometric.data import Data
-from torch_geometric.loader import DataLoader
+from torch.utils.data import DataLoader
 
 from ..errors import DataError
 from ..units import symbol_to_number
+from .packed import PackedConformations, PackedSplit
 from .readers import MoleculeRecord, read_molecules
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ def fit_self_energies(
     numbers = [symbol_to_number(s) for s in elements]
     counts = np.array([[np.sum(r.atomic_numbers == z) for z in numbers] for r in records], float)
     rows = counts[index[:, 0]]
-    energies = np.array([records[m].energies[c] for m, c in index])
+    starts = np.concatenate([[0], np.cumsum([r.num_conformations for r in records])]).astype(int)
+    energies = np.concatenate([r.energies for r in records])[starts[index[:, 0]] + index[:, 1]]
     sae, *_ = np.linalg.lstsq(rows, energies, rcond=None)
     residual_per_atom = (energies - rows @ sae) / rows.sum(axis=1)
     scale = float(residual_per_atom.std())
@@ -84,25 +87,6 @@ def split_indices(
         "val": everything[n_test:n_test + n_val],
         "train": everything[n_test + n_val:],
     }
-
-
-def conformation_graph(
-    record: MoleculeRecord, record_index: int, conf: int, labels: dict | None = None
-) -> Data:
-    """One conformation as a PyG ``Data`` (see the module docstring for the fields)."""
-    data = Data(
-        z=torch.from_numpy(record.atomic_numbers),
-        pos=torch.from_numpy(record.coordinates[conf]).float(),
-        energy=torch.tensor([record.energies[conf]], dtype=torch.float64),
-        mol=torch.tensor([record_index]),
-        conf=torch.tensor([int(record.conf_index[conf])]),
-    )
-    if record.forces is not None:
-        data.forces = torch.from_numpy(record.forces[conf]).float()
-    if labels is not None:
-        data.label_forces = torch.from_numpy(labels["forces"][conf]).float()
-        data.label_force_var = torch.from_numpy(labels["force_var"][conf]).float()
-    return data
 
 
 class EKDDataModule(pl.LightningDataModule):
@@ -154,7 +138,8 @@ class EKDDataModule(pl.LightningDataModule):
         self.train_fraction, self.train_subset_seed = train_fraction, train_subset_seed
         self.records: list[MoleculeRecord] | None = None
         self.splits: dict[str, np.ndarray] = {}
-        self.graphs: dict[str, list[Data]] = {}
+        self.packed: PackedConformations | None = None
+        self.datasets: dict[str, PackedSplit] = {}
         self.self_energies: np.ndarray | None = None
         self.energy_scale: float = 1.0
 
@@ -163,7 +148,7 @@ class EKDDataModule(pl.LightningDataModule):
         return self.force_key is not None
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the file once, split, fit SAE on the training split and build the graphs."""
+        """Read the file once, split, fit SAE on the training split and pack the conformations."""
         if self.records is not None:
             return
         self.records, _ = read_molecules(
@@ -184,16 +169,12 @@ class EKDDataModule(pl.LightningDataModule):
             self.records, self.splits["train"], self.elements
         )
         labels = self._read_labels()
-        self.graphs = {
-            name: [
-                conformation_graph(self.records[m], m, c, None if labels is None else labels[m])
-                for m, c in rows
-            ]
-            for name, rows in self.splits.items()
-        }
+        self.packed = PackedConformations(self.records, labels)
+        index = {name: self.packed.global_index(rows) for name, rows in self.splits.items()}
         if labels is not None:
-            self._drop_unlabelled()
-        log.info("split sizes: %s", {k: len(v) for k, v in self.graphs.items()})
+            index["train"] = self._drop_unlabelled(index["train"])
+        self.datasets = {name: PackedSplit(self.packed, rows) for name, rows in index.items()}
+        log.info("split sizes: %s", {k: len(v) for k, v in self.datasets.items()})
 
     def _read_labels(self) -> list[dict] | None:
         if self.labels_path is None:
@@ -202,13 +183,13 @@ class EKDDataModule(pl.LightningDataModule):
 
         return read_labels(self.labels_path, self.records, dataset_path=self.path)
 
-    def _drop_unlabelled(self) -> None:
-        graphs = self.graphs["train"]
-        kept = [g for g in graphs if bool(torch.isfinite(g.label_forces).all())]
-        if len(kept) < len(graphs):
+    def _drop_unlabelled(self, index: np.ndarray) -> np.ndarray:
+        """The global indices ``index`` without the conformations that have no distilled label."""
+        kept = index[self.packed.labelled()[index]]
+        if len(kept) < len(index):
             log.warning("%d training conformations have no distilled label and are skipped",
-                        len(graphs) - len(kept))
-        self.graphs["train"] = kept
+                        len(index) - len(kept))
+        return kept
 
     def _pin_memory(self) -> bool:
         """Batches in pinned host memory (faster, asynchronous copies to the device) when the
@@ -217,10 +198,9 @@ class EKDDataModule(pl.LightningDataModule):
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.graphs[split], batch_size=self.batch_size, shuffle=shuffle,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            pin_memory=self._pin_memory(),
+        return self.datasets[split].loader(
+            self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, pin_memory=self._pin_memory(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -252,9 +232,6 @@ class EKDDataModule(pl.LightningDataModule):
         return records
 
     def all_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """Every conformation of the file in stored order (used by distillation)."""
-        graphs = [
-            conformation_graph(r, m, c) for m, r in enumerate(self.records)
-            for c in range(r.num_conformations)
-        ]
-        return DataLoader(graphs, batch_size=batch_size or self.batch_size, shuffle=False)
+        """Every conformation of the file in stored order, without distilled labels."""
+        split = PackedSplit(self.packed, np.arange(len(self.packed)), labels=False)
+        return split.loader(batch_size or self.batch_size)

@@ -203,21 +203,32 @@ def _check_shapes(path, group, numbers, coordinates, energies, forces, energy_ke
         raise DataError(f"{where}: 'coordinates' has NaN/inf values (conformations {bad}...)")
 
 
+GEOMETRY_CHUNK = 1 << 21
+"""Pair distances computed at once by :func:`_check_geometry` (bounds its memory to ~50 MB)."""
+
+
 def _check_geometry(path: Path, group: h5py.Group, coordinates: np.ndarray) -> None:
-    if coordinates.shape[1] < 2:
-        return
-    diff = coordinates[:, :, None, :] - coordinates[:, None, :, :]
-    dist = np.linalg.norm(diff, axis=-1)
+    """DataError for the first conformation with two atoms closer than :data:`MIN_DISTANCE`.
+
+    Works on the n(n-1)/2 atom pairs of a block of conformations at a time, so its memory is
+    bounded whatever the group's size (coordinates (n_conf, n_atoms, 3), Å).
+    """
     n = coordinates.shape[1]
-    dist[:, np.arange(n), np.arange(n)] = np.inf
-    close = dist.min(axis=(1, 2)) < MIN_DISTANCE
-    if close.any():
-        c = int(np.nonzero(close)[0][0])
-        i, j = np.unravel_index(np.argmin(dist[c]), dist[c].shape)
-        raise DataError(
-            f"{path}: group '{group.name}' conformation {c}: atoms {i} and {j} are "
-            f"{dist[c, i, j]:.3f} Å apart (below {MIN_DISTANCE} Å: duplicated atom?)"
-        )
+    if n < 2:
+        return
+    i, j = np.triu_indices(n, k=1)
+    step = max(1, GEOMETRY_CHUNK // len(i))
+    for lo in range(0, len(coordinates), step):
+        diff = coordinates[lo:lo + step, i] - coordinates[lo:lo + step, j]
+        squared = np.einsum("cpk,cpk->cp", diff, diff)  # (block, n_pairs) Å²
+        close = squared.min(axis=1) < MIN_DISTANCE**2
+        if close.any():
+            c = int(np.nonzero(close)[0][0])
+            p = int(np.argmin(squared[c]))
+            raise DataError(
+                f"{path}: group '{group.name}' conformation {lo + c}: atoms {i[p]} and {j[p]} are "
+                f"{np.sqrt(squared[c, p]):.3f} Å apart (below {MIN_DISTANCE} Å: duplicated atom?)"
+            )
 
 
 _MOLECULE_KEYS = ("coordinates", "species", "atomic_numbers")
@@ -292,8 +303,11 @@ def _record_from_group(path, group, numbers_key, energy_key, force_key, report,
     raw = _read(path, group, numbers_key)
     numbers = _species_to_numbers(path, group, raw, numbers_key) if raw.dtype.kind in "SUO" else raw
     numbers = _check_numbers(path, group, numbers)
-    coordinates = _read_float(path, group, "coordinates")
     energies = _read_float(path, group, energy_key)
+    if energies.ndim == 1 and not np.isfinite(energies).any():
+        report.dropped_nonfinite += len(energies)  # (ANI-1x: most groups lack CC energies)
+        return None
+    coordinates = _read_float(path, group, "coordinates")
     forces = None
     if force_key is not None:
         forces = _read_float(path, group, force_key)

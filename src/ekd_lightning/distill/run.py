@@ -41,10 +41,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
-from torch_geometric.loader import DataLoader
+from torch.utils.data import DataLoader
 
 from .. import __version__
-from ..data.datamodule import conformation_graph
+from ..data.packed import PackedConformations, PackedSplit
 from ..data.readers import MoleculeRecord, detect_format, open_h5, read_molecules
 from ..errors import DataError, LabelMismatchError
 from ..labels import LABEL_VERSION, cached_sha256, read_label_metadata, write_labels
@@ -123,10 +123,11 @@ class DistillJob:
     keep_shards: bool = False
     stop_after_chunks: int | None = None
     starts: np.ndarray = field(init=False)
+    packed: PackedConformations = field(init=False, repr=False)
 
     def __post_init__(self):
-        counts = [r.num_conformations for r in self.records]
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.packed = PackedConformations(self.records)
+        self.starts = self.packed.record_start
 
     @property
     def n_conformations(self) -> int:
@@ -176,15 +177,9 @@ class DistillJob:
         record = int(np.searchsorted(self.starts, index, side="right")) - 1
         return record, index - int(self.starts[record])
 
-    def chunk_graphs(self, chunk: int) -> list:
-        """PyG graphs of a chunk's conformations, each with ``gidx``, its global index."""
-        graphs = []
-        for g in range(*self.chunk_range(chunk)):
-            m, c = self.locate(g)
-            graph = conformation_graph(self.records[m], m, c)
-            graph.gidx = torch.tensor([g])
-            graphs.append(graph)
-        return graphs
+    def chunk_index(self, chunk: int) -> np.ndarray:
+        """Global indices of a chunk's conformations."""
+        return np.arange(*self.chunk_range(chunk), dtype=np.int64)
 
 
 def _file_conformations(path: Path, records: list[MoleculeRecord]) -> dict[str, int]:
@@ -463,13 +458,13 @@ class DistillDataModule(pl.LightningDataModule):
         log.info("rank %d labels chunks %s", trainer.global_rank, self.chunks)
 
     def predict_dataloader(self) -> DataLoader:
-        graphs = [g for chunk in self.chunks for g in self.job.chunk_graphs(chunk)]
-        if not graphs and self.trainer.world_size > 1:
+        index = np.concatenate([np.zeros(0, np.int64)] + [self.job.chunk_index(k) for k in self.chunks])
+        gidx = index
+        if not len(index) and self.trainer.world_size > 1:
             # Lightning refuses a rank without batches while others have some: give it one
             # conformation marked gidx = -1, which the writer ignores
-            graphs = self.job.chunk_graphs(0)[:1]
-            graphs[0].gidx = torch.tensor([-1])
-        return DataLoader(graphs, batch_size=self.job.batch_size, shuffle=False)
+            index, gidx = np.zeros(1, np.int64), np.full(1, -1)
+        return PackedSplit(self.job.packed, index, gidx=gidx).loader(self.job.batch_size)
 
 
 class LabelShardWriter(BasePredictionWriter):
