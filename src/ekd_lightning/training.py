@@ -8,10 +8,12 @@ import logging
 import os
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 import pytorch_lightning as pl
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -138,6 +140,39 @@ def finished_metrics(cfg: DictConfig, run_dir: Path) -> dict | None:
     return None
 
 
+RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+"""Environment variables through which a launcher (Lightning's DDP, torchrun, SLURM's srun, a
+simulated node) tells a process its rank."""
+
+
+def launched_rank_zero() -> bool:
+    """False in a process that its launcher started as a non-zero rank (any of RANK_ENV set and
+    not 0): such a process joins the run of rank 0 and must not take the run folder's lock."""
+    return all(os.environ.get(key, "0") in ("", "0") for key in RANK_ENV)
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``run_dir/.lock`` (filelock: fcntl on POSIX) while a run is trained in ``run_dir``,
+    so that a second job wanting the same run (same folder: same config hash in the pipeline's
+    store) waits for the first and then reuses its ``metrics.json``. Only rank 0 of a
+    distributed run locks; the ranks it launched (RANK_ENV) train inside its lock."""
+    if not launched_rank_zero():
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s: another job is training this run; waiting for it", run_dir)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str, float]:
     """Fit a model as ``cfg`` says, test the best checkpoint, return the final metrics.
 
@@ -145,12 +180,20 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str
     ``run_info.json`` (provenance). With ``cfg.resume`` an existing ``last.ckpt`` is resumed,
     and a run whose ``metrics.json`` records the same config (``config_sha256``) is not run
     again: its metrics are returned (so a restarted multirun sweep skips finished jobs).
+    Concurrent jobs on the same folder are serialised by :func:`run_lock`: the second returns
+    the first one's metrics.
     """
     run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        if cfg.get("resume", True) and (done := finished_metrics(cfg, run_dir)) is not None:
+            log.info("%s already finished with this config (metrics.json): skipping", run_dir)
+            return done
+        return _fit(cfg, run_dir, callbacks)
+
+
+def _fit(cfg: DictConfig, run_dir: Path, callbacks) -> dict[str, float]:
+    """The training of :func:`run_training`: fit, test the best checkpoint, write the files."""
     fingerprint = config_sha256(cfg)
-    if cfg.get("resume", True) and (done := finished_metrics(cfg, run_dir)) is not None:
-        log.info("%s already finished with this config (metrics.json): skipping", run_dir)
-        return done
     cfg = labels_for_training(cfg, run_dir)  # distill.teachers without distill.labels: label now
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
@@ -166,7 +209,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str
         callbacks=[checkpointing, *robustness_callbacks(), *callbacks],
         plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
     )
-    write_json_atomic(provenance(cfg, datamodule), run_dir / "run_info.json")
+    if trainer.is_global_zero:
+        write_json_atomic(provenance(cfg, datamodule), run_dir / "run_info.json")
     last = checkpoint_dir / "last.ckpt"
     resume_from = str(last) if cfg.get("resume", True) and last.is_file() else None
     if resume_from:
