@@ -101,3 +101,18 @@ def write_label_file(path: Path, dataset: Path, energy_key: str, force_key: str,
 
         src.visititems(copy)
     return path
+
+
+CUDA_SKIP = "needs a CUDA GPU (none visible)"
+"""The one reason a test may be skipped in CI (which has no GPU)."""
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request) -> str:
+    """The accelerator a test runs on: every test that can run on CUDA takes this fixture and
+    runs on the CPU and, where a GPU is visible, on CUDA (else skipped with CUDA_SKIP)."""
+    import torch
+
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip(CUDA_SKIP)
+    return request.param

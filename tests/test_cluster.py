@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import pytorch_lightning as pl
 from hydra import compose, initialize_config_module
 
@@ -82,7 +83,8 @@ def test_ddp_training_equals_one_process_on_the_same_global_batch(ani1x_file, on
                  "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=16"))
     ddp, ref = _metrics(run_dir), _metrics(one_process)
     for key in VAL_KEYS:
-        assert ddp[key] == pytest.approx(ref[key], rel=1e-4), key
+        assert ddp[key] == pytest.approx(ref[key], rel=1e-5), key
+    # not identical: train/loss, the epoch mean of rank 0's own batches (logged unsynced)
     assert ddp["config_sha256"] != ref["config_sha256"]  # batch size and devices differ
     # written once, by rank 0: one logger version with one row per epoch, one pair of checkpoints
     assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]
@@ -107,7 +109,7 @@ def test_two_simulated_nodes_train_and_label(ani1x_file, one_process, tmp_path):
                    "data.batch_size=16", env=node_env(rank, port)) for rank in (0, 1)])
     trained, ref = _metrics(nodes[0]), _metrics(one_process)
     for key in VAL_KEYS:
-        assert trained[key] == pytest.approx(ref[key], rel=1e-4), key
+        assert trained[key] == pytest.approx(ref[key], rel=1e-5), key
     assert (nodes[0] / "checkpoints" / "best.ckpt").is_file()
     assert not (nodes[1] / "metrics.json").exists() and not (nodes[1] / "checkpoints").exists()
 
@@ -230,3 +232,31 @@ def test_pipeline_with_submitit_jobs_reports_as_the_local_runner(ani1x_file, com
     assert sorted((tmp_path / "store/submitit").glob("*_submitted.pkl")) == submitted
     again.pop("timings_s")
     assert again == expected
+
+
+# ----------------------------------------------------------------------------- GPU path
+class _WhereItRan(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.device = pl_module.device.type
+
+
+def test_trainer_config_trains_on_its_device(ani1x_file, tmp_path, device):
+    """trainer=cpu trains on the CPU, trainer=gpu on the visible GPU; the checkpoint gives the
+    same energies and forces on the CPU (float32 tolerance)."""
+    from ekd_lightning.checkpoint import load_potential
+    from ekd_lightning.data import EKDDataModule
+
+    trainer = {"cpu": "trainer=cpu", "cuda": "trainer=gpu"}[device]
+    cfg = make_cfg(ani1x_file, trainer, "stage=teacher", "trainer.max_epochs=1", SMALL_ANI)
+    where = _WhereItRan()
+    metrics = run_training(cfg, tmp_path, callbacks=[where])
+    assert where.device == device
+    assert 0 < metrics["val/energy_mae"] < 1e4
+    module = load_potential(metrics["best_checkpoint"])
+    dm = EKDDataModule(str(ani1x_file), "emt.energy", batch_size=32)
+    dm.setup()
+    batch = next(iter(dm.test_dataloader()))
+    energies, forces = module(batch)
+    on_device, forces_on_device = module.to(device)(batch.to(device))
+    torch.testing.assert_close(on_device.cpu(), energies, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(forces_on_device.cpu(), forces, rtol=1e-4, atol=1e-5)
