@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import pytorch_lightning as pl
+import torch
 from hydra import compose, initialize_config_module
 
 from conftest import write_label_file

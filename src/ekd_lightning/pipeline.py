@@ -44,8 +44,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import load_potential
 from .data import EKDDataModule
-from .progress import PipelineProgress
 from .evaluate import ALL, evaluate_models, evaluate_records, format_table, json_safe, label_quality
+from .progress import PipelineProgress
 from .training import config_sha256, run_training, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,8 @@ class Runner:
     def submit(self, jobs: Sequence[Job]) -> dict[str, object]:
         """``{job name: future}`` of each job's :class:`Run`."""
         if self.pool is None:
-            return {j.name: _Deferred(j) for j in jobs}
-        return {j.name: self.pool.submit(run_job, j, self.threads, True) for j in jobs}
+            return submit_unfinished(jobs, _Deferred)
+        return submit_unfinished(jobs, lambda j: self.pool.submit(run_job, j, self.threads, True))
 
     def map(self, fn, items):
         """``map(fn, items)``, in the worker processes when there are several."""
@@ -219,15 +219,12 @@ class SubmititRunner:
         self.submitted: list = []
 
     def submit(self, jobs: Sequence[Job]) -> dict[str, object]:
-        futures = {}
-        for j in jobs:
-            run = finished_run(j)
-            if run is None:
-                self.executor.update_parameters(name=j.run_dir.name)
-                run = self.executor.submit(run_job, j, self.threads, True)
-                self.submitted.append(run)
-            futures[j.name] = run if not isinstance(run, Run) else _Finished(run)
-        return futures
+        return submit_unfinished(jobs, self._start)
+
+    def _start(self, job: Job):
+        self.executor.update_parameters(name=job.run_dir.name)
+        self.submitted.append(self.executor.submit(run_job, job, self.threads, True))
+        return self.submitted[-1]
 
     def map(self, fn, items):
         return map(fn, items)
@@ -249,6 +246,19 @@ class _Finished:
 
     def result(self) -> Run:
         return self.value
+
+
+def submit_unfinished(jobs: Sequence[Job], start) -> dict[str, object]:
+    """``{job name: future}``: runs already finished in the store as they are (nothing is
+    started for them), the others as ``start(job)`` returns them."""
+    futures = {}
+    for j in jobs:
+        if (run := finished_run(j)) is not None:
+            log.info("%s: finished before, reusing %s", j.name, j.run_dir)
+            futures[j.name] = _Finished(run)
+        else:
+            futures[j.name] = start(j)
+    return futures
 
 
 def make_runner(cfg: DictConfig):
