@@ -188,6 +188,44 @@ def test_slurm_launcher_follows_the_trainer():
     assert launcher.partition == "gpu" and launcher.timeout_min > 0
 
 
+FAKE_SLURM = {  # just enough of SLURM's commands for submitit to submit and poll
+    "sbatch": 'cp "${@: -1}" "$FAKE_SLURM_DIR/job.sbatch"\necho "Submitted batch job 42"',
+    "srun": "exit 1",
+    "sacct": 'echo "JobID|State|NodeList"; echo "42_0|FAILED|n1"; echo "42_1|FAILED|n1"',
+}
+
+
+@pytest.mark.slow
+def test_documented_slurm_sweep_submits_one_task_per_gpu(tmp_path):
+    """The README's command, against stand-ins for sbatch/srun/sacct that record the batch
+    script and report the jobs failed (no cluster here): two array jobs, each 2 nodes x 4 tasks
+    x 4 GPUs, with the sweep's overrides."""
+    import pickle
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = _env(FAKE_SLURM_DIR=str(tmp_path), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm",
+         "hydra.launcher.partition=gpu", "stage=student", "distill.labels=labels.h5",
+         "loss.force_weight=0.1,1", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+         f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+    assert "42_0" in result.stderr and "FAILED" in result.stderr, result.stderr[-3000:]
+    script = (tmp_path / "job.sbatch").read_text()
+    for option in ("--array=0-1", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4",
+                   "--partition=gpu", "--time=240"):
+        assert f"#SBATCH {option}" in script, option
+    overrides = [pickle.loads(p.read_bytes()).args[0]
+                 for p in sorted(sweep.glob(".submitit/42_*/42_*_submitted.pkl"))]
+    assert [[o for o in job if o.startswith("loss.")] for job in overrides] == [
+        ["loss.force_weight=0.1"], ["loss.force_weight=1"]]
+
+
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_two_job_sweep(ani1x_file, tmp_path):
     labels = write_label_file(tmp_path / "labels.h5", ani1x_file, "emt.energy", "emt.forces")
