@@ -93,19 +93,22 @@ def test_ddp_training_equals_one_process_on_the_same_global_batch(ani1x_file, on
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
-@pytest.mark.slow
-def test_two_simulated_nodes_train_and_label(ani1x_file, one_process, tmp_path):
-    """2 nodes x 1 process on loopback, each told its place through the environment Lightning
-    reads (MASTER_ADDR, MASTER_PORT, NODE_RANK, WORLD_SIZE, LOCAL_RANK): train.py trains as the
-    2-process DDP run does and only node 0 writes; distill.py writes the same bytes as one process."""
-    def node_env(rank: int, port: int) -> dict:
-        return _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(rank),
-                    WORLD_SIZE="2", LOCAL_RANK="0", SOURCE_DATE_EPOCH="1700000000")
+TWO_NODES = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2")
 
-    two_nodes = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2")
+
+def node_env(rank: int, port: int) -> dict:
+    """Node ``rank`` of 2 (one process each) on loopback, as Lightning reads it from the
+    environment (LightningEnvironment: LOCAL_RANK set, so it starts no processes itself)."""
+    return _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(rank),
+                WORLD_SIZE="2", LOCAL_RANK="0", SOURCE_DATE_EPOCH="1700000000")
+
+
+@pytest.mark.slow
+def test_two_simulated_nodes_train_like_two_processes(ani1x_file, one_process, tmp_path):
+    """train.py as 2 nodes x 1 process: the same metrics as the DDP runs, only node 0 writes."""
     port = _free_port()
     nodes = [tmp_path / f"node{rank}" for rank in (0, 1)]
-    _finish(*[_cli("train.py", nodes[rank], f"data.path={ani1x_file}", *DATA, *TEACHER, *two_nodes,
+    _finish(*[_cli("train.py", nodes[rank], f"data.path={ani1x_file}", *DATA, *TEACHER, *TWO_NODES,
                    "data.batch_size=16", env=node_env(rank, port)) for rank in (0, 1)])
     trained, ref = _metrics(nodes[0]), _metrics(one_process)
     for key in VAL_KEYS:
@@ -113,6 +116,11 @@ def test_two_simulated_nodes_train_and_label(ani1x_file, one_process, tmp_path):
     assert (nodes[0] / "checkpoints" / "best.ckpt").is_file()
     assert not (nodes[1] / "metrics.json").exists() and not (nodes[1] / "checkpoints").exists()
 
+
+@pytest.mark.slow
+def test_two_simulated_nodes_label_the_same_bytes(ani1x_file, one_process, tmp_path):
+    """distill.py as 2 nodes x 1 process writes the label file of one process, byte for byte
+    (SOURCE_DATE_EPOCH fixes its 'created' time)."""
     teacher = one_process / "checkpoints" / "best.ckpt"
     labels = (f"data.path={ani1x_file}", "data.energy_key=emt.energy", "data.force_key=null",
               f"teachers=[{teacher}]", "batch_size=16", "chunk_size=32",
@@ -123,7 +131,7 @@ def test_two_simulated_nodes_train_and_label(ani1x_file, one_process, tmp_path):
     port = _free_port()
     spread = tmp_path / "two_nodes.h5"
     _finish(*[_cli("distill.py", tmp_path / f"distill-node{rank}", *labels, f"out={spread}",
-                   *two_nodes, env=node_env(rank, port), cwd=tmp_path) for rank in (0, 1)])
+                   *TWO_NODES, env=node_env(rank, port), cwd=tmp_path) for rank in (0, 1)])
     assert filecmp.cmp(single, spread, shallow=False)
 
 
