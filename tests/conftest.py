@@ -103,6 +103,24 @@ def write_label_file(path: Path, dataset: Path, energy_key: str, force_key: str,
     return path
 
 
+def train_tiny(data: Path, run_dir: Path, *overrides: str) -> Path:
+    """Train with the real Lightning Trainer on an EMT fixture file (``emt.*`` keys, CSV logger,
+    2 epochs unless overridden; seconds for tiny models); returns the run's ``best.ckpt``."""
+    from hydra import compose, initialize_config_module
+
+    from ekd_lightning.training import register_resolvers, run_training
+
+    register_resolvers()
+    with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"data.path={data}", "data.energy_key=emt.energy", "data.force_key=emt.forces",
+            "data.batch_size=32", "logger=csv", "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false", "trainer.max_epochs=2", *overrides,
+        ])
+    run_training(cfg, run_dir)
+    return run_dir / "checkpoints" / "best.ckpt"
+
+
 CUDA_SKIP = "needs a CUDA GPU (none visible)"
 """The one reason a test may be skipped in CI (which has no GPU)."""
 

@@ -1,8 +1,13 @@
-"""ANI AEV and model: agreement with torchani's ANI-2x, forces, invariances."""
+"""ANI AEV and model: agreement with torchani's ANI-2x, forces, invariances.
+
+Only the tests comparing with torchani need it (the ``torchani`` fixture skips them without
+the ``[ani]`` extra); gradient checks and invariances run everywhere.
+"""
 
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -15,7 +20,6 @@ from ekd_lightning.models.base import energy_and_forces
 from ekd_lightning.models.neighbors import neighbor_pairs
 
 os.environ.setdefault("TORCHANI_NO_WARN_EXTENSIONS", "1")
-torchani = pytest.importorskip("torchani")
 
 ANI2X = ("H", "C", "N", "O", "S", "F", "Cl")
 S66X8 = Path(__file__).parents[1] / ".." / "shared" / "data" / "comp6v1" / "s66x8_wb97x6-31gd.h5"
@@ -26,8 +30,13 @@ def _ase(names=ASE_MOLECULES) -> list[Atoms]:
     return [molecule(name) for name in names]
 
 
+@pytest.fixture(scope="module")
+def torchani():
+    """The torchani package (the ``[ani]`` extra), the reference these tests compare with."""
+    return pytest.importorskip("torchani")
+
+
 def _s66x8(num: int = 8) -> list[Atoms]:
-    h5py = pytest.importorskip("h5py")
     if not S66X8.exists():
         pytest.skip(f"{S66X8} not found")
     mols = []
@@ -77,7 +86,7 @@ def _torchani_2x():
     return asm.assemble(1)
 
 
-def _check_aev_against_torchani(mols: list[Atoms]) -> None:
+def _check_aev_against_torchani(torchani, mols: list[Atoms]) -> None:
     reference = torchani.aev.AEVComputer.like_2x()
     ours = ANIAEV.like_2x(7)
     assert ours.out_dim == reference.out_dim == 1008
@@ -90,12 +99,12 @@ def _check_aev_against_torchani(mols: list[Atoms]) -> None:
         torch.testing.assert_close(got, expected, atol=atol, rtol=0)
 
 
-def test_aev_matches_torchani_on_ase_molecules():
-    _check_aev_against_torchani(_ase())
+def test_aev_matches_torchani_on_ase_molecules(torchani):
+    _check_aev_against_torchani(torchani, _ase())
 
 
-def test_aev_matches_torchani_on_s66x8():
-    _check_aev_against_torchani(_s66x8())
+def test_aev_matches_torchani_on_s66x8(torchani):
+    _check_aev_against_torchani(torchani, _s66x8())
 
 
 def test_aev_sizes_and_triples():
@@ -110,7 +119,7 @@ def test_aev_sizes_and_triples():
     assert len(set(zip(p.tolist(), q.tolist(), strict=True))) == len(p)
 
 
-def test_layer_sizes_match_torchani_2x():
+def test_layer_sizes_match_torchani_2x(torchani):
     reference = _torchani_2x().neural_networks
     model = ANIModel(ANI2X)
     for element in ANI2X:
@@ -133,7 +142,7 @@ def _copy_torchani_weights(model: ANIModel, reference) -> None:
                 ours.bias.copy_(other.bias)
 
 
-def test_energies_match_torchani_2x_with_copied_weights():
+def test_energies_match_torchani_2x_with_copied_weights(torchani):
     torch.manual_seed(0)
     reference = _torchani_2x().double()
     model = ANIModel(ANI2X).double()
@@ -180,16 +189,80 @@ def test_forces_match_finite_differences():
     torch.testing.assert_close(forces.flatten(), numerical, rtol=1e-6, atol=1e-6 * forces.abs().max())
 
 
-def test_force_training_double_backward():
-    model = _random_model()
-    mols = _ase(("CH3CONH2", "H2O"))
+def _force_loss(model: ANIModel, mols: list[Atoms], target: torch.Tensor,
+                target_energies: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Energy plus force training loss in float64, Hartree units:
+    sum (E - target_energies)² + sum (F - target)², target (n_atoms, 3) Hartree/Å."""
     _, z, pos, batch = _flat(mols)
     energies, forces = energy_and_forces(model, z, pos, batch, len(mols), create_graph=True)
-    loss = energies.square().sum() + forces.square().sum()
-    loss.backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
-    assert model.networks["N"][0].weight.grad.abs().sum() > 0
+    return (energies - target_energies).square().sum() + (forces - target).square().sum()
+
+
+def _target_forces(mols: list[Atoms]) -> torch.Tensor:
+    n_atoms = sum(len(m) for m in mols)
+    return 0.05 * torch.randn(n_atoms, 3, generator=torch.Generator().manual_seed(5),
+                              dtype=torch.float64)
+
+
+def test_force_loss_weight_gradients_match_torchani(torchani):
+    """Double backward: the weight gradient of a force loss equals torchani's (same weights,
+    float64), layer by layer and element by element."""
+    torch.manual_seed(0)
+    reference = _torchani_2x().double()
+    model = ANIModel(ANI2X).double()
+    _copy_torchani_weights(model, reference)
+    mols = _ase(("CH3CONH2", "CH3Cl", "H2O"))
+    target = _target_forces(mols)
+    _force_loss(model, mols, target).backward()
+
+    padded_species, coords = _padded(mols)
+    numbers = torch.where(
+        padded_species >= 0, torch.tensor([1, 6, 7, 8, 16, 9, 17])[padded_species], -1
+    )
+    coords.requires_grad_(True)
+    energies = reference((numbers, coords)).energies
+    (grad,) = torch.autograd.grad(energies.sum(), coords, create_graph=True)
+    forces = -grad[padded_species >= 0]
+    (energies.square().sum() + (forces - target).square().sum()).backward()
+
+    for element in ("H", "C", "N", "O", "Cl"):  # the elements present
+        theirs = reference.neural_networks[element]
+        ours = [m for m in model.networks[element] if isinstance(m, torch.nn.Linear)]
+        for mine, other in zip(ours, [*theirs.layers, theirs.final_layer], strict=True):
+            for name in ("weight", "bias"):
+                expected = getattr(other, name).grad
+                assert expected.abs().max() > 0, (element, name)
+                torch.testing.assert_close(getattr(mine, name).grad, expected, rtol=1e-7,
+                                           atol=1e-10 * float(expected.abs().max()))
+
+
+def test_force_loss_weight_gradients_match_finite_differences():
+    """Double backward without torchani: d(force loss)/d(weight) for entries of the first and
+    last layers of two elements against central differences of the loss (float64)."""
+    model = _random_model()
+    mols = _ase(("CH3CONH2", "H2O"))
+    target = _target_forces(mols)
+    _, z, pos, batch = _flat(mols)
+    with torch.no_grad():  # energies near their targets: the loss is not swamped by E² (~400)
+        target_energies = model(z, pos, batch, len(mols)) + 0.01
+    _force_loss(model, mols, target, target_energies).backward()
+    step = 1e-6
+    for element, layer in (("N", 0), ("N", -1), ("H", 0), ("O", 2)):
+        weight = model.networks[element][layer].weight
+        rows, cols = weight.shape
+        for row, col in ((0, 0), (rows - 1, cols // 2), (rows // 2, cols - 1)):
+            with torch.no_grad():
+                original = float(weight[row, col])
+                weight[row, col] = original + step
+            plus = _force_loss(model, mols, target, target_energies).item()
+            with torch.no_grad():
+                weight[row, col] = original - step
+            minus = _force_loss(model, mols, target, target_energies).item()
+            with torch.no_grad():
+                weight[row, col] = original
+            numerical = (plus - minus) / (2 * step)
+            assert float(weight.grad[row, col]) == pytest.approx(numerical, rel=1e-6, abs=1e-10), (
+                element, layer, row, col)
 
 
 def test_batches_without_some_elements_compute_only_their_features():

@@ -1,6 +1,7 @@
 """Evaluation: metrics on hand-made predictions, ensembles, checkpoints on COMP6 files, the CLI."""
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -9,9 +10,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
-from conftest import SHARED_S66X8, write_label_file
+from conftest import SHARED_S66X8, train_tiny, write_label_file
 from ekd_lightning.checkpoint import load_potential
 from ekd_lightning.data import read_molecules
 from ekd_lightning.errors import DataError
@@ -31,7 +31,6 @@ from ekd_lightning.evaluate import (
     predict,
 )
 from ekd_lightning.module import PotentialModule
-from ekd_lightning.training import register_resolvers, run_training
 from ekd_lightning.units import HARTREE_TO_KCALMOL as KCAL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,9 +114,10 @@ def test_force_energy_consistency(comp6_file):
 
 @pytest.mark.skipif(not SHARED_S66X8.is_file(), reason="real COMP6 S66x8 file not present")
 def test_force_energy_consistency_of_real_s66x8():
-    """The file's forces match its energies up to sign (COMP6 v1 stores gradients: slope -1)."""
+    """COMP6 v1 stores gradients under 'forces'; read as forces (negated by default) they are
+    -dE/dx: slope +1, never -1."""
     records, _ = read_molecules(SHARED_S66X8, "energies", "forces")
-    assert abs(force_energy_consistency(records)) == pytest.approx(1.0, abs=0.1)
+    assert force_energy_consistency(records) == pytest.approx(1.0, abs=0.1)
 
 
 def test_ensemble_is_the_member_mean():
@@ -156,19 +156,10 @@ def test_predict_heterogeneous_ensemble(comp6_file):
 @pytest.fixture(scope="module")
 def checkpoint(ani1x_file, tmp_path_factory) -> Path:
     """A SchNet trained for 2 epochs on the EMT fixture (seconds)."""
-    run_dir = tmp_path_factory.mktemp("eval_run")
-    register_resolvers()
-    with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[
-            f"data.path={ani1x_file}", "data.energy_key=emt.energy", "data.force_key=emt.forces",
-            "data.batch_size=32", "logger=csv", "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
-            "model=schnet",
-            "model.kwargs.num_interactions=1", "model.kwargs.hidden_channels=16",
-            "model.kwargs.num_filters=16", "model.kwargs.num_gaussians=16", "stage=teacher",
-        ])
-    run_training(cfg, run_dir)
-    return run_dir / "checkpoints" / "best.ckpt"
+    return train_tiny(ani1x_file, tmp_path_factory.mktemp("eval_run"), "trainer.log_every_n_steps=1",
+                      "model=schnet", "model.kwargs.num_interactions=1",
+                      "model.kwargs.hidden_channels=16", "model.kwargs.num_filters=16",
+                      "model.kwargs.num_gaussians=16", "stage=teacher")
 
 
 def check_outputs(rows, out_dir: Path, models: list[str], subsets: list[str]):
@@ -181,7 +172,7 @@ def check_outputs(rows, out_dir: Path, models: list[str], subsets: list[str]):
     assert float(table[0]["energy_mae"]) == pytest.approx(rows[0]["energy_mae"])
     saved = json.loads((out_dir / "metrics.json").read_text())  # strict JSON
     assert saved["units"]["force"] == "kcal/mol/Å" and len(saved["rows"]) == len(rows)
-    assert abs(saved["force_energy_consistency"]) == pytest.approx(1.0, abs=0.1)
+    assert saved["force_energy_consistency"] == pytest.approx(1.0, abs=0.1)  # F = -dE/dx
     for name in ("energy_parity.png", "force_errors.png"):
         assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -196,6 +187,13 @@ def test_evaluate_checkpoint_on_comp6_fixture(checkpoint, comp6_file, tmp_path):
     assert counts == {"all": 15, "gdb": 10, "md": 5}
     by = {(r["model"], r["subset"]): r for r in rows}
     assert by["trained", "all"]["energy_mae"] < by["random", "all"]["energy_mae"]
+    # the predicted forces are -dE/dx of the predicted energies (a flipped sign gives -1)
+    records, _ = read_molecules(comp6_file, "energies", "forces")
+    for model in (trained, ani):
+        pred = predict(model, records)
+        as_records = [dataclasses.replace(r, energies=e, forces=f)
+                      for r, e, f in zip(records, pred.energies, pred.forces, strict=True)]
+        assert force_energy_consistency(as_records) == pytest.approx(1.0, abs=0.1)
 
 
 @pytest.mark.skipif(not SHARED_S66X8.is_file(), reason="real COMP6 S66x8 file not present")

@@ -1,6 +1,5 @@
-"""MD: the ASE calculator (units, finite differences), the failure detector, stability runs."""
+"""MD: the failure detector, stability runs (the ASE calculator: test_use_model.py)."""
 
-import copy
 import json
 import math
 
@@ -25,9 +24,7 @@ from ekd_lightning.md import (
     stability_table,
     summarize_stability,
 )
-from ekd_lightning.models.base import energy_and_forces
 from ekd_lightning.module import PotentialModule
-from ekd_lightning.units import HARTREE_TO_EV
 
 ELEMENTS = ["H", "C", "N", "O"]
 SAE = [-0.6, -38.1, -54.7, -75.2]
@@ -38,59 +35,6 @@ def make_module(name: str, seed: int = 0, scale: float = 0.01) -> PotentialModul
     kwargs = ({"hidden": {e: [16] for e in ELEMENTS}} if name == "ani2x" else
               {"hidden_channels": 16, "num_filters": 16, "num_interactions": 1, "num_gaussians": 8})
     return PotentialModule(name, kwargs, ELEMENTS, SAE, scale).eval()
-
-
-# --------------------------------------------------------------------------- calculator
-@pytest.mark.parametrize("name", ["ani2x", "schnet"])
-def test_calculator_forces_are_minus_energy_gradient(name):
-    atoms = molecule("CH3CH2OH")
-    atoms.rattle(0.05, seed=1)
-    atoms.calc = EKDCalculator(make_module(name), num_threads=1)
-    forces = atoms.get_forces()
-    assert forces.dtype == np.float64 and forces.shape == (9, 3)
-    h, numeric = 1e-4, np.zeros_like(forces)
-    for a in range(len(atoms)):
-        for k in range(3):
-            energies = []
-            for sign in (1, -1):
-                shifted = atoms.copy()
-                shifted.calc = atoms.calc
-                shifted.positions[a, k] += sign * h
-                energies.append(shifted.get_potential_energy())
-            numeric[a, k] = -(energies[0] - energies[1]) / (2 * h)
-    np.testing.assert_allclose(forces, numeric, atol=1e-5 * max(1.0, np.abs(forces).max()))
-
-
-def test_calculator_units_and_caller_module_untouched(tmp_path):
-    module = make_module("ani2x")
-    atoms = molecule("CH3OH")
-    atoms.calc = EKDCalculator(module)
-    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
-    z = torch.tensor(atoms.numbers)
-    pos = torch.tensor(atoms.positions)
-    batch = torch.zeros(len(z), dtype=torch.long)
-    e64, f64 = energy_and_forces(copy.deepcopy(module.model).double(), z, pos, batch, 1)
-    assert energy == pytest.approx(float(e64[0].detach()) * HARTREE_TO_EV, rel=1e-12)
-    np.testing.assert_allclose(forces, f64.detach().numpy() * HARTREE_TO_EV, rtol=1e-10, atol=1e-12)
-    e32, _ = energy_and_forces(module.model, z, pos.float(), batch, 1)  # the module as trained
-    assert energy == pytest.approx(float(e32[0].detach()) * HARTREE_TO_EV, abs=1e-3)
-    assert next(module.parameters()).dtype == torch.float32  # the caller's module is not converted
-
-    # the same model from a checkpoint file, and an ensemble is the mean of its members
-    path = tmp_path / "model.ckpt"
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
-    assert EKDCalculator(path).get_potential_energy(atoms.copy()) == pytest.approx(energy, rel=1e-12)
-    other = make_module("schnet", seed=3)
-    e_other = EKDCalculator(other).get_potential_energy(atoms.copy())
-    pair = EKDCalculator([module, other])
-    assert pair.get_potential_energy(atoms.copy()) == pytest.approx((energy + e_other) / 2, rel=1e-12)
-
-
-def test_calculator_refuses_periodic_cells():
-    atoms = molecule("H2O", cell=[5, 5, 5], pbc=True)
-    atoms.calc = EKDCalculator(make_module("ani2x"))
-    with pytest.raises(ValueError, match="periodic"):
-        atoms.get_potential_energy()
 
 
 # --------------------------------------------------------------------------- failure detector

@@ -1,6 +1,8 @@
 """The one-command EKD pipeline (python train.py experiment=ekd) on tiny EMT data."""
 
 import json
+import math
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ from hydra import compose, initialize_config_module
 from ekd_lightning.pipeline import (
     ablation_table,
     gap_closed,
+    main,
     run_pipeline,
     seed_summary,
     variant_jobs,
@@ -25,7 +28,10 @@ def pipeline_cfg(data_file, test_file, store, *overrides):
             "experiment=ekd", f"data.path={data_file}", "data.energy_key=emt.energy",
             "data.force_key=emt.forces", "data.batch_size=16", "logger=csv",
             f"pipeline.store={store}", "pipeline.teachers.models=[ani2x,schnet_small]",
-            "pipeline.teachers.max_epochs=2", "pipeline.max_epochs=2", "pipeline.seeds=[0,1]",
+            # teachers: 6 epochs at lr 3e-3 learn enough forces from energies that the student
+            # beats the baseline (measured held-out 27.5 vs 40.5 kcal/mol/Å, oracle 16.6)
+            "pipeline.teachers.max_epochs=6", "optim.lr=3e-3", "pipeline.max_epochs=2",
+            "pipeline.seeds=[0,1]",
             f"pipeline.test_data.path={test_file}", "pipeline.md.steps=20",
             "pipeline.md.nve_steps=10", "pipeline.md.molecules=[CH3OH]", "pipeline.md.seeds=[0]",
             *overrides,
@@ -45,8 +51,14 @@ def test_pipeline_report_compares_every_model(finished):
     models = {e["model"]: e for e in report["heldout"]["summary"]}
     assert {"baseline", "student", "oracle", "teacher0", "teacher1", "ensemble"} <= set(models)
     assert models["student"]["n_seeds"] == 2 and models["oracle"]["n_seeds"] == 1
-    assert all(0 < models[m]["force_mae"] < 1e3 for m in models)
-    assert isinstance(report["heldout"]["force_gap_closed"], float)
+    for split in ("heldout", "test"):
+        entries = {e["model"]: e for e in report[split]["summary"]}
+        for entry in entries.values():  # EMT forces of displaced molecules: tens of kcal/mol/Å
+            assert 1 < entry["force_mae"] < 200 and 0.1 < entry["energy_mae"] < 200, entry
+            assert all(math.isfinite(v) for k, v in entry.items() if k.endswith("_mae")), entry
+        force = {m: entries[m]["force_mae"] for m in ("baseline", "student", "oracle")}
+        assert force["oracle"] < force["student"] < 0.85 * force["baseline"], (split, force)
+        assert 0.3 < report[split]["force_gap_closed"] < 1.0
     # run folders are named by each run's model file (schnet_small is the schnet class)
     folders = {p.name.rsplit("-", 1)[0] for p in (root / "store").iterdir() if p.is_dir()}
     assert {"teacher-ani2x-seed100", "teacher-schnet_small-seed101", "student-ani2x-seed1"} <= folders
@@ -71,13 +83,23 @@ def test_student_trains_on_the_teachers_labels(finished):
         assert json.loads(info.read_text())["labels"] == str(labels[0])
 
 
-def test_rerun_trains_nothing_again(finished, ani1x_file, comp6_file):
+def test_rerun_trains_nothing_again_and_replaces_the_report_atomically(finished, monkeypatch):
+    """A rerun trains nothing; summary.md and summary.json reach their place by os.replace (a
+    temporary file renamed), never by writing into the report a reader may be reading."""
     cfg, root, report = finished
     checkpoints = {p: p.stat().st_mtime_ns for p in (root / "store").glob("*/checkpoints/*.ckpt")}
+    replaced = []
+    real_replace = os.replace
+
+    def spy(src, dst, *args, **kwargs):
+        replaced.append(Path(dst).name)
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", spy)
     again = run_pipeline(cfg, root / "ekd")
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
     assert again["heldout"]["summary"] == report["heldout"]["summary"]
-    assert again["timings_s"]["train"] < 30
+    assert {"summary.md", "summary.json"} <= set(replaced)
 
 
 def test_ablation_table_lists_each_report(finished, tmp_path):
@@ -85,6 +107,8 @@ def test_ablation_table_lists_each_report(finished, tmp_path):
     (tmp_path / "naive").symlink_to(root / "ekd")
     table = ablation_table(tmp_path)
     assert "| naive |" in table and "gap closed" in table
+    assert main(["ablation", str(tmp_path), "--out", str(tmp_path / "ablation.md")]) == 0
+    assert (tmp_path / "ablation.md").read_text() == table + "\n"
     with pytest.raises(FileNotFoundError):
         ablation_table(tmp_path / "nothing")
 

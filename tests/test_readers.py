@@ -212,13 +212,11 @@ def test_ani1x_layout_forces_are_kept(ani1x_file, caplog):
 def test_shipped_comp6_file_holds_true_forces():
     from ekd_lightning.bundled import TEST_FILE
 
-    if not TEST_FILE.is_file():
-        pytest.skip("bundled xtb_comp6.h5 not built")
     with h5py.File(TEST_FILE, "r") as f:
         assert f.attrs["forces_convention"] == "-dE/dx"
-        stored = f["s66x8/mol00/forces"][()]
+        stored = f["xtb_pair_scans/mol00/forces"][()]
     records, _ = read_molecules(TEST_FILE, "energies", "forces")
-    got = next(r for r in records if r.key == "s66x8/mol00")
+    got = next(r for r in records if r.key == "xtb_pair_scans/mol00")
     np.testing.assert_array_equal(got.forces, stored)
 
 
@@ -236,7 +234,8 @@ def test_real_comp6_forces_become_minus_gradient():
 
 
 def test_builder_writes_forces_convention(tmp_path):
-    build = pytest.importorskip("ekd_lightning.bundled.build")
+    from ekd_lightning.bundled import build
+
     sample = build.Sample("sub/mol00", "O", np.array([8, 1, 1]), np.zeros((1, 3, 3)) + [[0], [0.96], [1.9]],
                           np.array([-5.0]), np.full((1, 3, 3), 0.25), "test")
     path = tmp_path / "built.h5"

@@ -1,3 +1,14 @@
 """ekd-lightning: ensemble knowledge distillation for machine-learned interatomic potentials."""
 
 __version__ = "0.1.0"
+
+__all__ = ["EKDCalculator"]
+
+
+def __getattr__(name: str):
+    """``EKDCalculator`` on first use, so that ``import ekd_lightning`` stays light (no torch)."""
+    if name == "EKDCalculator":
+        from .calculator import EKDCalculator
+
+        return EKDCalculator
+    raise AttributeError(f"module 'ekd_lightning' has no attribute {name!r}")

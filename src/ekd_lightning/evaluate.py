@@ -281,6 +281,11 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`_write_atomic`)."""
+    _write_atomic(Path(path), lambda handle: handle.write(text.encode()))
+
+
 def write_csv_atomic(rows: Sequence[Mapping], path: str | Path, columns: Sequence[str] | None = None) -> None:
     """Rows as CSV (header from ``columns`` or the first row's keys), written atomically."""
     columns = list(columns or (rows[0].keys() if rows else []))
@@ -288,7 +293,7 @@ def write_csv_atomic(rows: Sequence[Mapping], path: str | Path, columns: Sequenc
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(Path(path), lambda handle: handle.write(text.getvalue().encode()))
+    write_text_atomic(text.getvalue(), path)
 
 
 def json_safe(value):

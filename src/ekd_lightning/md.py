@@ -1,7 +1,7 @@
-"""Molecular dynamics with trained potentials: an ASE calculator and an MD stability test.
+"""Molecular dynamics with trained potentials: an MD stability test.
 
-:class:`EKDCalculator` wraps a checkpoint, a :class:`~ekd_lightning.module.PotentialModule` or an
-ensemble of them (mean energy and forces) as an ASE calculator (eV, eV/Å; float64 model).
+The ASE calculator, :class:`~ekd_lightning.calculator.EKDCalculator`, lives in
+:mod:`ekd_lightning.calculator` (imported here for the runs).
 
 Stability test (:func:`stability_table`): for each molecule, Langevin MD (0.5 fs, friction
 0.01/fs) at 300 K and 600 K with several seeds; each trajectory is checked by
@@ -29,8 +29,6 @@ ps, in meV/atom/ps (also the slope of a least-squares line, less sensitive to th
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import functools
 import hashlib
 import json
@@ -44,21 +42,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from ase import Atoms, units
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator
 from ase.constraints import FixCom
 from ase.data import covalent_radii
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
+from .calculator import EKDCalculator, torch_threads
 from .checkpoint import file_sha256
-from .errors import DataError, EKDError
+from .errors import EKDError
 from .evaluate import format_table, json_safe, parse_named, write_csv_atomic
-from .models.base import energy_and_forces
 from .training import write_json_atomic
-from .units import HARTREE_TO_EV
 
 log = logging.getLogger(__name__)
 
@@ -66,80 +62,6 @@ DEFAULT_MOLECULES = ("CH3OH", "CH3CH2OH", "CH3CHO", "HCOOH", "CH3CONH2")
 """ASE g2 molecules (H, C, N, O) of the default stability test."""
 FAILURE_REASONS = ("nonfinite", "collision", "bond_break", "energy_explosion", "energy_hole")
 """Failure reasons, in the order they are checked within one frame."""
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Temporarily run torch on ``n`` threads (None: leave as is). One thread is fastest for a
-    single small molecule, and avoids oversubscribing shared cores."""
-    previous = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-# --------------------------------------------------------------------------- calculator
-def _load_members(model) -> list:
-    from .checkpoint import load_potential
-    from .module import PotentialModule
-
-    items = [model] if isinstance(model, str | Path | torch.nn.Module) else list(model)
-    if not items:
-        raise ValueError("EKDCalculator needs a checkpoint, a PotentialModule or a non-empty ensemble")
-    members = []
-    for item in items:
-        module = load_potential(item) if isinstance(item, str | Path) else item
-        if isinstance(module, PotentialModule):
-            module = module.model
-        members.append(module)
-    return members
-
-
-class EKDCalculator(Calculator):
-    """ASE calculator for a trained potential (energy in eV, forces in eV/Å).
-
-    Args:
-        model: a checkpoint path, a :class:`~ekd_lightning.module.PotentialModule` (or its
-            ``.model``), or a sequence of them (an ensemble: mean energy and forces).
-        device: torch device of the computation.
-        dtype: the model is evaluated in this precision on a private copy (float64 by default,
-            so that forces are the exact gradient of a smooth energy: finite differences and NVE
-            runs are not limited by float32 rounding); the caller's module is left untouched.
-        num_threads: torch threads during each calculation (None: leave torch's setting); one
-            thread is fastest for a single small molecule on CPU.
-
-    Periodic cells are not supported (the models are molecular).
-    """
-
-    implemented_properties = ["energy", "free_energy", "forces"]
-
-    def __init__(self, model, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
-                 num_threads: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.num_threads = num_threads
-        self.device, self.dtype = torch.device(device), dtype
-        self.members = [copy.deepcopy(m).to(self.device, dtype).eval() for m in _load_members(model)]
-        for member in self.members:
-            member.requires_grad_(False)
-
-    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        super().calculate(atoms, properties, system_changes)
-        if self.atoms.pbc.any():
-            raise DataError("EKDCalculator: periodic cells are not supported (molecular models)")
-        z = torch.as_tensor(self.atoms.numbers, dtype=torch.long, device=self.device)
-        pos = torch.tensor(self.atoms.positions, dtype=self.dtype, device=self.device)
-        batch = torch.zeros(len(z), dtype=torch.long, device=self.device)
-        energy, forces = 0.0, torch.zeros_like(pos)
-        with torch_threads(self.num_threads):
-            for member in self.members:
-                e, f = energy_and_forces(member, z, pos, batch, 1)
-                energy, forces = energy + float(e[0].detach()), forces + f.detach()
-        n = len(self.members)
-        self.results["energy"] = self.results["free_energy"] = energy / n * HARTREE_TO_EV
-        self.results["forces"] = forces.cpu().double().numpy() / n * HARTREE_TO_EV
 
 
 # --------------------------------------------------------------------------- failure detection

@@ -185,11 +185,13 @@ class PotentialModule(pl.LightningModule):
         return energies, -grad
 
     # ----------------------------------------------------------------- losses
-    def current_force_weight(self) -> float:
+    def current_force_weight(self, final: bool = False) -> float:
+        """Force-loss weight of this epoch: ramped linearly over ``force_warmup_epochs`` in
+        training; ``final=True`` gives the weight after the ramp (what validation uses)."""
         hp = self.hparams
         if hp.force_target == "none":
             return 0.0
-        if hp.force_warmup_epochs > 0:
+        if hp.force_warmup_epochs > 0 and not final:
             return hp.force_weight * min(1.0, (self.current_epoch + 1) / hp.force_warmup_epochs)
         return hp.force_weight
 
@@ -240,8 +242,11 @@ class PotentialModule(pl.LightningModule):
         return loss
 
     def _evaluate(self, batch, split: str) -> None:
+        """Log ``{split}/loss`` with the final force weight (not the warm-up's ramping one), so
+        ModelCheckpoint and ReduceLROnPlateau, which watch ``val/loss``, compare the epochs on
+        one quantity; and the energy/force metrics."""
         has_reference = "forces" in batch
-        force_weight = self.current_force_weight()
+        force_weight = self.current_force_weight(final=True)
         energies, forces = self(batch, with_forces=has_reference or force_weight > 0)
         loss = self.hparams.energy_weight * self.energy_loss(energies, batch)
         if force_weight > 0:

@@ -44,7 +44,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import load_potential
 from .data import EKDDataModule
-from .evaluate import ALL, evaluate_models, evaluate_records, format_table, json_safe, label_quality
+from .evaluate import (
+    ALL,
+    evaluate_models,
+    evaluate_records,
+    format_table,
+    json_safe,
+    label_quality,
+    write_text_atomic,
+)
 from .progress import PipelineProgress
 from .training import config_sha256, run_training, write_json_atomic
 
@@ -458,8 +466,7 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
             md_rows, ["model", "n_trajectories", "stable_fraction", "mean_time_to_failure_fs",
                       "failures", "nve_drift_meV_atom_ps"]), ""]
     text += ["## Wall time (s)", "", " · ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text("\n".join(text))
+    write_text_atomic("\n".join(text), out / "summary.md")
     write_json_atomic(json_safe(report), out / "summary.json")
     return report
 
@@ -600,15 +607,20 @@ def ablation_table(folder: str | Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ekd_lightning.pipeline ablation FOLDER``: print the ablation table."""
+    """``python -m ekd_lightning.pipeline ablation FOLDER [--out FILE]``: print the ablation
+    table (and write it to FILE atomically)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m ekd_lightning.pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
     table = sub.add_parser("ablation", help="table of the pipeline reports under a folder")
     table.add_argument("folder")
+    table.add_argument("--out", help="also write the table to this file (atomically)")
     args = parser.parse_args(argv)
-    print(ablation_table(args.folder))
+    text = ablation_table(args.folder)
+    if args.out:
+        write_text_atomic(text + "\n", Path(args.out))
+    print(text)
     return 0
 
 

@@ -9,8 +9,9 @@
   ``gfn2_xtb.energy`` (n_conf,) float64 Hartree (plays the role of ``ccsd(t)_cbs.energy``) and
   ``gfn2_xtb.forces`` (n_conf, n_atoms, 3) float64 Hartree/Å (true forces, for evaluation only).
 * :data:`TEST_FILE` (``xtb_comp6.h5``, COMP6 v1 layout): out-of-sample ``subset/molNN`` groups
-  (``gdb10to13``, ``drugbank``, ``tripeptides``: normal-mode samples of larger molecules;
-  ``s66x8``: dimer distance scans; ``ani_md``: 300 K MD frames) with ``species`` (n_atoms,)
+  (``xtb_nm_organics``, ``xtb_nm_drugs``, ``xtb_peptides``: normal-mode samples of larger
+  molecules; ``xtb_pair_scans``: dimer distance scans as in S66x8; ``xtb_md_frames``: 300 K MD
+  frames; named so that they cannot be mistaken for the COMP6 subsets) with ``species`` (n_atoms,)
   ``|S1``, ``coordinates`` float32 Å, ``energies`` float64 Hartree, ``forces`` float32 Hartree/Å.
 
 Every molecule group carries a ``smiles`` attribute; file roots carry method, program, preset and

@@ -52,6 +52,10 @@ TEST_NAME = "xtb_comp6.h5"
 ENERGY_KEY = "gfn2_xtb.energy"
 FORCE_KEY = "gfn2_xtb.forces"
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+MD_SUBSET = "xtb_md_frames"
+"""Test subset of MD frames (the other test subsets are normal-mode samples)."""
+DIMER_SUBSET = "xtb_pair_scans"
+"""Test subset of dimer distance scans."""
 COMP6_FORCES_CONVENTION = ("forces_convention", "-dE/dx")
 """Root attribute of the COMP6-layout file: its ``forces`` are true forces F = -dE/dx."""
 
@@ -76,12 +80,12 @@ TRAIN_SMILES: tuple[str, ...] = (
 """Training molecules (H/C/N/O, neutral closed shell, <= 6 heavy atoms, distinct formulas)."""
 
 TEST_SMILES: dict[str, tuple[str, ...]] = {
-    "gdb10to13": (
+    "xtb_nm_organics": (
         "CC(C)CC(C)=O", "OCc1ccncc1", "CC(=O)OCC(C)C", "O=C1CCCCCC1", "N#Cc1ccccc1",
         "COc1ccccc1", "CC1(C)CC(=O)CC(=O)C1", "OC1CC2CCC1C2", "CN1CCN(C)CC1", "Cc1cc(C)on1",
         "NC(=O)c1ccco1", "CCOC(=O)C(C)=O",
     ),
-    "drugbank": (
+    "xtb_nm_drugs": (
         "CC(=O)Nc1ccc(O)cc1",  # paracetamol
         "CC(=O)Oc1ccccc1C(=O)O",  # aspirin
         "Cn1cnc2c1c(=O)n(C)c(=O)n2C",  # caffeine
@@ -91,24 +95,28 @@ TEST_SMILES: dict[str, tuple[str, ...]] = {
         "CCOc1ccc(NC(C)=O)cc1",  # phenacetin
         "NNC(=O)c1ccncc1",  # isoniazid
     ),
-    "tripeptides": (
+    "xtb_peptides": (
         "CC(=O)NCC(=O)NC",  # Ace-Gly-NMe
         "CC(=O)N[C@@H](C)C(=O)NC",  # Ace-Ala-NMe
         "NCC(=O)NCC(=O)NCC(=O)O",  # Gly-Gly-Gly
         "NCC(=O)N[C@@H](C)C(=O)NCC(=O)O",  # Gly-Ala-Gly
         "C[C@H](N)C(=O)N[C@@H](C)C(=O)N[C@@H](C)C(=O)O",  # Ala-Ala-Ala
     ),
-    "ani_md": (
+    MD_SUBSET: (
         "CCCCCCO", "Oc1ccccc1", "Nc1ccccc1", "CC(=O)CC(C)=O", "CCOCCOC", "OC(=O)c1ccccc1",
     ),
 }
-"""Out-of-sample test molecules per COMP6-like subset (normal-mode or MD sampled)."""
+"""Out-of-sample test molecules per subset: normal-mode sampled (``xtb_nm_organics``: 7-10
+heavy atoms, ``xtb_nm_drugs``: drug molecules, ``xtb_peptides``: capped and short peptides) or
+300 K MD frames (``xtb_md_frames``). The subsets are named after what they hold, not after the
+COMP6 subsets they resemble, so no table of xTB errors can pass for COMP6 (wB97X) results."""
 
 DIMER_SMILES: tuple[str, ...] = (
     "O.O", "O.CO", "O.CN", "CO.CO", "CC(=O)O.CC(=O)O", "CC(N)=O.CC(N)=O", "c1ccccc1.O",
     "c1ccccc1.c1ccccc1",
 )
-"""Non-covalent dimers of the ``s66x8`` subset, each scanned along the contact distance."""
+"""Non-covalent dimers of the ``xtb_pair_scans`` subset, each scanned along the contact distance
+as in S66x8."""
 
 S66_SCALES: tuple[float, ...] = (0.90, 0.95, 1.00, 1.05, 1.10, 1.25, 1.50, 2.00)
 """S66x8 multiples of the equilibrium closest intermolecular contact distance."""
@@ -510,9 +518,9 @@ def plan_jobs(preset: Preset, log: Callable[[str], None] = print) -> tuple[list[
         train.append(Job("train", name, smi, preset))
     test = []
     for subset, smiles in preset.test_smiles.items():
-        kind = "md" if subset == "ani_md" else "nm"
+        kind = "md" if subset == MD_SUBSET else "nm"
         test += [Job(kind, f"{subset}/mol{i:02d}", s, preset) for i, s in enumerate(smiles)]
-    test += [Job("dimer", f"s66x8/mol{i:02d}", s, preset) for i, s in enumerate(preset.dimer_smiles)]
+    test += [Job("dimer", f"{DIMER_SUBSET}/mol{i:02d}", s, preset) for i, s in enumerate(preset.dimer_smiles)]
     overlap = {canonical(j.smiles) for j in train} & {canonical(j.smiles) for j in test}
     if overlap:
         raise ValueError(f"test molecules also in the training set: {sorted(overlap)}")

@@ -1,0 +1,128 @@
+"""The public ASE calculator of a trained potential, or of an ensemble of them.
+
+>>> calc = EKDCalculator.from_checkpoint("runs/student-ani2x-seed0/checkpoints/best.ckpt")
+>>> calc = EKDCalculator.from_checkpoints(["a.ckpt", "b.ckpt"])  # mean, plus the spread
+
+ASE units: energies in eV, forces in eV/Å (the models work in Hartree and Å). An ensemble gives
+the members' mean energy and forces, and their spread in ``calc.results``: ``energy_std`` (eV)
+and ``forces_std`` (n_atoms, 3) eV/Å, standard deviations over the members (ddof=0, as the
+distilled label files store them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+
+from .errors import DataError
+from .models.base import energy_and_forces
+from .units import HARTREE_TO_EV
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Temporarily run torch on ``n`` threads (None: leave as is). One thread is fastest for a
+    single small molecule, and avoids oversubscribing shared cores."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _load_members(model) -> list:
+    from .checkpoint import load_potential
+    from .module import PotentialModule
+
+    items = [model] if isinstance(model, str | Path | torch.nn.Module) else list(model)
+    if not items:
+        raise ValueError("EKDCalculator needs a checkpoint, a PotentialModule or a non-empty ensemble")
+    members = []
+    for item in items:
+        module = load_potential(item) if isinstance(item, str | Path) else item
+        if isinstance(module, PotentialModule):
+            module = module.model
+        members.append(module)
+    return members
+
+
+class EKDCalculator(Calculator):
+    """ASE calculator for a trained potential (energy in eV, forces in eV/Å).
+
+    Args:
+        model: a checkpoint path, a :class:`~ekd_lightning.module.PotentialModule` (or its
+            ``.model``), or a sequence of them (an ensemble: mean energy and forces, and with
+            two or more members ``energy_std`` and ``forces_std`` in ``results``).
+        device: torch device of the computation.
+        dtype: the model is evaluated in this precision on a private copy (float64 by default,
+            so that forces are the exact gradient of a smooth energy: finite differences and NVE
+            runs are not limited by float32 rounding); the caller's module is left untouched.
+        num_threads: torch threads during each calculation (None: leave torch's setting); one
+            thread is fastest for a single small molecule on CPU.
+
+    Periodic cells are not supported (the models are molecular).
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "energy_std", "forces_std"]
+
+    def __init__(self, model, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
+                 num_threads: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_threads = num_threads
+        self.device, self.dtype = torch.device(device), dtype
+        self.members = [copy.deepcopy(m).to(self.device, dtype).eval() for m in _load_members(model)]
+        for member in self.members:
+            member.requires_grad_(False)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs) -> EKDCalculator:
+        """The calculator of one ``.ckpt`` written by training (CheckpointError if unusable);
+        ``kwargs`` as in the constructor."""
+        return cls(Path(path), **kwargs)
+
+    @classmethod
+    def from_checkpoints(cls, sources: Sequence[str | Path] | str | Path, **kwargs) -> EKDCalculator:
+        """The calculator of an ensemble, given as distillation takes its teachers: checkpoint
+        files, folders (every run's ``best.ckpt`` under them) or published ensembles
+        (``torchani_ani2x``, needs the ``[ani]`` extra); see
+        :mod:`ekd_lightning.distill.teachers`. ``kwargs`` as in the constructor."""
+        from .distill.teachers import load_teachers, resolve_teachers
+
+        spec = [str(s) for s in sources] if isinstance(sources, Sequence) and not isinstance(
+            sources, str) else str(sources)
+        return cls(load_teachers(resolve_teachers(spec)), **kwargs)
+
+    @property
+    def elements(self) -> list[str]:
+        """Element symbols every member knows (a structure may hold only these)."""
+        known = [e for e in self.members[0].elements
+                 if all(e in m.elements for m in self.members[1:])]
+        return known
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        if self.atoms.pbc.any():
+            raise DataError("EKDCalculator: periodic cells are not supported (molecular models)")
+        z = torch.as_tensor(self.atoms.numbers, dtype=torch.long, device=self.device)
+        pos = torch.tensor(self.atoms.positions, dtype=self.dtype, device=self.device)
+        batch = torch.zeros(len(z), dtype=torch.long, device=self.device)
+        energies, forces = [], []
+        with torch_threads(self.num_threads):
+            for member in self.members:
+                e, f = energy_and_forces(member, z, pos, batch, 1)
+                energies.append(e[0].detach().double())
+                forces.append(f.detach().double())
+        energies = torch.stack(energies) * HARTREE_TO_EV  # (members,) eV
+        forces = torch.stack(forces).cpu() * HARTREE_TO_EV  # (members, n_atoms, 3) eV/Å
+        self.results["energy"] = self.results["free_energy"] = float(energies.mean())
+        self.results["forces"] = forces.mean(0).numpy()
+        if len(self.members) > 1:
+            self.results["energy_std"] = float(energies.std(correction=0))
+            self.results["forces_std"] = forces.std(0, correction=0).numpy()

@@ -1,0 +1,306 @@
+"""``ekd-export model.ckpt model.pt``: a trained potential as a TorchScript file for plain torch.
+
+The file loads with ``torch.jit.load`` alone (no ekd-lightning, Lightning or PyG) and holds a
+module scripted from the model's own weights, so it works for molecules of any size and any
+composition of the model's elements (no shapes or branches baked in by tracing):
+
+.. code-block:: python
+
+    model = torch.jit.load("model.pt")
+    energy = model(numbers, positions)          # () float64, Hartree
+    energy, forces = model.energy_and_forces(numbers, positions)  # forces (n_atoms, 3) Hartree/Å
+    model.elements                               # ["H", "C", "N", "O"]
+
+``numbers``: (n_atoms,) int64 atomic numbers; ``positions``: (n_atoms, 3) Å, one molecule, no
+periodic cell. ``forward`` is differentiable in ``positions`` (forces by autograd);
+``energy_and_forces`` returns F = -dE/dx. The model computes in the dtype it was trained in
+(float32): energies and forces agree with ekd-lightning's to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import file_sha256, load_potential
+from .errors import CheckpointError, EKDError
+from .evaluate import _write_atomic
+from .models.aev import angular_triples, cosine_cutoff
+from .models.ani import ANIModel
+from .models.base import AtomisticModel
+from .models.schnet import SchNetModel
+
+
+class _Exported(nn.Module):
+    """What every exported model shares: element checks, the energy sum, forces by autograd.
+
+    Subclasses implement ``contributions(species, pos) -> (n_atoms,)`` dimensionless outputs.
+    """
+
+    def __init__(self, model: AtomisticModel, name: str, source_sha256: str):
+        super().__init__()
+        self.elements: list[str] = list(model.elements)
+        self.model_name: str = name
+        self.source_sha256: str = source_sha256  # of the checkpoint
+        self.energy_unit: str = "Hartree"
+        self.length_unit: str = "Angstrom"
+        self.register_buffer("species_of_number", model.species_of_number.clone())
+        self.register_buffer("self_energies", model.self_energies.clone())  # (S,) Hartree, f64
+        self.register_buffer("energy_scale", model.energy_scale.clone())  # () Hartree, f64
+
+    def species(self, numbers: Tensor, positions: Tensor) -> Tensor:
+        """Species index (n_atoms,) of the atomic numbers; an error for bad input."""
+        if numbers.dim() != 1 or positions.dim() != 2 or positions.shape[0] != numbers.shape[0] \
+                or positions.shape[1] != 3:
+            raise ValueError("expected numbers (n_atoms,) and positions (n_atoms, 3) in Å")
+        if bool(((numbers < 0) | (numbers > 118)).any()):
+            raise ValueError("atomic numbers must lie in 0..118")
+        species = self.species_of_number[numbers]
+        if bool((species < 0).any()):
+            unknown: list[int] = numbers[species < 0].tolist()
+            raise ValueError("atomic number(s) " + str(unknown) + " not among this model's "
+                             "elements " + str(self.elements))
+        return species
+
+    def contributions(self, species: Tensor, pos: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, numbers: Tensor, positions: Tensor) -> Tensor:
+        """Energy () float64 in Hartree of one molecule: numbers (n_atoms,), positions
+        (n_atoms, 3) Å; differentiable in ``positions``."""
+        species = self.species(numbers, positions)
+        atomic = self.energy_scale * self.contributions(species, positions).to(torch.float64)
+        return (atomic + self.self_energies[species]).sum()
+
+    @torch.jit.export
+    def energy_and_forces(self, numbers: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Energy () float64 Hartree and forces F = -dE/dx (n_atoms, 3) Hartree/Å, in the
+        dtype of ``positions``; needs grad mode (not inside ``torch.no_grad()``)."""
+        if not torch.is_grad_enabled():
+            raise RuntimeError("energy_and_forces needs autograd: call it outside torch.no_grad()")
+        pos = positions.detach().requires_grad_(True)
+        energy = self.forward(numbers, pos)
+        grad = torch.autograd.grad([energy], [pos])[0]
+        assert grad is not None
+        return energy.detach(), -grad
+
+
+def _pairs(pos: Tensor, cutoff: float) -> tuple[Tensor, Tensor]:
+    """Atom pairs i < j closer than ``cutoff`` Å: ``first``, ``second`` (n_pairs,)."""
+    n = pos.shape[0]
+    ij = torch.triu_indices(n, n, 1, device=pos.device)
+    with torch.no_grad():
+        close = (pos.index_select(0, ij[1]) - pos.index_select(0, ij[0])).norm(2, -1) < cutoff
+    keep = torch.nonzero(close).squeeze(1)
+    return ij[0].index_select(0, keep), ij[1].index_select(0, keep)
+
+
+class ExportedANI(_Exported):
+    """:class:`~ekd_lightning.models.ani.ANIModel` for one molecule in scriptable torch: the
+    same AEV (:class:`~ekd_lightning.models.aev.ANIAEV`, every species' features; those of
+    absent species are zero) and the same element networks, in the dtype of their weights."""
+
+    def __init__(self, model: ANIModel, name: str = "ani2x", source_sha256: str = ""):
+        super().__init__(model, name, source_sha256)
+        aev, dtype = model.aev, model.dtype
+        for buffer in ("radial_shifts", "angular_shifts", "angular_sections"):
+            self.register_buffer(buffer, getattr(aev, buffer).to(dtype))
+        self.register_buffer("triu_index", aev.triu_index.clone())
+        self.radial_cutoff, self.angular_cutoff = aev.radial_cutoff, aev.angular_cutoff
+        self.radial_eta, self.angular_eta = aev.radial_eta, aev.angular_eta
+        self.angular_zeta = aev.angular_zeta
+        self.num_species, self.num_species_pairs = aev.num_species, aev.num_species_pairs
+        self.radial_features, self.angular_features = aev.radial_features, aev.angular_features
+        self.networks = nn.ModuleList([copy.deepcopy(model.networks[e]) for e in model.elements])
+
+    def aev(self, species: Tensor, pos: Tensor) -> Tensor:
+        """AEVs (n_atoms, out_dim) of one molecule, ``pos`` (n_atoms, 3) Å."""
+        n = species.shape[0]
+        i, j = _pairs(pos, self.radial_cutoff)
+        vec = pos.index_select(0, j) - pos.index_select(0, i)
+        dist = vec.norm(2, -1)
+        gauss = torch.exp(-self.radial_eta * (dist.unsqueeze(-1) - self.radial_shifts) ** 2)
+        radial = 0.25 * gauss * cosine_cutoff(dist, self.radial_cutoff).unsqueeze(-1)
+        s = self.num_species
+        radial_aev = pos.new_zeros(n * s, self.radial_features)
+        radial_aev = radial_aev.index_add(0, i * s + species[j], radial)
+        radial_aev = radial_aev.index_add(0, j * s + species[i], radial)
+
+        # directed pairs within the angular cutoff, sorted by centre; triples {j, k} per centre
+        close = torch.nonzero(dist.detach() < self.angular_cutoff).squeeze(1)
+        ci, cj = i.index_select(0, close), j.index_select(0, close)
+        centre, other = torch.cat([ci, cj]), torch.cat([cj, ci])
+        cvec = vec.index_select(0, close)
+        cvec, cdist = torch.cat([cvec, -cvec]), dist.index_select(0, close).repeat(2)
+        order = torch.sort(centre, stable=True)[1]
+        centre, other = centre.index_select(0, order), other.index_select(0, order)
+        cvec, cdist = cvec.index_select(0, order), cdist.index_select(0, order)
+        p, q = angular_triples(centre, n)
+        vec_j, vec_k = cvec.index_select(0, p), cvec.index_select(0, q)
+        d_j, d_k = cdist.index_select(0, p), cdist.index_select(0, q)
+        cos_angle = (vec_j * vec_k).sum(-1) / torch.clamp(d_j * d_k, min=1e-10)
+        x = (0.95 * cos_angle).unsqueeze(-1)
+        sections = self.angular_sections
+        cos_dev = x * torch.cos(sections) + torch.sqrt(1.0 - x * x) * torch.sin(sections)
+        angular = 2.0 * ((1.0 + cos_dev) * 0.5) ** self.angular_zeta  # (T, sections)
+        mean = (0.5 * (d_j + d_k)).unsqueeze(-1)
+        cut = cosine_cutoff(d_j, self.angular_cutoff) * cosine_cutoff(d_k, self.angular_cutoff)
+        shells = torch.exp(-self.angular_eta * (mean - self.angular_shifts) ** 2) * cut.unsqueeze(-1)
+        terms = (shells.unsqueeze(-1) * angular.unsqueeze(-2)).flatten(1)  # shift slow
+        block = self.triu_index[species[other.index_select(0, p)], species[other.index_select(0, q)]]
+        angular_aev = pos.new_zeros(n * self.num_species_pairs, self.angular_features)
+        angular_aev = angular_aev.index_add(0, centre.index_select(0, p) * self.num_species_pairs
+                                            + block, terms)
+        return torch.cat([radial_aev.view(n, -1), angular_aev.view(n, -1)], dim=1)
+
+    def contributions(self, species: Tensor, pos: Tensor) -> Tensor:
+        features = self.aev(species, pos.to(self.radial_shifts.dtype))
+        out = features.new_zeros(species.shape[0])
+        for s, network in enumerate(self.networks):
+            atoms = torch.nonzero(species == s).squeeze(1)
+            out = out.index_copy(0, atoms, network(features.index_select(0, atoms)).squeeze(-1))
+        return out
+
+
+class _Interaction(nn.Module):
+    """One SchNet interaction block (torch_geometric's ``InteractionBlock``), as plain torch."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.filter, self.act = copy.deepcopy(block.mlp), copy.deepcopy(block.act)
+        self.lin1, self.lin2 = copy.deepcopy(block.conv.lin1), copy.deepcopy(block.conv.lin2)
+        self.lin = copy.deepcopy(block.lin)
+
+    def forward(self, h: Tensor, source: Tensor, target: Tensor, expansion: Tensor,
+                envelope: Tensor) -> Tensor:
+        weight = self.filter(expansion) * envelope.unsqueeze(-1)
+        x = self.lin1(h)
+        x = torch.zeros_like(x).index_add(0, target, x.index_select(0, source) * weight)
+        return self.lin(self.act(self.lin2(x)))
+
+
+class ExportedSchNet(_Exported):
+    """:class:`~ekd_lightning.models.schnet.SchNetModel` for one molecule in scriptable torch
+    (the same submodules and weights; message passing as ``index_add``)."""
+
+    def __init__(self, model: SchNetModel, name: str = "schnet", source_sha256: str = ""):
+        super().__init__(model, name, source_sha256)
+        net = model.net
+        self.cutoff = float(model.cutoff)
+        self.embedding = copy.deepcopy(net.embedding)
+        self.register_buffer("offset", net.distance_expansion.offset.clone())
+        self.coeff = float(net.distance_expansion.coeff)
+        self.interactions = nn.ModuleList([_Interaction(b) for b in net.interactions])
+        self.lin1, self.act, self.lin2 = (copy.deepcopy(m) for m in (net.lin1, net.act, net.lin2))
+
+    def contributions(self, species: Tensor, pos: Tensor) -> Tensor:
+        pos = pos.to(self.offset.dtype)
+        i, j = _pairs(pos, self.cutoff)
+        source, target = torch.cat([i, j]), torch.cat([j, i])
+        dist = (pos.index_select(0, j) - pos.index_select(0, i)).norm(2, -1).repeat(2)
+        expansion = torch.exp(self.coeff * (dist.unsqueeze(-1) - self.offset) ** 2)
+        envelope = 0.5 * (torch.cos(dist * math.pi / self.cutoff) + 1.0)
+        h = self.embedding(species + 1)  # index 0 is SchNet's padding
+        for interaction in self.interactions:
+            h = h + interaction(h, source, target, expansion, envelope)
+        return self.lin2(self.act(self.lin1(h))).squeeze(-1)
+
+
+def script_model(model: AtomisticModel, name: str, source_sha256: str = ""):
+    """The TorchScript module of ``model`` (an ANI or SchNet model; CheckpointError otherwise),
+    recording the model name and the checkpoint's SHA-256."""
+    if isinstance(model, ANIModel):
+        exported = ExportedANI(model, name, source_sha256)
+    elif isinstance(model, SchNetModel):
+        exported = ExportedSchNet(model, name, source_sha256)
+    else:
+        raise CheckpointError(f"cannot export a {type(model).__name__}: ekd-export supports "
+                              "ANI (ani2x, ani1x) and SchNet models")
+    with warnings.catch_warnings():  # torch >= 2.9 marks torch.jit as deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(exported.eval())
+
+
+def probe_molecules(elements: Sequence[str], seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """Made-up molecules (numbers (n,), positions (n, 3) Å) to compare an export with its model:
+    one per element alone and mixtures of all of them, 1 to 40 atoms (atoms >= 0.9 Å apart)."""
+    from .units import symbol_to_number
+
+    rng = torch.Generator().manual_seed(seed)
+    numbers = torch.tensor([symbol_to_number(e) for e in elements])
+    compositions = [numbers[[k] * 3] for k in range(len(numbers))] + [numbers[:1]]
+    compositions += [numbers[torch.randint(len(numbers), (n,), generator=rng)] for n in (12, 40)]
+    molecules = []
+    for z in compositions:
+        pos = torch.zeros(0, 3, dtype=torch.float64)
+        while len(pos) < len(z):  # random points in a box of about 1.2 Å^3 per atom
+            trial = torch.rand(1, 3, generator=rng, dtype=torch.float64) * (1.2 * len(z)) ** (1 / 3) * 1.6
+            if len(pos) == 0 or torch.cdist(trial, pos).min() > 0.9:
+                pos = torch.cat([pos, trial])
+        molecules.append((z, pos))
+    return molecules
+
+
+def check_export(model: AtomisticModel, scripted, rtol: float = 1e-4) -> float:
+    """Largest force difference (Hartree/Å) of ``scripted`` against ``model`` on
+    :func:`probe_molecules`; CheckpointError if a force differs by more than ``rtol`` of the
+    largest force or an energy by more than ``rtol`` of the atomic contributions' scale
+    (``energy_scale`` × n_atoms): float32 rounding is about 1e-6 of them."""
+    from .models.base import energy_and_forces
+
+    worst, dtype = 0.0, next(model.parameters()).dtype
+    for z, pos in probe_molecules(model.elements):
+        pos = pos.to(dtype)
+        e, f = energy_and_forces(model, z, pos, torch.zeros(len(z), dtype=torch.long), 1)
+        e, f = e.detach(), f.detach()
+        e_s, f_s = scripted.energy_and_forces(z, pos)
+        error = float((f - f_s).abs().max())
+        worst = max(worst, error)
+        e_tol = rtol * float(model.energy_scale) * len(z) + 1e-9  # contributions are O(1)
+        if abs(float(e[0]) - float(e_s)) > e_tol or error > rtol * float(f.abs().max()) + 1e-9:
+            raise CheckpointError(f"exported model differs from the original on {z.tolist()}: "
+                                  f"energy {float(e_s)} vs {float(e[0])} Hartree")
+    return worst
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the TorchScript file of a checkpoint to ``out`` (atomically), checked against the
+    checkpoint's model on :func:`probe_molecules`."""
+    module = load_potential(checkpoint)
+    scripted = script_model(module.model, module.hparams.model_name, file_sha256(checkpoint))
+    check_export(module.model, scripted)
+    _write_atomic(Path(out), lambda handle: torch.jit.save(scripted, handle))
+    return Path(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ekd-export", description="Export a trained potential as a TorchScript file that "
+        "loads with plain torch (torch.jit.load): model(numbers, positions Å) -> energy Hartree; "
+        "model.energy_and_forces(...) -> (energy Hartree, forces Hartree/Å).")
+    parser.add_argument("checkpoint", help="a .ckpt written by training")
+    parser.add_argument("out", help="the TorchScript file to write, e.g. model.pt")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out)
+    except EKDError as exc:
+        print(f"ekd-export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: torch.jit.load('{out}')(numbers, positions) -> energy in Hartree")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
