@@ -18,7 +18,8 @@ For a machine with GPUs (none was available when this was written: results go in
 
     python benchmarks/bench_gpu.py                         # 1 GPU vs all visible GPUs
     python benchmarks/bench_gpu.py --devices 1 2 4 --epochs 4 --teachers 8
-    python benchmarks/bench_gpu.py --accelerator cpu --devices 1 2 --epochs 2   # check it runs
+    python benchmarks/bench_gpu.py --accelerator cpu --devices 1 2 --epochs 2 --teachers 2 \
+        --train-overrides data.train_fraction=0.05                            # check it runs
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--fixed-global-batch", action="store_true")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--train-overrides", nargs="*", default=[],
+                        help="more Hydra overrides for train.py, e.g. data.train_fraction=0.1")
     args = parser.parse_args()
 
     from ekd_lightning.bundled import DATA_DIR
@@ -97,7 +100,10 @@ def main() -> None:
 
         dm = EKDDataModule(data, "energies")
         dm.setup()
-        n_all, n_train = sum(len(g) for g in dm.graphs.values()), len(dm.graphs["train"])
+        n_all = sum(len(g) for g in dm.graphs.values())
+        fraction = next((float(o.split("=", 1)[1]) for o in args.train_overrides
+                         if o.startswith("data.train_fraction=")), 1.0)
+        n_train = round(len(dm.graphs["train"]) * fraction)
         for n in args.devices:
             batch = args.batch_size // n if args.fixed_global_batch else args.batch_size
             label = ["teachers=[" + ",".join(teachers) + "]", f"batch_size={batch}",
@@ -106,7 +112,7 @@ def main() -> None:
             rows.append({"task": "labelling", "devices": n, "conformations": n_all, "wall_s": seconds,
                          "conformations_per_s": n_all / seconds, "teachers": args.teachers})
             train = ["stage=oracle", f"data.batch_size={batch}", "resume=false", *data_keys,
-                     *trainer(args.accelerator, n)]
+                     *trainer(args.accelerator, n), *args.train_overrides]
             walls = {}
             for epochs in (1, args.epochs):
                 walls[epochs] = timed_run("train.py", [
