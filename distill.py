@@ -1,5 +1,6 @@
 """Label a dataset with a teacher ensemble (ensemble knowledge distillation).
 
+The same as the console command ``ekd-distill`` (:func:`ekd_lightning.cli.distill`):
 python distill.py teachers=[run1/last.ckpt,run2/last.ckpt] data=bundled out=labels.h5
 python distill.py teachers.dir=runs/teachers data=ani1ccx data.path=ani1x-release.h5
 python distill.py teachers=torchani_ani1ccx out=labels.h5            # needs torchani's weights
@@ -10,22 +11,7 @@ Every conformation gets each teacher's energy and forces (F = -dE/dx), the ensem
 restarted with the same arguments resumes from its shards (<out>.shards/).
 """
 
-import sys
-
-import hydra
-from omegaconf import DictConfig
-
-from ekd_lightning.distill import run_from_config, teachers_override_argv
-from ekd_lightning.training import register_resolvers
-
-register_resolvers()
-sys.argv = teachers_override_argv(sys.argv)
-
-
-@hydra.main(version_base="1.3", config_path="pkg://ekd_lightning.conf", config_name="distill")
-def main(cfg: DictConfig) -> None:
-    print(f"labels: {run_from_config(cfg)}")
-
+from ekd_lightning.cli import distill
 
 if __name__ == "__main__":
-    main()
+    distill()

@@ -138,7 +138,7 @@ def test_labels_are_the_mean_of_independent_teacher_forces(data, teachers, refer
             np.testing.assert_allclose(group["energy_std"][conf], energies.std(), rtol=1e-3, atol=1e-8)
     meta = read_label_metadata(reference)
     assert [t["path"] for t in meta["teachers"]] == teachers["mixed"]
-    assert [t["model"] for t in meta["teachers"]] == ["ani2x"] * 3 + ["schnet"]
+    assert [t["model"] for t in meta["teachers"]] == ["ani"] * 3 + ["schnet"]
     assert all(len(t["sha256"]) == 64 for t in meta["teachers"])
     assert meta["dataset_path"] == str(data.resolve()) and len(meta["dataset_sha256"]) == 64
     assert meta["energy_key"] == ENERGY and meta["units_forces"] == "Hartree/Angstrom"

@@ -30,9 +30,15 @@ from conftest import write_ani1x_file
 from ekd_lightning.callbacks import KILL_ENV
 from ekd_lightning.data import read_molecules
 from ekd_lightning.data.readers import check_elements, detect_format
-from ekd_lightning.errors import CheckpointError, DataError, EKDError, NonFiniteLossError
+from ekd_lightning.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EKDError,
+    NonFiniteLossError,
+)
 from ekd_lightning.module import PotentialModule
-from ekd_lightning.training import register_resolvers, run_training
+from ekd_lightning.training import computed_config, register_resolvers, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = [
@@ -325,15 +331,23 @@ def test_finished_run_is_skipped_and_other_config_is_not(tiny_file, reference, t
 
     monkeypatch.setattr(pl, "Trainer", no_trainer)
     assert run_training(make_cfg(tiny_file), run_dir) == reference[1]
-    with pytest.raises(AssertionError, match="trained again"):  # another config is not skipped
-        run_training(make_cfg(tiny_file, "optim.lr=1e-3"), run_dir)
+    with pytest.raises(ConfigError, match=r"another config \(optim.lr: 0.003 -> 0.001\)"):
+        run_training(make_cfg(tiny_file, "optim.lr=1e-3"), run_dir)  # neither skipped nor resumed
 
 
 def test_resume_from_another_architecture_is_refused(tiny_file, reference, tmp_path):
     run_dir = _copy_run(reference, tmp_path)
-    with pytest.raises(CheckpointError, match=r"last.ckpt: cannot load a checkpoint of another architecture.*'model_name': 'ani2x'.*'model_name': 'schnet'"):
+    with pytest.raises(ConfigError, match=r"another config \(.*model.arch: ani -> schnet"):
         run_training(make_cfg(tiny_file, "model=schnet", "model.kwargs.num_interactions=1",
                               base=TINY_RUN), run_dir)
+    # the module's own check, for a last.ckpt whose run_info.json says otherwise
+    (run_dir / "metrics.json").unlink()
+    info = json.loads((run_dir / "run_info.json").read_text())
+    schnet = make_cfg(tiny_file, "model=schnet", "model.kwargs.num_interactions=1", base=TINY_RUN)
+    info["computed_config"] = computed_config(schnet)
+    (run_dir / "run_info.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match=r"last.ckpt: cannot load a checkpoint of another architecture.*'model_name': 'ani'.*'model_name': 'schnet'"):
+        run_training(schnet, run_dir)
 
 
 def test_sigkill_mid_epoch_then_restart_resumes_exactly(tiny_file, reference, tmp_path):

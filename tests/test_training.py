@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_module
 from conftest import write_label_file
 from ekd_lightning.checkpoint import load_potential
 from ekd_lightning.data import EKDDataModule
-from ekd_lightning.errors import CheckpointError
+from ekd_lightning.errors import CheckpointError, ConfigError
 from ekd_lightning.labels import verify_teachers
 from ekd_lightning.module import FeatureCache
 from ekd_lightning.training import (
@@ -152,8 +152,9 @@ def test_force_weight_warmup_ramps_training_and_validation_uses_the_final_weight
 
 
 def test_student_without_labels_is_refused(ani1x_file, tmp_path):
-    with pytest.raises(ValueError, match="distill.labels"):
-        run_training(make_cfg(ani1x_file, "stage=student"), tmp_path)
+    # without a default teacher ensemble there is nothing to distil from
+    with pytest.raises(ConfigError, match="distill.labels"):
+        run_training(make_cfg(ani1x_file, "stage=student", "~distill.default_teachers"), tmp_path)
 
 
 def test_teacher_from_cached_features_equals_teacher_from_positions(ani1x_file, teacher_run,
@@ -215,7 +216,7 @@ def test_checkpoint_round_trip(teacher_run, ani1x_file):
 
 def test_bad_checkpoints_are_refused(teacher_run, tmp_path):
     best = teacher_run[0] / "checkpoints" / "best.ckpt"
-    with pytest.raises(CheckpointError, match="is a 'ani2x' model, expected 'schnet'"):
+    with pytest.raises(CheckpointError, match="is a 'ani' model, expected 'schnet'"):
         load_potential(best, expected_model="schnet")
     truncated = tmp_path / "cut.ckpt"
     truncated.write_bytes(best.read_bytes()[:1000])

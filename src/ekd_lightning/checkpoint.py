@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -30,10 +31,15 @@ def atomic_torch_save(obj, path: str | Path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that never leaves a half-written checkpoint behind."""
+    """Lightning checkpoint IO that never leaves a half-written checkpoint behind, and resumes
+    only from checkpoints that hold data, never code (``weights_only=True``, see
+    :func:`safe_load`)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
+        return safe_load(path, map_location)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -45,13 +51,34 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def safe_load(path: str | Path, map_location="cpu"):
+    """``torch.load`` that unpickles data only: tensors, plain containers and the classes torch
+    allows by default (``weights_only=True``). A checkpoint of this project holds nothing else
+    (its pickle names only torch storages, ``_rebuild_tensor_v2`` and ``OrderedDict``: the RNG
+    states of :class:`~ekd_lightning.callbacks.ResumableRNG` are stored as tensors and lists for
+    this), so the allow-list needs no extra entry. A planted file whose pickle would call
+    anything else (``os.system``, ...) raises ``pickle.UnpicklingError`` before any call."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The raw checkpoint dict; CheckpointError if unreadable or not an ekd-lightning checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = safe_load(path)
+    except pickle.UnpicklingError as exc:  # torch's message: boilerplate around one finding
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        found = [line.strip() for line in str(exc).splitlines()
+                 if line.strip() and not line.startswith(boilerplate)]
+        what = found[-1] if found else "unreadable pickle"
+        if "GLOBAL" not in what:  # not a pickle naming a class or function: corrupt
+            raise CheckpointError(f"{path}: cannot read checkpoint (corrupt or truncated?): {what}") from exc
+        raise CheckpointError(
+            f"{path}: refused: it holds more than weights and plain data ({what}), which could "
+            "run code when loaded; use only checkpoints written by ekd-lightning"
+        ) from exc
     except Exception as exc:  # torch raises many types for a corrupt file
         raise CheckpointError(f"{path}: cannot read checkpoint (corrupt or truncated?): {exc}") from exc
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
@@ -67,15 +94,18 @@ def load_potential(path: str | Path, expected_model: str | None = None, map_loca
 
     Args:
         path: a ``.ckpt`` written by ``train.py``.
-        expected_model: if given, refuse a checkpoint of another architecture.
+        expected_model: if given, refuse a checkpoint of another architecture (``ani``,
+            ``schnet``). Checkpoints of 0.1.0 (architecture ``ani2x``) load as ``ani``.
     """
+    from .models import canonical_arch
     from .module import PotentialModule
 
     checkpoint = read_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
-    if expected_model is not None and hparams["model_name"] != expected_model:
+    if expected_model is not None and canonical_arch(hparams["model_name"]) != canonical_arch(expected_model):
         raise CheckpointError(
-            f"{path}: checkpoint is a '{hparams['model_name']}' model, expected '{expected_model}'"
+            f"{path}: checkpoint is a '{canonical_arch(hparams['model_name'])}' model, "
+            f"expected '{expected_model}'"
         )
     module = PotentialModule(**hparams)
     try:

@@ -18,5 +18,9 @@ class LabelMismatchError(DataError):
     """A label file was made for another dataset or another teacher ensemble."""
 
 
+class ConfigError(EKDError, ValueError):
+    """A config asks for something impossible, or for a run folder that holds another run."""
+
+
 class NonFiniteLossError(EKDError, RuntimeError):
     """Training produced a NaN/inf loss; training stopped before the weights were updated."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
-from .models import build_model
+from .models import build_model, canonical_arch
 from .units import HARTREE_TO_KCALMOL as KCAL
 
 FORCE_TARGETS = ("none", "labels", "reference")
@@ -91,7 +91,8 @@ class PotentialModule(pl.LightningModule):
     """An MLIP with its training recipe; the checkpoint holds everything needed to rebuild it.
 
     Args:
-        model_name: a name from :data:`ekd_lightning.models.MODEL_NAMES`.
+        model_name: the architecture, a model config's ``arch`` (one of
+            :data:`ekd_lightning.models.ARCHS`; a legacy ``ani2x`` is read as ``ani``).
         model_kwargs: keyword arguments of that model (sizes, cutoffs).
         elements: element symbols.
         self_energies: SAE per element (Hartree), fitted on the training split.
@@ -136,6 +137,7 @@ class PotentialModule(pl.LightningModule):
         if force_loss not in ("mse", "uncertainty"):
             raise ValueError(f"force_loss '{force_loss}' is not 'mse' or 'uncertainty'")
         elements = list(elements)
+        model_name = canonical_arch(model_name)
         self_energies = [0.0] * len(elements) if self_energies is None else [float(e) for e in self_energies]
         self.save_hyperparameters(
             {"model_name": model_name, "model_kwargs": dict(model_kwargs or {}), "elements": elements,
@@ -161,7 +163,8 @@ class PotentialModule(pl.LightningModule):
         """Refuse (CheckpointError) to resume from a checkpoint of another architecture."""
         from .errors import CheckpointError
 
-        saved = checkpoint.get("hyper_parameters", {})
+        saved = dict(checkpoint.get("hyper_parameters", {}))
+        saved["model_name"] = canonical_arch(saved.get("model_name", ""))
         keys = ("model_name", "model_kwargs", "elements")
         if any(saved.get(k) != self.hparams.get(k) for k in keys):
             where = getattr(self._trainer, "ckpt_path", None) or "checkpoint"

@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import load_potential
 from .data import EKDDataModule
+from .errors import ConfigError
 from .evaluate import (
     ALL,
     evaluate_models,
@@ -74,12 +75,27 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- configs
+def config_folders() -> list[Path]:
+    """The packaged config folder, then the user's own (``hydra.searchpath=[file://...]``) when
+    running under Hydra, in Hydra's order: where a teacher's ``conf/model`` file is looked up."""
+    from hydra.core.hydra_config import HydraConfig
+
+    folders = [CONF_DIR]
+    if HydraConfig.initialized():
+        folders += [Path(source.path) for source in HydraConfig.get().runtime.config_sources
+                    if source.schema == "file"]
+    return folders
+
+
 def _group_file(group: str, name: str) -> DictConfig:
-    path = CONF_DIR / group / f"{name}.yaml"
-    if not path.is_file():
-        choices = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        raise ValueError(f"{group}={name}: no {path} (choices: {', '.join(choices)})")
-    return OmegaConf.load(path)
+    folders = config_folders()
+    for folder in folders:
+        if (folder / group / f"{name}.yaml").is_file():
+            return OmegaConf.load(folder / group / f"{name}.yaml")
+    choices = sorted({p.stem for folder in folders for p in (folder / group).glob("*.yaml")})
+    raise ConfigError(f"{group}={name}: no {group}/{name}.yaml in {', '.join(map(str, folders))} "
+                      f"(choices: {', '.join(choices)}); add your own folder with "
+                      "hydra.searchpath=[file:///abs/path]")
 
 
 def run_config(cfg: DictConfig, stage: str, seed: int, max_epochs: int, model: str | None = None,
@@ -100,8 +116,7 @@ def run_config(cfg: DictConfig, stage: str, seed: int, max_epochs: int, model: s
             sub.model = _group_file("model", model)
         sub.seed = int(seed)
         sub.trainer.max_epochs = int(max_epochs)
-        # named by the model file (model=ani1x builds the ani2x class with other constants)
-        sub.run_name = f"{stage}-{model or sub.model.name}-seed{seed}"
+        sub.run_name = f"{stage}-{sub.model.name}-seed{seed}"
         if data:
             sub.data = OmegaConf.merge(sub.data, data)
     return OmegaConf.merge(sub, extra) if extra else sub
@@ -315,17 +330,47 @@ def variant_jobs(cfg: DictConfig, stage: str, store: Path, labels: Path | None =
 
 def distill(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Path:
     """Step 2: label every conformation of ``cfg.data`` with the teacher ensemble, into
-    ``<store>/labels-<sha>.h5`` named by the teachers' run folders (shared like the runs)."""
+    ``<store>/labels-<sha>.h5`` named by the teachers' run folder names (which hold their config
+    hashes), so shared like the runs, wherever the store is."""
     from .distill import distill_labels, make_job
 
     data = cfg.data
-    name = hashlib.sha256("\n".join(str(t.run_dir) for t in teachers).encode()).hexdigest()[:10]
+    name = hashlib.sha256("\n".join(t.run_dir.name for t in teachers).encode()).hexdigest()[:10]
     job = make_job(
         dataset=data.path, energy_key=data.energy_key, out=store / f"labels-{name}.h5",
         teachers=[str(t.checkpoint) for t in teachers], file_format=data.file_format,
         elements=list(data.elements), batch_size=data.batch_size,
     )
     return distill_labels(job, OmegaConf.to_container(cfg.trainer, resolve=True))
+
+
+def default_teacher_labels(cfg: DictConfig) -> Path:
+    """The label file of the default teacher ensemble for a training config with neither
+    ``distill.labels`` nor ``distill.teachers`` (``python train.py stage=student``).
+
+    The ensemble is ``distill.default_teachers`` (``conf/ensemble/ekd.yaml``, the teachers of
+    ``experiment=ekd``); each teacher is derived from ``cfg`` as the pipeline derives it, so it
+    is found in the run store ``distill.store`` by its config hash (trained by a pipeline or an
+    earlier student) or trained there now, one after another; the labels are cached there too,
+    named by the teachers' hash (:func:`distill`).
+    """
+    store = Path(cfg.distill.store)
+    spec = cfg.copy()
+    with open_dict(spec):
+        spec.pipeline = {"teachers": cfg.distill.default_teachers}
+    jobs = teacher_jobs(spec, store)
+    log.info("no distill.labels or distill.teachers: using the default teacher ensemble "
+             "(distill.default_teachers: %s, %s epochs) from the run store %s",
+             list(spec.pipeline.teachers.models), spec.pipeline.teachers.max_epochs, store)
+    teachers = []
+    for i, teacher in enumerate(jobs, 1):
+        found = (teacher.run_dir / "metrics.json").is_file()
+        log.info("teacher %d/%d: %s %s", i, len(jobs), "found in" if found else "training into",
+                 teacher.run_dir)
+        teachers.append(run_job(teacher))
+    labels = distill(spec, teachers, store)
+    log.info("student labels: %s", labels)
+    return labels
 
 
 def named_models(teachers: Sequence[Run], variants: Mapping[str, Sequence[Run]]) -> dict:

@@ -22,6 +22,7 @@ from .callbacks import robustness_callbacks
 from .checkpoint import AtomicCheckpointIO, file_sha256
 from .data import EKDDataModule
 from .distill import labels_for_training, student_force_loss
+from .errors import ConfigError
 from .module import PotentialModule
 
 log = logging.getLogger(__name__)
@@ -50,19 +51,19 @@ def build_datamodule(cfg: DictConfig) -> EKDDataModule:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     labels = cfg.distill.labels if cfg.loss.force_target == "labels" else None
     if cfg.loss.force_target == "labels" and labels is None:
-        raise ValueError(
+        raise ConfigError(
             f"stage={cfg.stage.name} trains on distilled forces: pass distill.labels=labels.h5 "
             "(made by distill.py), or distill.teachers=[...] to distil them before the first epoch"
         )
     if cfg.loss.force_target == "reference" and not data.get("force_key"):
-        raise ValueError(f"stage={cfg.stage.name} trains on reference forces: set data.force_key")
+        raise ConfigError(f"stage={cfg.stage.name} trains on reference forces: set data.force_key")
     return EKDDataModule(**data, labels=labels)
 
 
 def build_module(cfg: DictConfig, datamodule: EKDDataModule) -> PotentialModule:
     """A fresh model for ``cfg`` with the self energies fitted on the data's training split."""
     return PotentialModule(
-        model_name=cfg.model.name,
+        model_name=cfg.model.arch,
         model_kwargs=OmegaConf.to_container(cfg.model.kwargs, resolve=True),
         elements=datamodule.elements,
         self_energies=datamodule.self_energies.tolist(),
@@ -121,23 +122,116 @@ def provenance(cfg: DictConfig, datamodule: EKDDataModule) -> dict:
     }
 
 
+SHOWN_ONLY = ("resume", "logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+              "distill.out", "distill.store")
+"""Config keys that change how a run is shown, logged or where a file goes, never its result."""
+
+
+def computed_config(cfg: DictConfig) -> dict:
+    """What a run computes: the resolved config as JSON data without :data:`SHOWN_ONLY`, without
+    ``distill`` for a stage that trains on no distilled labels, and without
+    ``distill.default_teachers`` once labels or teachers are given."""
+    container = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
+    for key in SHOWN_ONLY:
+        *parents, leaf = key.split(".")
+        node = container
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    distill = container.get("distill")
+    if (container.get("loss") or {}).get("force_target") != "labels":
+        container.pop("distill", None)
+    elif isinstance(distill, dict) and (distill.get("labels") or distill.get("teachers")):
+        distill.pop("default_teachers", None)
+    return container
+
+
 def config_sha256(cfg: DictConfig) -> str:
-    """SHA-256 of the resolved config without ``resume``: identifies what a run computes."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("resume", None)
-    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()
+    """SHA-256 of :func:`computed_config`: identifies what a run computes."""
+    return hashlib.sha256(json.dumps(computed_config(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def differences(old: dict, new: dict) -> dict[str, tuple]:
+    """``{dotted key: (old value, new value)}`` of two nested dicts (``None`` where absent)."""
+    a, b = _flat(old), _flat(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+INPUTS = (("dataset", "dataset_sha256"), ("labels", "labels_sha256"))
+"""The input files a run records in ``run_info.json``: (path key, SHA-256 key)."""
+
+
+def changed_inputs(recorded: dict, current: dict | None = None) -> dict[str, tuple]:
+    """Input files whose content differs from what ``recorded`` (a ``run_info.json``) says:
+    ``{sha key: (recorded, now)}``; ``current`` is the new run's provenance (default: the files
+    at the recorded paths as they are now, ``missing`` if gone)."""
+    changed = {}
+    for path_key, sha_key in INPUTS:
+        if current is not None:
+            now = current.get(sha_key)
+        else:
+            path = recorded.get(path_key)
+            now = (file_sha256(path) if Path(path).is_file() else "missing") if path else None
+        if recorded.get(sha_key) != now:
+            changed[sha_key] = (recorded.get(sha_key), now)
+    return changed
 
 
 def finished_metrics(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """The metrics of a run that already finished in ``run_dir`` with the same config, else None."""
-    done = Path(run_dir) / "metrics.json"
-    try:
-        metrics = json.loads(done.read_text()) if done.is_file() else None
-    except (OSError, ValueError):
+    """The metrics of a run that already finished in ``run_dir`` with the same config and input
+    files (dataset, labels: same SHA-256 as its ``run_info.json`` records), else None."""
+    metrics = _read_json(Path(run_dir) / "metrics.json")
+    info = _read_json(Path(run_dir) / "run_info.json")
+    if metrics is None or metrics.get("config_sha256") != config_sha256(cfg):
         return None
-    if isinstance(metrics, dict) and metrics.get("config_sha256") == config_sha256(cfg):
-        return metrics
-    return None
+    return metrics if info is None or not changed_inputs(info) else None
+
+
+def _refuse(run_dir: Path, what: str, changes: dict[str, tuple]) -> ConfigError:
+    shown = [f"{k}: {old} -> {new}" for k, (old, new) in list(changes.items())[:6]]
+    more = f", and {len(changes) - 6} more" if len(changes) > 6 else ""
+    return ConfigError(
+        f"{run_dir} holds a run made with {what} ({', '.join(shown)}{more}): give this run "
+        f"another run_name=... (or hydra.run.dir=...), or remove {run_dir} to start over"
+    )
+
+
+def check_same_run(cfg: DictConfig, run_dir: Path) -> int | None:
+    """Refuse (ConfigError) to reuse ``run_dir`` when it holds a run (``checkpoints/last.ckpt``
+    or ``metrics.json``) that computes something else: a config differing in any key but
+    :data:`SHOWN_ONLY`, ``trainer.max_epochs`` aside: raising it extends the run (it resumes
+    from ``last.ckpt`` and trains the extra epochs). Returns the recorded max_epochs when the
+    run is extended, else None."""
+    run_dir = Path(run_dir)
+    if not ((run_dir / "checkpoints" / "last.ckpt").is_file() or (run_dir / "metrics.json").is_file()):
+        return None
+    info = _read_json(run_dir / "run_info.json")
+    if info is None or not isinstance(info.get("config"), dict):
+        raise _refuse(run_dir, "an unknown config", {"run_info.json": ("missing", "needed")})
+    recorded = info.get("computed_config") or computed_config(OmegaConf.create(info["config"]))
+    changes = differences(recorded, computed_config(cfg))
+    epochs = changes.pop("trainer.max_epochs", None)
+    if changes or (epochs and not epochs[1] > epochs[0]):
+        raise _refuse(run_dir, "another config", {**changes, **({"trainer.max_epochs": epochs} if epochs else {})})
+    return epochs[0] if epochs else None
 
 
 RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
@@ -177,11 +271,14 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str
     """Fit a model as ``cfg`` says, test the best checkpoint, return the final metrics.
 
     The run folder receives ``checkpoints/{best,last}.ckpt``, ``metrics.json`` and
-    ``run_info.json`` (provenance). With ``cfg.resume`` an existing ``last.ckpt`` is resumed,
-    and a run whose ``metrics.json`` records the same config (``config_sha256``) is not run
-    again: its metrics are returned (so a restarted multirun sweep skips finished jobs).
-    Concurrent jobs on the same folder are serialised by :func:`run_lock`: the second returns
-    the first one's metrics.
+    ``run_info.json`` (provenance, with :func:`computed_config`). With ``cfg.resume`` a run
+    whose ``metrics.json`` records the same config (``config_sha256``) and whose input files are
+    unchanged is not run again: its metrics are returned (so a restarted multirun sweep skips
+    finished jobs); an existing ``last.ckpt`` is resumed when it was made by the same config
+    (or one with a higher ``trainer.max_epochs``: the run is extended); a folder holding a run
+    of another config or other input files is refused (:func:`check_same_run`, ConfigError).
+    ``resume=false`` trains afresh in the folder, whatever it holds. Concurrent jobs on the same
+    folder are serialised by :func:`run_lock`: the second returns the first one's metrics.
     """
     run_dir = Path(run_dir)
     with run_lock(run_dir):
@@ -192,8 +289,14 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str
 
 
 def _fit(cfg: DictConfig, run_dir: Path, callbacks) -> dict[str, float]:
-    """The training of :func:`run_training`: fit, test the best checkpoint, write the files."""
-    fingerprint = config_sha256(cfg)
+    """The training of :func:`run_training`: check the folder, fit, test the best checkpoint,
+    write the files (rank 0)."""
+    fingerprint, requested = config_sha256(cfg), computed_config(cfg)
+    resume = cfg.get("resume", True)
+    extended_from = check_same_run(cfg, run_dir) if resume else None
+    if extended_from is not None:
+        log.info("%s: extending the run from %s to %s epochs", run_dir, extended_from,
+                 cfg.trainer.max_epochs)
     cfg = labels_for_training(cfg, run_dir)  # distill.teachers without distill.labels: label now
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
@@ -209,10 +312,14 @@ def _fit(cfg: DictConfig, run_dir: Path, callbacks) -> dict[str, float]:
         callbacks=[checkpointing, *robustness_callbacks(), *callbacks],
         plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
     )
-    if trainer.is_global_zero:
-        write_json_atomic(provenance(cfg, datamodule), run_dir / "run_info.json")
+    info = {**provenance(cfg, datamodule), "config_sha256": fingerprint, "computed_config": requested}
     last = checkpoint_dir / "last.ckpt"
-    resume_from = str(last) if cfg.get("resume", True) and last.is_file() else None
+    resume_from = str(last) if resume and last.is_file() else None
+    recorded = _read_json(run_dir / "run_info.json")
+    if resume_from and recorded and (changed := changed_inputs(recorded, info)):
+        raise _refuse(run_dir, "other input files", changed)
+    if trainer.is_global_zero:
+        write_json_atomic(info, run_dir / "run_info.json")
     if resume_from:
         log.info("resuming from %s", resume_from)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)

@@ -55,11 +55,24 @@ def labels_for_training(cfg: DictConfig, run_dir: str | Path) -> DictConfig:
     - only ``distill.teachers`` given: the labels are distilled now, before the first epoch, into
       ``distill.out`` (default ``<run dir>/labels.h5``) with the run's trainer settings; a
       restarted run reuses (or resumes) them.
-    - neither: ``cfg`` unchanged (the data module then asks for labels).
+    - neither: the default teacher ensemble's labels (``distill.default_teachers``, found in or
+      trained into the run store ``distill.store``:
+      :func:`ekd_lightning.pipeline.default_teacher_labels`); without that key ``cfg`` is
+      unchanged (the data module then asks for labels).
     """
     distill = cfg.get("distill") or {}
     teachers, labels = _container(distill.get("teachers")), distill.get("labels")
-    if cfg.loss.force_target != "labels" or teachers is None:
+    if cfg.loss.force_target != "labels" or (teachers is None and labels):
+        return cfg
+    if teachers is None:
+        if distill.get("default_teachers") is None:
+            return cfg
+        from ..pipeline import default_teacher_labels
+
+        out = default_teacher_labels(cfg)
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.distill.labels = str(out)
         return cfg
     if labels:
         verify_teachers(labels, teachers)

@@ -171,7 +171,7 @@ def load_teacher(source: TeacherSource) -> AtomisticModel:
         model.model_name = module.hparams.model_name
     else:
         model = _torchani_member(source.pretrained, str(source.path), source.member)
-        model.model_name = "ani2x"
+        model.model_name = "ani"
     return model.eval().requires_grad_(False)
 
 

@@ -1,7 +1,9 @@
 """Models: each maps a batch (z, pos, batch) to per-molecule energies in Hartree.
 
-``build_model(name, elements, **kwargs)`` is the one place that turns a config's model name
-into a module; checkpoints store that name and kwargs so they can rebuild the model alone.
+``build_model(arch, elements, **kwargs)`` is the one place that turns a model config's ``arch``
+(the architecture class: ``ani``, ``schnet``) into a module; checkpoints store it (hparam
+``model_name``) and the kwargs so they can rebuild the model alone. A model config's ``name``
+(``ani2x``, ``ani1x``, ``schnet_small``, ...) names its runs only.
 """
 
 from collections.abc import Sequence
@@ -14,18 +16,26 @@ def _registry() -> dict[str, type[AtomisticModel]]:
     from .ani import ANIModel
     from .schnet import SchNetModel
 
-    return {"ani2x": ANIModel, "schnet": SchNetModel}
+    return {"ani": ANIModel, "schnet": SchNetModel}
 
 
-MODEL_NAMES = ("ani2x", "schnet")
+ARCHS = ("ani", "schnet")
+LEGACY_ARCHS = {"ani2x": "ani"}
+"""Architecture names of checkpoints written before model configs had ``arch`` (0.1.0 stored
+the config's ``name``, ``ani2x`` for every ANI model)."""
 
 
-def build_model(name: str, elements: Sequence[str], **kwargs) -> AtomisticModel:
-    """Instantiate model ``name`` (one of MODEL_NAMES) for ``elements`` with its kwargs."""
+def canonical_arch(arch: str) -> str:
+    """``arch`` with a legacy checkpoint's name (``ani2x``) mapped to today's (``ani``)."""
+    return LEGACY_ARCHS.get(arch, arch)
+
+
+def build_model(arch: str, elements: Sequence[str], **kwargs) -> AtomisticModel:
+    """Instantiate architecture ``arch`` (one of ARCHS, or a legacy name) for ``elements``."""
     registry = _registry()
-    if name not in registry:
-        raise CheckpointError(f"unknown model '{name}'; known models: {sorted(registry)}")
-    return registry[name](elements=list(elements), **kwargs)
+    if canonical_arch(arch) not in registry:
+        raise CheckpointError(f"unknown model architecture '{arch}'; known: {sorted(registry)}")
+    return registry[canonical_arch(arch)](elements=list(elements), **kwargs)
 
 
-__all__ = ["AtomisticModel", "MODEL_NAMES", "build_model", "energy_and_forces"]
+__all__ = ["ARCHS", "AtomisticModel", "build_model", "canonical_arch", "energy_and_forces"]
