@@ -39,17 +39,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def save_teachers(folder: Path, n: int, data: str) -> list[str]:
-    """``n`` ani2x checkpoints with random weights (labelling costs the same as trained ones)."""
+def save_teachers(folder: Path, n: int, data: str, energy_key: str) -> list[str]:
+    """``n`` ani2x-sized (arch ``ani``) checkpoints with random weights (labelling costs the same as trained ones)."""
     from ekd_lightning.data import EKDDataModule
     from ekd_lightning.module import PotentialModule
 
-    dm = EKDDataModule(data, "energies")
+    dm = EKDDataModule(data, energy_key)
     dm.setup()
     paths = []
     for seed in range(n):
         torch.manual_seed(seed)
-        module = PotentialModule("ani2x", {}, elements=dm.elements,
+        module = PotentialModule("ani", {}, elements=dm.elements,
                                  self_energies=dm.self_energies.tolist(), energy_scale=dm.energy_scale)
         path = folder / f"teacher{seed}.ckpt"
         torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
@@ -79,6 +79,7 @@ def main() -> None:
                         default=sorted({1, max(1, torch.cuda.device_count())}))
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--data", default=None, help="HDF5 file (default: the bundled xtb_train.h5)")
+    parser.add_argument("--energy-key", default="gfn2_xtb.energy", help="of --data")
     parser.add_argument("--teachers", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -91,14 +92,14 @@ def main() -> None:
     from ekd_lightning.bundled import DATA_DIR
 
     data = args.data or str(DATA_DIR / "xtb_train.h5")
-    data_keys = [f"data.path={data}"]
+    data_keys = [f"data.path={data}", f"data.energy_key={args.energy_key}"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        teachers = save_teachers(work, args.teachers, data)
+        teachers = save_teachers(work, args.teachers, data, args.energy_key)
         from ekd_lightning.data import EKDDataModule
 
-        dm = EKDDataModule(data, "energies")
+        dm = EKDDataModule(data, args.energy_key)
         dm.setup()
         n_all = sum(len(g) for g in dm.graphs.values())
         fraction = next((float(o.split("=", 1)[1]) for o in args.train_overrides
