@@ -70,7 +70,7 @@ def timed_run(script: str, overrides: list[str], cwd: Path) -> float:
 
 def trainer(accelerator: str, devices: int) -> list[str]:
     return ["trainer=ddp", f"trainer.accelerator={accelerator}", f"trainer.devices={devices}",
-            "trainer.enable_progress_bar=false", "logger=csv"]
+            "trainer.enable_progress_bar=false"]
 
 
 def main() -> None:
@@ -112,7 +112,7 @@ def main() -> None:
             seconds = timed_run("distill.py", [*label, f"out={work / f'labels-{n}.h5'}"], work)
             rows.append({"task": "labelling", "devices": n, "conformations": n_all, "wall_s": seconds,
                          "conformations_per_s": n_all / seconds, "teachers": args.teachers})
-            train = ["stage=oracle", f"data.batch_size={batch}", "resume=false", *data_keys,
+            train = ["stage=oracle", f"data.batch_size={batch}", "resume=false", "logger=csv", *data_keys,
                      *trainer(args.accelerator, n), *args.train_overrides]
             walls = {}
             for epochs in (1, args.epochs):
