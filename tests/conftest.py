@@ -128,3 +128,18 @@ def train_tiny(data: Path, run_dir: Path, *overrides: str) -> Path:
         ])
     run_training(cfg, run_dir)
     return run_dir / "checkpoints" / "best.ckpt"
+
+
+CUDA_SKIP = "needs a CUDA GPU (none visible)"
+"""The one reason a test may be skipped in CI (which has no GPU)."""
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request) -> str:
+    """The accelerator a test runs on: every test that can run on CUDA takes this fixture and
+    runs on the CPU and, where a GPU is visible, on CUDA (else skipped with CUDA_SKIP)."""
+    import torch
+
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip(CUDA_SKIP)
+    return request.param

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_module
 
 from conftest import SHARED_S66X8, train_tiny, write_label_file
 from ekd_lightning.checkpoint import load_potential
@@ -31,6 +32,7 @@ from ekd_lightning.evaluate import (
     predict,
 )
 from ekd_lightning.module import PotentialModule
+from ekd_lightning.training import register_resolvers
 from ekd_lightning.units import HARTREE_TO_KCALMOL as KCAL
 
 ROOT = Path(__file__).resolve().parents[1]

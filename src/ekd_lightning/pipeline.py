@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -60,6 +59,7 @@ from .evaluate import (
     label_quality,
     write_text_atomic,
 )
+from .progress import PipelineProgress
 from .training import config_sha256, run_training, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -143,48 +143,41 @@ def job(name: str, cfg: DictConfig, store: Path) -> Job:
                Path(store) / f"{cfg.run_name}-{config_sha256(cfg)[:10]}")
 
 
-class EpochLine(pl.Callback):
-    """One line per validation epoch (``name epoch e/E: val/energy_mae ... val/force_mae ...``):
-    the progress report of runs trained side by side, whose progress bars would interleave."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def on_validation_end(self, trainer, pl_module):  # after the epoch's metrics are computed
-        if trainer.sanity_checking:
-            return
-        m = trainer.callback_metrics
-        shown = " ".join(f"{k} {float(m[k]):.3f}" for k in ("val/energy_mae", "val/force_mae") if k in m)
-        print(f"[{self.name}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {shown}",
-              flush=True)
+def finished_run(job: Job) -> Run | None:
+    """The run of ``job`` when ``run_dir/metrics.json`` says it already finished (the folder is
+    named by the config's hash, so a finished run there is this run), else None."""
+    done = job.run_dir / "metrics.json"
+    if not done.is_file():
+        return None
+    metrics = json.loads(done.read_text())
+    return Run(job.name, job.run_dir, Path(metrics["best_checkpoint"]), metrics)
 
 
 def run_job(job: Job, threads: int | None = None, quiet: bool = False) -> Run:
-    """Train one run unless ``run_dir/metrics.json`` says it already finished (the folder is
-    named by the config's hash, so a finished run there is this run), also in a worker process:
-    ``threads`` torch threads, ``quiet`` swaps the progress bar for one line per epoch."""
-    done = job.run_dir / "metrics.json"
-    if done.is_file():
-        metrics = json.loads(done.read_text())
+    """Train one run unless it finished before (:func:`finished_run`), in this process, a
+    worker process or a submitit job: ``threads`` torch threads (None: torch's default),
+    ``quiet`` without progress bar and Lightning's info lines (the pipeline's progress display
+    reports the run instead)."""
+    if (run := finished_run(job)) is not None:
         log.info("%s: finished before, reusing %s", job.name, job.run_dir)
-    else:
-        if threads:
-            torch.set_num_threads(threads)
-        cfg = OmegaConf.create(job.cfg)
-        callbacks = []
-        if quiet:
-            cfg.trainer.enable_progress_bar = False
-            cfg.trainer.enable_model_summary = False
-            callbacks.append(EpochLine(job.name))
-        print(f"[{job.name}] training in {job.run_dir}", flush=True)
-        metrics = run_training(cfg, job.run_dir, callbacks=callbacks)
+        return run
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = OmegaConf.create(job.cfg)
+    if quiet:
+        cfg.trainer.enable_progress_bar = False
+        cfg.trainer.enable_model_summary = False
+        for name in ("pytorch_lightning", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    metrics = run_training(cfg, job.run_dir)
     return Run(job.name, job.run_dir, Path(metrics["best_checkpoint"]), metrics)
 
 
 class Runner:
-    """Runs training jobs one after another, or ``workers`` at a time in spawned processes
-    (each with ``cpu_count // workers`` torch threads): on a CPU, two small trainings side by
-    side finish sooner than one after the other with two threads each."""
+    """``pipeline.runner=local``: runs training jobs in this process when the pipeline waits for
+    them, or ``workers`` at a time in spawned processes (each with ``cpu_count // workers`` torch
+    threads): on a CPU, two small trainings side by side finish sooner than one after the other
+    with two threads each."""
 
     def __init__(self, workers: int = 1):
         self.workers = max(1, int(workers))
@@ -194,10 +187,11 @@ class Runner:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=context)
             self.threads = max(1, (os.cpu_count() or 1) // self.workers)
 
-    def submit(self, jobs: Sequence[Job]) -> list:
+    def submit(self, jobs: Sequence[Job]) -> dict[str, object]:
+        """``{job name: future}`` of each job's :class:`Run`."""
         if self.pool is None:
-            return [_Done(run_job(j)) for j in jobs]
-        return [self.pool.submit(run_job, j, self.threads, True) for j in jobs]
+            return submit_unfinished(jobs, _Deferred)
+        return submit_unfinished(jobs, lambda j: self.pool.submit(run_job, j, self.threads, True))
 
     def map(self, fn, items):
         """``map(fn, items)``, in the worker processes when there are several."""
@@ -208,14 +202,102 @@ class Runner:
             self.pool.shutdown(cancel_futures=True)
 
 
+class _Deferred:
+    """A job of the one-process runner in the shape of a future: it trains (quiet) the first
+    time it is asked whether it is done, so runs train in the order the pipeline waits."""
+
+    def __init__(self, job: Job):
+        self.job, self.run = job, None
+
+    def done(self) -> bool:
+        if self.run is None:
+            self.run = run_job(self.job, quiet=True)
+        return True
+
+    def result(self) -> Run:
+        self.done()
+        return self.run
+
+
+class SubmititRunner:
+    """``pipeline.runner=submitit``: each training run is a job of submitit's
+    ``AutoExecutor`` (SLURM where ``sbatch`` is found, else local processes; or
+    ``pipeline.submitit.cluster=local|slurm|debug``), with the pipeline's run store and config
+    hashes: a run already finished in the store is not submitted again, and two jobs wanting
+    the same run share it (the run folder's lock, :func:`ekd_lightning.training.run_lock`).
+    The pipeline waits for the jobs; its other steps (labelling, evaluation, MD) run in this
+    process. Job logs go to ``pipeline.submitit.folder`` (default ``<store>/submitit``).
+
+    Args:
+        spec: ``pipeline.submitit``: ``cluster``, ``folder`` and ``parameters`` (submitit's
+            ``update_parameters``: ``timeout_min``, ``cpus_per_task`` (also the job's torch
+            threads), ``gpus_per_node``, ``slurm_partition``, ...; None values are left out).
+        store: the run store.
+    """
+
+    def __init__(self, spec: Mapping, store: Path):
+        import submitit
+
+        folder = spec.get("folder") or Path(store) / "submitit"
+        self.executor = submitit.AutoExecutor(folder=str(folder), cluster=spec.get("cluster"))
+        parameters = {k: v for k, v in dict(spec.get("parameters") or {}).items() if v is not None}
+        self.executor.update_parameters(**parameters)
+        self.threads = parameters.get("cpus_per_task")
+        self.workers = 1
+        self.submitted: list = []
+
+    def submit(self, jobs: Sequence[Job]) -> dict[str, object]:
+        return submit_unfinished(jobs, self._start)
+
+    def _start(self, job: Job):
+        self.executor.update_parameters(name=job.run_dir.name)
+        self.submitted.append(self.executor.submit(run_job, job, self.threads, True))
+        return self.submitted[-1]
+
+    def map(self, fn, items):
+        return map(fn, items)
+
+    def close(self) -> None:
+        for job in self.submitted:
+            if not job.done():
+                job.cancel(check=False)
+
+
 @dataclass
-class _Done:
-    """A finished run in the shape of a future."""
+class _Finished:
+    """A run found finished in the store, in the shape of a future."""
 
     value: Run
 
+    def done(self) -> bool:
+        return True
+
     def result(self) -> Run:
         return self.value
+
+
+def submit_unfinished(jobs: Sequence[Job], start) -> dict[str, object]:
+    """``{job name: future}``: runs already finished in the store as they are (nothing is
+    started for them), the others as ``start(job)`` returns them."""
+    futures = {}
+    for j in jobs:
+        if (run := finished_run(j)) is not None:
+            log.info("%s: finished before, reusing %s", j.name, j.run_dir)
+            futures[j.name] = _Finished(run)
+        else:
+            futures[j.name] = start(j)
+    return futures
+
+
+def make_runner(cfg: DictConfig):
+    """The runner ``pipeline.runner`` names: ``local`` (default) or ``submitit``."""
+    p = cfg.pipeline
+    kind = p.get("runner", "local")
+    if kind == "local":
+        return Runner(p.workers)
+    if kind == "submitit":
+        return SubmititRunner(p.get("submitit") or {}, Path(p.store))
+    raise ValueError(f"pipeline.runner={kind}: use local or submitit")
 
 
 # ----------------------------------------------------------------------------- steps
@@ -638,25 +720,37 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict:
     p = cfg.pipeline
     store = Path(p.store)
     stages = ["baseline"] + (["oracle"] if p.oracle and cfg.data.get("force_key") else [])
-    runner = Runner(p.workers)
+    runner = make_runner(cfg)
     if runner.workers > 1:  # the main process labels while the workers train
         torch.set_num_threads(1)
+    n_runs = len(p.teachers.models) + 2 * len(p.seeds) + (len(p.oracle_seeds) if "oracle" in stages else 0)
     try:
-        start = time.perf_counter()
-        teacher_futures = runner.submit(teacher_jobs(cfg, store))
-        # baselines and oracles do not need the teachers: they train alongside them
-        other_futures = {stage: runner.submit(variant_jobs(cfg, stage, store)) for stage in stages}
-        teachers = [f.result() for f in teacher_futures]
-        timings["teachers"] = time.perf_counter() - start
-        labels = timed("distill", distill, cfg, teachers, store)
-        student_futures = runner.submit(variant_jobs(cfg, "student", store, labels))
-        variants = {"student": [f.result() for f in student_futures]}
-        variants.update({stage: [f.result() for f in futures] for stage, futures in other_futures.items()})
-        timings["train"] = time.perf_counter() - start
-        models = named_models(teachers, variants)
-        results = timed("evaluate", evaluate, cfg, models, labels, out / "report")
-        runs = [run for stage_runs in variants.values() for run in stage_runs]
-        md_rows = timed("md", md_stability, cfg, runs, out / "report", runner) if p.md.steps else []
+        with PipelineProgress(n_runs) as progress:
+            start = time.perf_counter()
+            progress.step("teachers")
+            teacher_futures = progress.track(runner.submit(teacher_jobs(cfg, store)))
+            # baselines and oracles do not need the teachers: they train alongside them
+            other_futures = {stage: progress.track(runner.submit(variant_jobs(cfg, stage, store)))
+                             for stage in stages}
+            teachers = progress.wait(teacher_futures)
+            timings["teachers"] = time.perf_counter() - start
+            progress.step("distill")
+            labels = timed("distill", distill, cfg, teachers, store)
+            progress.step("students")
+            student_futures = progress.track(runner.submit(variant_jobs(cfg, "student", store, labels)))
+            variants = {"student": progress.wait(student_futures)}
+            variants.update({stage: progress.wait(f) for stage, f in other_futures.items()})
+            timings["train"] = time.perf_counter() - start
+            progress.step("evaluate")
+            models = named_models(teachers, variants)
+            results = timed("evaluate", evaluate, cfg, models, labels, out / "report")
+            runs = [run for stage_runs in variants.values() for run in stage_runs]
+            if p.md.steps:
+                progress.step("md")
+                md_rows = timed("md", md_stability, cfg, runs, out / "report", runner)
+            else:
+                md_rows = []
+            progress.step("report")
     finally:
         runner.close()
     trained = [*teachers, *(run for stage_runs in variants.values() for run in stage_runs)]

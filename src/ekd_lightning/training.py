@@ -8,10 +8,12 @@ import logging
 import os
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 import pytorch_lightning as pl
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -254,6 +256,39 @@ def check_same_run(cfg: DictConfig, run_dir: Path) -> int | None:
     return epochs[0] if epochs else None
 
 
+RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+"""Environment variables through which a launcher (Lightning's DDP, torchrun, SLURM's srun, a
+simulated node) tells a process its rank."""
+
+
+def launched_rank_zero() -> bool:
+    """False in a process that its launcher started as a non-zero rank (any of RANK_ENV set and
+    not 0): such a process joins the run of rank 0 and must not take the run folder's lock."""
+    return all(os.environ.get(key, "0") in ("", "0") for key in RANK_ENV)
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``run_dir/.lock`` (filelock: fcntl on POSIX) while a run is trained in ``run_dir``,
+    so that a second job wanting the same run (same folder: same config hash in the pipeline's
+    store) waits for the first and then reuses its ``metrics.json``. Only rank 0 of a
+    distributed run locks; the ranks it launched (RANK_ENV) train inside its lock."""
+    if not launched_rank_zero():
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s: another job is training this run; waiting for it", run_dir)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str, float]:
     """Fit a model as ``cfg`` says, test the best checkpoint, return the final metrics.
 
@@ -268,13 +303,22 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str
     The folder also receives ``history.json`` (per-epoch validation metrics,
     :class:`TrainingHistory`), and ``metrics.json`` records the epochs trained, the best epoch,
     the training wall time and whether early stopping ended the run.
+    Concurrent jobs on the same folder are serialised by :func:`run_lock`: the second returns
+    the first one's metrics.
     """
     run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        if cfg.get("resume", True) and (done := finished_metrics(cfg, run_dir)) is not None:
+            log.info("%s already finished with this config (metrics.json): skipping", run_dir)
+            return done
+        return _fit(cfg, run_dir, callbacks)
+
+
+def _fit(cfg: DictConfig, run_dir: Path, callbacks) -> dict[str, float]:
+    """The training of :func:`run_training`: check the folder, fit, test the best checkpoint,
+    write the files (rank 0)."""
     fingerprint, requested = config_sha256(cfg), computed_config(cfg)
     resume = cfg.get("resume", True)
-    if resume and (done := finished_metrics(cfg, run_dir)) is not None:
-        log.info("%s already finished with this config (metrics.json): skipping", run_dir)
-        return done
     extended_from = check_same_run(cfg, run_dir) if resume else None
     if extended_from is not None:
         log.info("%s: extending the run from %s to %s epochs", run_dir, extended_from,
@@ -302,7 +346,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str
     recorded = _read_json(run_dir / "run_info.json")
     if resume_from and recorded and (changed := changed_inputs(recorded, info)):
         raise _refuse(run_dir, "other input files", changed)
-    write_json_atomic(info, run_dir / "run_info.json")
+    if trainer.is_global_zero:
+        write_json_atomic(info, run_dir / "run_info.json")
     if resume_from:
         log.info("resuming from %s", resume_from)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)

@@ -263,6 +263,15 @@ def output_is_current(job: DistillJob) -> bool:
     )
 
 
+def creation_time() -> str:
+    """The label file's ``created`` attribute: now (UTC, ISO 8601, seconds), or the time that
+    ``SOURCE_DATE_EPOCH`` (the reproducible-builds convention) names, so that two runs with the
+    same inputs write byte-identical files."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
+    return moment.isoformat(timespec="seconds")
+
+
 def read_manifest(job: DistillJob) -> dict | None:
     """The shard folder's manifest (identity, fingerprint, created), or None."""
     path = job.shard_dir / "manifest.json"
@@ -320,7 +329,7 @@ def init_shards(job: DistillJob) -> tuple[set[int], str]:
     job.shard_dir.mkdir(parents=True, exist_ok=True)
     if manifest is None:
         manifest = {"fingerprint": job.fingerprint, "identity": job.identity(),
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "created": creation_time(),
                     "dataset_path": str(job.dataset.resolve()), "out": str(job.out)}
         _atomic_json(manifest, job.shard_dir / "manifest.json")
     for stale in job.shard_dir.glob(".*.tmp"):
