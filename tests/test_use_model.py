@@ -329,6 +329,7 @@ def test_export_refuses_a_bad_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 def test_calculator_and_export_on_a_gpu_match_the_cpu(checkpoints, tmp_path):
     atoms = rattled("CH3CH2OH")
