@@ -29,8 +29,9 @@ from ekd_lightning.distill import (
     teachers_override_argv,
 )
 from ekd_lightning.distill.ensemble import aev_vjp, aev_with_jacobian
+from ekd_lightning.distill.teachers import verify_teachers
 from ekd_lightning.errors import CheckpointError, DataError, LabelMismatchError
-from ekd_lightning.labels import read_label_metadata, read_labels, verify_teachers
+from ekd_lightning.labels import read_label_metadata, read_labels
 from ekd_lightning.models.aev import ANIAEV
 from ekd_lightning.models.ani import ANIModel
 from ekd_lightning.models.base import energy_and_forces

@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_module
 from conftest import write_label_file
 from ekd_lightning.checkpoint import load_potential
 from ekd_lightning.data import EKDDataModule
+from ekd_lightning.distill.teachers import verify_teachers
 from ekd_lightning.errors import CheckpointError, ConfigError
-from ekd_lightning.labels import verify_teachers
 from ekd_lightning.module import FeatureCache
 from ekd_lightning.training import (
     build_datamodule,

@@ -17,8 +17,8 @@ Root attributes: ``format``, ``version``, ``dataset_path``, ``dataset_sha256``, 
 Standard deviations are over the teachers with ddof=0 (zero for a single teacher); arrays of a
 conformation that was not labelled hold NaN. :func:`write_labels` writes such a file atomically,
 :func:`read_labels` reads it back for a dataset (checking the dataset's SHA-256 when given the
-dataset path), :func:`verify_dataset` and :func:`verify_teachers` refuse a label file made for
-another dataset or another teacher ensemble.
+dataset path), :func:`verify_dataset` and :func:`~ekd_lightning.distill.teachers.verify_teachers`
+refuse a label file made for another dataset or another teacher ensemble.
 """
 
 from __future__ import annotations
@@ -179,39 +179,6 @@ def verify_dataset(path: str | Path, dataset_path: str | Path, metadata: Mapping
             f"{path}: labels were distilled for dataset {metadata.get('dataset_path')} "
             f"(sha256 {recorded[:12]}…), but {dataset_path} has sha256 {actual[:12]}…: the "
             "dataset changed or is another file; re-run distill.py on this dataset"
-        )
-
-
-def verify_teachers(path: str | Path, teachers, metadata: Mapping | None = None) -> None:
-    """Refuse (LabelMismatchError) a label file distilled from other teachers.
-
-    Args:
-        path: the label file.
-        teachers: a teacher specification as ``distill.py`` takes it (checkpoint paths, a
-            folder, a pretrained name, ``{dir: ...}``) or a list of
-            :class:`~ekd_lightning.distill.teachers.TeacherSource`. Teachers are compared by the
-            SHA-256 of their files, in order.
-    """
-    from .distill.teachers import TeacherSource, resolve_teachers
-
-    metadata = read_label_metadata(path) if metadata is None else metadata
-    recorded = metadata.get("teachers")
-    if not recorded:
-        raise LabelMismatchError(f"{path}: the label file records no teachers to compare with")
-    if isinstance(teachers, Sequence) and teachers and isinstance(teachers[0], TeacherSource):
-        sources = list(teachers)
-    else:
-        sources = resolve_teachers(teachers)
-    given = [(s.name, s.sha256()) for s in sources]
-    if [h for _, h in given] != [t.get("sha256") for t in recorded]:
-        def show(items):
-            return ", ".join(f"{Path(name).name} ({sha[:8]})" for name, sha in items)
-
-        raise LabelMismatchError(
-            f"{path}: labels were distilled from {len(recorded)} teacher(s) "
-            f"[{show((t.get('path', '?'), t.get('sha256', '')) for t in recorded)}], not from the "
-            f"{len(given)} given [{show(given)}] (compared by file SHA-256, in order); re-run "
-            "distill.py with these teachers"
         )
 
 

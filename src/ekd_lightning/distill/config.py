@@ -8,8 +8,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ..labels import verify_teachers
 from .run import DistillJob, distill_labels, make_job
+from .teachers import verify_teachers
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_potential
-from ..errors import CheckpointError
-from ..labels import cached_sha256
+from ..errors import CheckpointError, LabelMismatchError
+from ..labels import cached_sha256, read_label_metadata
 from ..models.ani import ANIModel
 from ..models.base import AtomisticModel
 
@@ -233,3 +233,34 @@ def _torchani_member(pretrained: str, path: str, member: int) -> ANIModel:
                 a.bias.copy_(b.bias)
     model.set_energy_statistics(ensemble.energy_shifter.self_energies.double().tolist(), 1.0)
     return model
+
+
+def verify_teachers(path: str | Path, teachers, metadata: Mapping | None = None) -> None:
+    """Refuse (LabelMismatchError) a label file distilled from other teachers.
+
+    Args:
+        path: the label file.
+        teachers: a teacher specification as ``distill.py`` takes it (checkpoint paths, a
+            folder, a pretrained name, ``{dir: ...}``) or a list of
+            :class:`TeacherSource`. Teachers are compared by the
+            SHA-256 of their files, in order.
+    """
+    metadata = read_label_metadata(path) if metadata is None else metadata
+    recorded = metadata.get("teachers")
+    if not recorded:
+        raise LabelMismatchError(f"{path}: the label file records no teachers to compare with")
+    if isinstance(teachers, Sequence) and teachers and isinstance(teachers[0], TeacherSource):
+        sources = list(teachers)
+    else:
+        sources = resolve_teachers(teachers)
+    given = [(s.name, s.sha256()) for s in sources]
+    if [h for _, h in given] != [t.get("sha256") for t in recorded]:
+        def show(items):
+            return ", ".join(f"{Path(name).name} ({sha[:8]})" for name, sha in items)
+
+        raise LabelMismatchError(
+            f"{path}: labels were distilled from {len(recorded)} teacher(s) "
+            f"[{show((t.get('path', '?'), t.get('sha256', '')) for t in recorded)}], not from the "
+            f"{len(given)} given [{show(given)}] (compared by file SHA-256, in order); re-run "
+            "distill.py with these teachers"
+        )
