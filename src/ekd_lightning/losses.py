@@ -75,8 +75,8 @@ class ForceLoss(LossTerm):
         weight, warmup_epochs: see :class:`LossTerm`.
         weighting: ``uniform``, or ``inverse_variance``: each atom weighted by the inverse of
             the teachers' force variance (``batch.label_force_var``, mean over components),
-            floored at ``variance_floor`` (kcal/mol/Å)²; the weights are normalised to sum 1
-            over the batch's atoms.
+            floored at ``variance_floor`` (kcal/mol/Å)²: the term is then the weighted mean over
+            the batch's atoms.
     """
 
     needs_forces = True
@@ -106,17 +106,12 @@ class ForceLoss(LossTerm):
         return (weights * per_atom).sum() / weights.sum().clamp(min=1e-12)
 
 
-RENAMED = {
-    "energy_weight": "loss.energy.weight", "force_weight": "loss.forces.weight",
-    "force_target": "stage=student|oracle (loss.forces.target=labels|reference)",
-    "force_loss": "loss.forces.weighting=uniform|inverse_variance",
-    "variance_floor": "loss.forces.variance_floor",
-    "force_warmup_epochs": "loss.forces.warmup_epochs",
-}
-"""Keys of the ``loss`` group before loss terms were objects, and what replaced each."""
-
 RENAMED_KEYS = {
-    **{f"loss.{key}": new for key, new in RENAMED.items()},
+    "loss.energy_weight": "loss.energy.weight", "loss.force_weight": "loss.forces.weight",
+    "loss.force_target": "stage=student|oracle (loss.forces.target=labels|reference)",
+    "loss.force_loss": "loss.forces.weighting=uniform|inverse_variance",
+    "loss.variance_floor": "loss.forces.variance_floor",
+    "loss.force_warmup_epochs": "loss.forces.warmup_epochs",
     "distill.force_loss": "loss.forces.weighting=uniform|inverse_variance",
     "model.arch": "model._target_ (the model class, e.g. ekd_lightning.models.ani.ANIModel)",
     "model.kwargs": "model.<argument> (a model's arguments sit beside its _target_)",
