@@ -14,7 +14,9 @@ import torch
 from ase.build import molecule
 
 from ekd_lightning.checkpoint import load_potential
+from ekd_lightning.errors import ConfigError
 from ekd_lightning.losses import LossTerm
+from ekd_lightning.models import instantiate_model
 from ekd_lightning.models.base import energy_and_forces
 from ekd_lightning.training import build_datamodule, build_module
 from ekd_lightning.units import HARTREE_TO_KCALMOL as KCAL
@@ -116,4 +118,11 @@ def test_a_new_loss_term_is_one_class_and_one_yaml_entry(ani1x_file):
     total, energies, forces = module.loss(batch, create_graph=False)
     energy = module.loss_terms["energy"](energies, forces, batch)
     offset = MeanEnergyError()(energies, forces, batch)
-    assert float(offset) > 0 and torch.equal(total, energy + 2.0 * offset)
+    assert float(offset.detach()) > 0 and torch.equal(total, energy + 2.0 * offset)
+
+
+def test_a_model_config_of_the_previous_layout_names_its_replacement():
+    """A user's own model YAML with ``arch``/``kwargs`` (the layout before ``_target_``)."""
+    with pytest.raises(ConfigError, match=r"^model config 'mine': model.arch was replaced by "
+                                          r"model._target_ \(the model class"):
+        instantiate_model({"name": "mine", "arch": "ani", "kwargs": {"hidden": None}}, ["H"])

@@ -10,7 +10,7 @@ adding one is a module and a YAML file (README, "Add a model").
 
 from collections.abc import Mapping, Sequence
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .base import AtomisticModel, energy_and_forces
 
 NOT_ARGUMENTS = ("name",)
@@ -31,9 +31,13 @@ def instantiate_model(model_cfg: Mapping, elements: Sequence[str]) -> AtomisticM
     ``name`` is ignored) for ``elements``, built with :func:`hydra.utils.instantiate`
     (ConfigError for a ``_target_`` that is not a model class)."""
     from ..instantiate import instantiate_checked
+    from ..losses import renamed_key
 
-    return instantiate_checked(model_arguments(model_cfg), AtomisticModel, "model",
-                               elements=list(elements))
+    arguments = model_arguments(model_cfg)
+    for key in ("arch", "kwargs"):  # a model config of the layout before _target_
+        if key in arguments:
+            raise ConfigError(f"model config {model_cfg.get('name')!r}: {renamed_key(f'model.{key}')}")
+    return instantiate_checked(arguments, AtomisticModel, "model", elements=list(elements))
 
 
 LEGACY_TARGETS = {
