@@ -156,7 +156,7 @@ def provenance(cfg: DictConfig, datamodule: EKDDataModule) -> dict:
 
 
 SHOWN_ONLY = ("resume", "logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-              "distill.out", "distill.store")
+              "distill.out", "distill.store", "callbacks.lr_monitor")
 """Config keys that change how a run is shown, logged or where a file goes, never its result."""
 
 
