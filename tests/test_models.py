@@ -60,13 +60,21 @@ def test_every_model_config_is_collected():
     assert {"ani1x", "ani2x", "schnet", "schnet_small"} <= {p.stem for p in MODEL_CONFIGS}
 
 
+def dimer() -> Atoms:
+    """Methanol and water 5 Å apart as one entry: atom pairs on both sides of every cutoff."""
+    water = molecule("H2O")
+    water.positions += [5.0, 0.0, 0.0]
+    return molecule("CH3OH") + water
+
+
 def molecules(*names: str, seed: int = 0) -> list[Atoms]:
     """ASE molecules displaced randomly (0.05 Å, no symmetry left); ``"X"`` names a lone O atom
-    (no neighbours). All are centred near the origin: they overlap in space."""
+    (no neighbours), ``"dimer"`` :func:`dimer`. All are near the origin: they overlap in space."""
     rng = np.random.default_rng(seed)
     mols = []
     for name in names:
-        atoms = Atoms("O", positions=[[0.0, 0.0, 0.0]]) if name == "X" else molecule(name)
+        special = {"X": lambda: Atoms("O", positions=[[0.0, 0.0, 0.0]]), "dimer": dimer}
+        atoms = special[name]() if name in special else molecule(name)
         atoms.positions += rng.normal(0.0, 0.05, atoms.positions.shape)
         mols.append(atoms)
     return mols
@@ -117,7 +125,7 @@ def test_batch_equals_each_molecule_alone(config, device):
     """Molecules with different elements (so different feature subsets), a lone atom and
     overlapping coordinates: together, in either order, as each alone."""
     model = build(config, device=device)
-    mols = molecules("CH3CONH2", "CH4", "X", "H2O", "CH3CH2OH")
+    mols = molecules("CH3CONH2", "CH4", "X", "dimer", "CH3CH2OH")
     alone = [evaluate(model, *flat([m], device), 1) for m in mols]
     for order in (list(range(len(mols))), list(range(len(mols)))[::-1]):
         energies, forces = evaluate(model, *flat([mols[i] for i in order], device), len(mols))
@@ -129,10 +137,10 @@ def test_batch_equals_each_molecule_alone(config, device):
 
 def test_translation_invariance(config, device):
     model = build(config, device=device)
-    mols = molecules("CH3CONH2", "CH3CH2OH")
+    mols = molecules("CH3CONH2", "dimer")
     z, pos, batch = flat(mols, device)
     energies, forces = evaluate(model, z, pos, batch, len(mols))
-    shift = torch.tensor([3.7, -12.1, 0.4], dtype=pos.dtype, device=device)
+    shift = torch.tensor([12.1, -3.7, 0.4], dtype=pos.dtype, device=device)
     moved_energies, moved_forces = evaluate(model, z, pos + shift, batch, len(mols))
     torch.testing.assert_close(moved_energies, energies, rtol=0, atol=1e-10)
     torch.testing.assert_close(moved_forces, forces, rtol=0, atol=1e-10)
@@ -140,7 +148,7 @@ def test_translation_invariance(config, device):
 
 def test_rotation_invariance(config, device):
     model = build(config, device=device)
-    mols = molecules("CH3CONH2", "CH3CH2OH")
+    mols = molecules("CH3CONH2", "dimer")
     z, pos, batch = flat(mols, device)
     energies, forces = evaluate(model, z, pos, batch, len(mols))
     r = rotation(3).to(device)
@@ -153,7 +161,7 @@ def test_permutation_invariance(config, device):
     """Atoms shuffled within each molecule (the batch stays sorted): the same energies, and the
     forces follow their atoms."""
     model = build(config, device=device)
-    mols = molecules("CH3CONH2", "CH3CH2OH", "HCN")
+    mols = molecules("CH3CONH2", "dimer", "HCN")
     z, pos, batch = flat(mols, device)
     energies, forces = evaluate(model, z, pos, batch, len(mols))
     generator = torch.Generator().manual_seed(4)
@@ -202,7 +210,7 @@ def test_force_loss_gradient_equals_finite_differences(config, device):
 
 def test_float32_agrees_with_float64(config, device):
     model64, model32 = build(config, device=device), build(config, torch.float32, device)
-    mols = molecules("CH3CONH2", "CH3CH2OH", "X", "CH4")
+    mols = molecules("CH3CONH2", "dimer", "X", "CH4")
     z, pos, batch = flat(mols, device)
     energies64, forces64 = evaluate(model64, z, pos, batch, len(mols))
     energies32, forces32 = evaluate(model32, z, pos.float(), batch, len(mols))

@@ -23,8 +23,8 @@ derivatives by ``torch.func.jvp``/``vmap`` took about 24 ms against about 3 ms a
 Other teachers (e.g. SchNet) form a :class:`TeacherLoop`: members evaluated one after another
 with autograd. So does an ANI teacher whose networks :class:`StackedANI` cannot stack (another
 layer structure, or an activation without a rule in ``activation_backward``), with a warning
-that names the reason (:func:`_stack_plan`). Every group returns per-teacher energies (T, n_molecules) in Hartree (float64, as
-the models do) and forces (T, n_atoms, 3) in Hartree/Å.
+that names the reason (:func:`_stack_plan`). Every group returns per-teacher energies
+(T, n_molecules) in Hartree (float64, as the models do) and forces (T, n_atoms, 3) in Hartree/Å.
 """
 
 from __future__ import annotations
