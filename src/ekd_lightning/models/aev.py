@@ -494,14 +494,19 @@ class ANIAEV(nn.Module):
         x = (0.95 * cos_angle).unsqueeze(-1)
         sections = self.angular_sections.to(dtype)
         cos_s, sin_s = torch.cos(sections), torch.sin(sections)
+        along = x * cos_s
         root = torch.sqrt(1.0 - x * x)
-        base = (1.0 + (x * cos_s + root * sin_s)) * 0.5
+        base = (1.0 + (along + root * sin_s)) * 0.5
         angular = 2.0 * base**self.angular_zeta  # (T, sections)
-        diff = (0.5 * (d_j + d_k)).unsqueeze(-1) - self.angular_shifts.to(dtype)
-        gauss = gaussian(-self.angular_eta * diff**2)
+        # (operations in this order: autograd then sums the gradients of d_j and d_k in the
+        # order it always has, bitwise the same forces)
+        mean = (0.5 * (d_j + d_k)).unsqueeze(-1)
         cut_j = cosine_cutoff(d_j, self.angular_cutoff)
         cut_k = cosine_cutoff(d_k, self.angular_cutoff)
-        radial = gauss * (cut_j * cut_k).unsqueeze(-1)  # (T, shifts)
+        cut = cut_j * cut_k
+        diff = mean - self.angular_shifts.to(dtype)
+        gauss = gaussian(-self.angular_eta * diff**2)
+        radial = gauss * cut.unsqueeze(-1)  # (T, shifts)
         if not derivatives:
             return radial, angular
         shared = self.angular_eta * diff * radial  # d gauss / d d_j = d / d d_k
