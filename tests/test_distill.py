@@ -178,6 +178,38 @@ def test_aev_jacobian_matches_autograd():
     torch.testing.assert_close(aev_vjp(jac, radial, angular, rank), grads, rtol=1e-9, atol=1e-12)
 
 
+def test_activations_batched_by_rule_and_others_by_autograd_with_a_warning(caplog):
+    """StackedANI takes the activation's derivative from models.ani.activation_backward (CELU
+    of any alpha); a teacher whose activation has no rule there is evaluated alone with
+    autograd, with a warning naming it, and every teacher's forces equal the plain loop's."""
+    import logging
+
+    from ase.build import molecule
+
+    torch.manual_seed(0)
+    models = []
+    for _ in range(3):
+        model = ANIModel(hidden={e: [16, 8] for e in "HCNO"}, activation_alpha=0.5).double()
+        model.set_energy_statistics([-0.5, -38.0, -54.6, -75.0], 0.05)
+        models.append(model)
+    for net in models[2].networks.values():  # the third teacher: Softplus, no rule
+        for i, layer in enumerate(net):
+            if isinstance(layer, torch.nn.CELU):
+                net[i] = torch.nn.Softplus()
+    with caplog.at_level(logging.WARNING, logger="ekd_lightning.distill.ensemble"):
+        batched = TeacherEnsemble(models)
+    assert [type(g) for g in batched.groups] == [StackedANI, TeacherLoop]
+    assert "teacher 2" in caplog.text and "Softplus" in caplog.text
+    mols = [molecule(n) for n in ("CH3CH2OH", "CH3CONH2")]
+    z = torch.tensor(np.concatenate([m.numbers for m in mols]))
+    pos = torch.tensor(np.concatenate([m.positions for m in mols]))
+    batch = torch.repeat_interleave(torch.arange(len(mols)), torch.tensor([len(m) for m in mols]))
+    energies, forces = batched(z, pos, batch, len(mols))
+    expected_energies, expected_forces = TeacherEnsemble(models, batched=False)(z, pos, batch, 2)
+    torch.testing.assert_close(energies, expected_energies, rtol=0, atol=1e-10)
+    torch.testing.assert_close(forces, expected_forces, rtol=0, atol=1e-10)
+
+
 def test_batched_ani2x_teachers_equal_the_loop_with_and_without_absent_elements():
     from ase.build import molecule
 
