@@ -22,7 +22,7 @@ from ase.build import molecule
 from omegaconf import OmegaConf
 
 import ekd_lightning
-from ekd_lightning.models import build_model
+from ekd_lightning.models import instantiate_model
 from ekd_lightning.models.base import AtomisticModel, energy_and_forces
 
 MODEL_CONFIGS = sorted((Path(ekd_lightning.__file__).parent / "conf" / "model").glob("*.yaml"))
@@ -40,9 +40,9 @@ def build(config: Path, dtype: torch.dtype = torch.float64, device: str = "cpu")
     values in both dtypes), tiny sizes where the config has a key of ``TINY``, and nonzero self
     energies and energy scale (float64 buffers in both dtypes, as training builds them)."""
     cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
-    kwargs = {k: TINY.get(k, v) for k, v in (cfg.get("kwargs") or {}).items()}
+    cfg = {k: TINY.get(k, v) for k, v in cfg.items()}
     torch.manual_seed(0)
-    model = build_model(cfg["arch"], ELEMENTS, **kwargs)
+    model = instantiate_model(cfg, ELEMENTS)
     with torch.no_grad():  # zero-initialised biases too: no parameter is a special point
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
