@@ -39,9 +39,11 @@ def _train_or_pipeline(cfg: DictConfig) -> float:
 
         report = run_pipeline(cfg, out_dir)  # returns the force-error gap closed on held-out data
         return report.get("heldout", {}).get("force_gap_closed", float("nan"))
+    from .compose import command_overrides, train_command
     from .training import run_training
 
-    metrics = run_training(cfg, out_dir)
+    command = train_command([*command_overrides(), f"hydra.run.dir={out_dir}"])
+    metrics = run_training(cfg, out_dir, command=command)
     return metrics.get("val/loss", float("nan"))
 
 
