@@ -123,3 +123,13 @@ def test_learning_curves_colour_each_run_by_its_role(tmp_path):
                                                                        "student", "oracle"]
     width, height = png_shape(tmp_path / "curves.png")
     assert width > height
+
+
+def test_figures_take_roles_from_the_run_records(predictions, tmp_path):
+    """The pipeline gives each model's role (its run record), whatever the name says."""
+    preds, records = predictions
+    named = {"first run": preds["teacher0"], "second run": preds["student-seed0"]}
+    fig = plot_force_errors(named, records, tmp_path / "errors.png",
+                            roles={"first run": "teacher", "second run": "student"})
+    assert [to_hex(p.get_edgecolor()) for p in fig.axes[0].patches] == [
+        ROLE_COLOURS["teacher"], ROLE_COLOURS["student"]]

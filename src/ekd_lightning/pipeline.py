@@ -24,9 +24,16 @@ Steps (each resumable: a finished step is skipped when the command is run again)
 Every training run gets the composed config's ``callbacks`` (``experiment=ekd``: the one
 early-stopping rule) and the epoch cap ``pipeline.max_epochs``, teachers included.
 
-Training runs are derived from the composed config: the ``stage`` group file sets the loss, the
-``model`` group file the architecture, and ``pipeline.*`` epochs and seeds; everything else (data,
-trainer, optim, logger and their command-line overrides) is shared by all runs.
+Training runs are typed records (:class:`RunSpec`: role, stage, model, seed, epoch cap and the
+variant's overrides; their names in the report derive from them), each composed by Hydra's
+compose API from the same config tree as ``train.py`` with recorded overrides: the pipeline
+command's own (less ``pipeline.*``, deleted from the run's config), then
+``stage=... model=... seed=... trainer.max_epochs=... run_name=...`` and the variant's (a
+teacher's data subset, the student's labels, ``pipeline.force_overrides`` /
+``student_overrides`` written as ``++key=value``). Everything else (data, trainer, optim, logger
+and their command-line overrides) is shared by all runs. Each run's ``run_info.json`` records
+``command``, the ``ekd-train ... hydra.run.dir=<run folder>`` line that composes it again; the
+worker processes and submitit jobs get the resolved config.
 """
 
 from __future__ import annotations
@@ -480,10 +487,11 @@ def evaluate(cfg: DictConfig, models: Mapping[str, object], labels: Path, out: P
     datamodule.setup("fit")
     split = cfg.pipeline.heldout_split
     records = datamodule.split_records(split)
+    roles = {**{run.name: run.role for run in runs}, "ensemble": "ensemble"}
     results = {"heldout": evaluate_records(
         models, records, out / "heldout",
         about={"dataset": str(data.path), "split": split, "energy_key": data.energy_key,
-               "force_key": data.force_key})}
+               "force_key": data.force_key}, roles=roles)}
     first = cfg.pipeline.seeds[0]
     timed = [first_seed_run(runs, "student", first), first_seed_run(runs, "baseline", first)]
     results["inference_s_per_conformation"] = inference_cost(
@@ -493,7 +501,8 @@ def evaluate(cfg: DictConfig, models: Mapping[str, object], labels: Path, out: P
         path = OmegaConf.to_container(test.path) if OmegaConf.is_list(test.path) else test.path
         results["test"] = evaluate_models(  # a file, a folder (all of COMP6) or a list of them
             models, path, test.energy_key, test.get("force_key"), test.file_format,
-            list(data.elements), out / "test", forces_are_gradients=test.get("forces_are_gradients"))
+            list(data.elements), out / "test", forces_are_gradients=test.get("forces_are_gradients"),
+            roles=roles)
     if data.get("force_key"):
         results["labels"] = label_quality(labels, data.path, data.energy_key, data.force_key,
                                           data.file_format, list(data.elements))
@@ -765,7 +774,8 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
     out.mkdir(parents=True, exist_ok=True)
     histories = {n: t["history"] for n, t in training.items() if t.get("history")}
     if histories:
-        plot_learning_curves(histories, out / "learning_curves.png")
+        plot_learning_curves(histories, out / "learning_curves.png",
+                             {run.name: run.role for run in runs})
     text += ["## Figures", ""] + [f"![{title}]({name})" for name, title in FIGURES
                                   if (out / name).is_file()] + [""]
     write_text_atomic("\n".join(text), out / "summary.md")
