@@ -722,7 +722,8 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
     """Step 6: ``summary.md`` (with figures), ``summary.json`` and ``learning_curves.png`` in
     ``out``; ``runs`` are the records of the models (named by :attr:`RunSpec.name` in
     ``results`` and ``md_rows``), ``training`` is :func:`training_record` of every run; returns
-    the summary (with ``runs``: ``{name: record}``)."""
+    the summary (with ``runs``: ``{name: record}``, less the variant's overrides, which name
+    files: they are in each run's ``run_info.json``)."""
     from .plots import plot_learning_curves
 
     training = dict(training or {})
@@ -731,7 +732,8 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
               "training": {n: {k: v for k, v in t.items() if k != "history"}
                            for n, t in training.items()},
               "best_teacher": best_teacher(training, runs), "inference_s_per_conformation": inference,
-              "runs": {run.name: dataclasses.asdict(run) for run in runs}}
+              "runs": {run.name: {k: v for k, v in dataclasses.asdict(run).items() if k != "variant"}
+                       for run in runs}}
     text = [f"# EKD pipeline report: {cfg.run_name}", "",
             "Energies in kcal/mol, forces in kcal/mol/Å; mean ± standard deviation over seeds "
             f"{list(cfg.pipeline.seeds)}.", ""]
