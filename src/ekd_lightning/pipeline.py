@@ -81,8 +81,6 @@ from .training import config_sha256, differences, run_training, write_json_atomi
 log = logging.getLogger(__name__)
 
 FORCE_MAE = "force_mae"
-ROLES = ("teacher", "baseline", "student", "oracle")
-"""What a training run is in the comparison."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ class RunSpec:
     is ``conf/train.yaml`` composed with the pipeline command's overrides and :meth:`overrides`.
     """
 
-    role: str
+    role: str  # teacher | baseline | student | oracle
     stage: str
     model: str
     seed: int
@@ -368,7 +366,7 @@ def teacher_specs(spec: Mapping) -> list[RunSpec]:
         seed = int(spec.first_seed) + i
         data = ()
         if spec.train_fraction < 1.0:
-            data = (f"data.train_fraction={float(spec.train_fraction)!r}",
+            data = (f"data.train_fraction={override_value(float(spec.train_fraction))}",
                     f"data.train_subset_seed={seed}")
         specs.append(RunSpec("teacher", "teacher", model, seed, int(spec.max_epochs), data, i))
     return specs
