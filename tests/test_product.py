@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from ekd_lightning.errors import CheckpointError
 from ekd_lightning.models import ARCHS
 from ekd_lightning.module import PotentialModule
 from ekd_lightning.pipeline import teacher_jobs
-from ekd_lightning.training import register_resolvers, run_training
+from ekd_lightning.training import config_sha256, register_resolvers, run_training
 
 MODEL_CONFIGS = sorted(p.stem for p in (Path(conf_init).parent / "model").glob("*.yaml"))
 
@@ -121,6 +122,17 @@ def test_student_without_labels_uses_the_default_teacher_ensemble(tiny_file, tmp
     info = json.loads((tmp_path / "runs" / "student-ani2x-seed0" / "run_info.json").read_text())
     assert info["labels"] == "runs/store/" + labels.name
     assert f"teacher 1/1: training into runs/store/{teacher.parent.name}" in out
+    # each run records the command that composes it: the student's own, and the teacher's,
+    # composed inside the running ekd-train from the student's overrides
+    assert info["command"] == " ".join([
+        "ekd-train", "model=ani2x", "stage=student", f"data.path={tiny_file}",
+        *(shlex.quote(o) for o in TINY + ONE_TEACHER),
+        shlex.quote(f"hydra.run.dir={tmp_path / 'runs' / 'student-ani2x-seed0'}")])
+    program, *overrides, folder = shlex.split(
+        json.loads((teacher.parent / "run_info.json").read_text())["command"])
+    assert (program, folder) == ("ekd-train", f"hydra.run.dir=runs/store/{teacher.parent.name}")
+    assert "callbacks=early_stopping" in overrides and "stage=teacher" in overrides
+    assert config_sha256(compose_train(overrides)) == json.loads(teacher.read_text())["config_sha256"]
 
     store = tmp_path / "runs" / "store"
     command = ["experiment=ekd", f"data.path={tiny_file}", *TINY, f"pipeline.store={store}",
