@@ -224,6 +224,8 @@ def test_a_config_changed_after_composing_is_refused(ani1x_file, comp6_file, tmp
     """Runs are composed from the overrides, so a pipeline config changed after composing them
     would be left out of its runs: refused, naming the key."""
     cfg, command = pipeline_cfg(ani1x_file, comp6_file, tmp_path)
+    with pytest.raises(ConfigError, match=r"outside ekd-train / train.py pass overrides="):
+        variant_jobs(cfg, "baseline", tmp_path)  # not under Hydra: the overrides are needed
     cfg.optim.lr = 0.5
     with pytest.raises(ConfigError, match=r"optim.lr: 0.003 -> 0.5"):
         variant_jobs(cfg, "baseline", tmp_path, None, command)
