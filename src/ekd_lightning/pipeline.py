@@ -476,10 +476,10 @@ def first_seed_run(runs: Sequence[RunSpec], role: str, seed: int) -> str | None:
 
 
 def evaluate(cfg: DictConfig, models: Mapping[str, object], labels: Path, out: Path,
-             runs: Sequence[RunSpec]) -> dict:
+             runs: Sequence[RunSpec] = ()) -> dict:
     """Step 4: metrics on the held-out split and on the test file, the labels' quality, and the
     inference time per conformation of the student, the baseline (``runs`` of the first seed)
-    and the teacher ensemble."""
+    and the teacher ensemble; ``runs`` give the models' roles in the figures."""
     data = cfg.data
     datamodule = EKDDataModule(**OmegaConf.to_container(data, resolve=True))
     datamodule.setup("fit")
