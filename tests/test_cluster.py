@@ -277,14 +277,14 @@ def test_pipeline_with_submitit_jobs_reports_as_the_local_runner(ani1x_file, com
                         "pipeline.runner=submitit", "pipeline.submitit.cluster=local")
     from ekd_lightning.pipeline import run_pipeline
 
-    expected = run_pipeline(local, tmp_path / "local")
-    report = run_pipeline(jobs, tmp_path / "jobs")
+    expected = run_pipeline(local[0], tmp_path / "local", local[1])
+    report = run_pipeline(jobs[0], tmp_path / "jobs", jobs[1])
     submitted = sorted((tmp_path / "store/submitit").glob("*_submitted.pkl"))
     assert len(submitted) == 3  # teacher, student, baseline: one job each
     expected = without_wall_times(expected)
     assert without_wall_times(report) == expected
     assert expected["training"]["student-seed0"]["epochs"] == 1
-    again = run_pipeline(jobs, tmp_path / "jobs")  # a restart finds the finished runs in the store
+    again = run_pipeline(jobs[0], tmp_path / "jobs", jobs[1])  # a restart finds the finished runs in the store
     assert sorted((tmp_path / "store/submitit").glob("*_submitted.pkl")) == submitted
     assert without_wall_times(again) == expected
 

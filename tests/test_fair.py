@@ -10,7 +10,7 @@ from matplotlib.colors import to_hex
 
 from ekd_lightning.data import read_molecules
 from ekd_lightning.evaluate import Prediction
-from ekd_lightning.pipeline import gap_verdict, seed_summary
+from ekd_lightning.pipeline import RunSpec, gap_verdict, seed_summary
 from ekd_lightning.plots import (
     ROLE_COLOURS,
     plot_energy_parity,
@@ -47,11 +47,13 @@ def test_stopping_rule_lets_an_improving_run_reach_its_cap(ani1x_file, tmp_path)
 
 
 def summary_with(oracle: float, spread: float):
-    rows = [{"model": f"{stage}-seed{s}", "subset": "all", "energy_mae": 1.0, "de_mae": 1.0,
-             "force_mae": value + sign * spread, "force_rmse": 1.0}
-            for stage, value in (("baseline", 10.0), ("student", 8.0), ("oracle", oracle))
-            for s, sign in ((0, -1), (1, 1))]
-    return seed_summary(rows, ["baseline", "student", "oracle"])
+    runs = [RunSpec(role, role, "ani2x", s, 30) for role in ("baseline", "student", "oracle")
+            for s in (0, 1)]
+    values = {"baseline": 10.0, "student": 8.0, "oracle": oracle}
+    rows = [{"model": run.name, "subset": "all", "energy_mae": 1.0, "de_mae": 1.0,
+             "force_mae": values[run.role] + (2 * run.seed - 1) * spread, "force_rmse": 1.0}
+            for run in runs]
+    return seed_summary(rows, runs)
 
 
 def test_gap_closed_needs_an_oracle_clearly_better_than_the_baseline():
@@ -121,3 +123,13 @@ def test_learning_curves_colour_each_run_by_its_role(tmp_path):
                                                                        "student", "oracle"]
     width, height = png_shape(tmp_path / "curves.png")
     assert width > height
+
+
+def test_figures_take_roles_from_the_run_records(predictions, tmp_path):
+    """The pipeline gives each model's role (its run record), whatever the name says."""
+    preds, records = predictions
+    named = {"first run": preds["teacher0"], "second run": preds["student-seed0"]}
+    fig = plot_force_errors(named, records, tmp_path / "errors.png",
+                            roles={"first run": "teacher", "second run": "student"})
+    assert [to_hex(p.get_edgecolor()) for p in fig.axes[0].patches] == [
+        ROLE_COLOURS["teacher"], ROLE_COLOURS["student"]]

@@ -4,12 +4,18 @@ import csv
 import json
 import math
 import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 
+from ekd_lightning.compose import compose_train
+from ekd_lightning.errors import ConfigError
 from ekd_lightning.pipeline import (
+    RunSpec,
+    ablation_row,
     ablation_table,
     gap_closed,
     main,
@@ -17,35 +23,35 @@ from ekd_lightning.pipeline import (
     seed_summary,
     variant_jobs,
 )
-from ekd_lightning.training import register_resolvers
+from ekd_lightning.training import config_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def pipeline_cfg(data_file, test_file, store, *overrides):
-    register_resolvers()
-    with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
-        return compose("train", overrides=[
-            "experiment=ekd", f"data.path={data_file}", "data.energy_key=emt.energy",
-            "data.force_key=emt.forces", "data.batch_size=16", "logger=csv",
-            f"pipeline.store={store}", "pipeline.teachers.models=[ani2x,schnet_small]",
-            # teachers: 6 epochs at lr 3e-3 learn enough forces from energies that the student
-            # beats the baseline (measured held-out 27.5 vs 40.5 kcal/mol/Å, oracle 16.6)
-            "pipeline.teachers.max_epochs=6", "optim.lr=3e-3", "pipeline.max_epochs=2",
-            "pipeline.seeds=[0,1]",
-            f"pipeline.test_data.path={test_file}", "pipeline.md.steps=20",
-            "pipeline.md.nve_steps=10", "pipeline.md.molecules=[CH3OH]", "pipeline.md.replicas=2",
-            "pipeline.md.reference_steps=20",
-            *overrides,
-        ])
+    """The tiny pipeline's config and the overrides it is composed with (which compose its runs)."""
+    command = [
+        "experiment=ekd", f"data.path={data_file}", "data.energy_key=emt.energy",
+        "data.force_key=emt.forces", "data.batch_size=16", "logger=csv",
+        f"pipeline.store={store}", "pipeline.teachers.models=[ani2x,schnet_small]",
+        # teachers: 6 epochs at lr 3e-3 learn enough forces from energies that the student
+        # beats the baseline (measured held-out 27.5 vs 40.5 kcal/mol/Å, oracle 16.6)
+        "pipeline.teachers.max_epochs=6", "optim.lr=3e-3", "pipeline.max_epochs=2",
+        "pipeline.seeds=[0,1]",
+        f"pipeline.test_data.path={test_file}", "pipeline.md.steps=20",
+        "pipeline.md.nve_steps=10", "pipeline.md.molecules=[CH3OH]", "pipeline.md.replicas=2",
+        "pipeline.md.reference_steps=20",
+        *overrides,
+    ]
+    return compose_train(command), command
 
 
 @pytest.fixture(scope="module")
 def finished(ani1x_file, comp6_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    cfg = pipeline_cfg(ani1x_file, comp6_file, root / "store", "pipeline.workers=2")
-    report = run_pipeline(cfg, root / "ekd")
-    return cfg, root, report
+    cfg, command = pipeline_cfg(ani1x_file, comp6_file, root / "store", "pipeline.workers=2")
+    report = run_pipeline(cfg, root / "ekd", command)
+    return (cfg, command), root, report
 
 
 def test_pipeline_report_compares_every_model(finished):
@@ -107,6 +113,14 @@ def test_report_compares_converged_ends_and_costs(finished):
     inference = report["inference_s_per_conformation"]
     assert set(inference) == {"student-seed0", "baseline-seed0", "ensemble"}
     assert all(v > 0 for v in inference.values())
+    # every name in the report is a run's record; the ablation table reads roles from them
+    saved = json.loads((root / "ekd/report/summary.json").read_text())
+    assert saved["runs"]["student-seed1"] == {
+        "role": "student", "stage": "student", "model": "ani2x", "seed": 1, "max_epochs": 2,
+        "index": None}
+    assert saved["runs"]["teacher1"]["model"] == "schnet_small"
+    row = ablation_row("tiny", saved)
+    assert {"md_stable_baseline", "md_stable_student", "md_stable_oracle"} <= set(row)
 
 
 def test_student_trains_on_the_teachers_labels(finished):
@@ -132,7 +146,8 @@ def test_rerun_trains_nothing_again_and_replaces_the_report_atomically(finished,
         return real_replace(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "replace", spy)
-    again = run_pipeline(cfg, root / "ekd")
+    config, command = cfg
+    again = run_pipeline(config, root / "ekd", command)
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
     assert again["heldout"]["summary"] == report["heldout"]["summary"]
     assert {"summary.md", "summary.json"} <= set(replaced)
@@ -150,10 +165,12 @@ def test_ablation_table_lists_each_report(finished, tmp_path):
 
 
 def test_gap_closed_and_seed_summary():
-    rows = [{"model": f"{stage}-seed{s}", "subset": "all", "energy_mae": 1.0, "de_mae": 1.0,
-             "force_mae": value + s, "force_rmse": 1.0}
-            for stage, value in (("baseline", 10.0), ("student", 6.0), ("oracle", 2.0)) for s in (0, 2)]
-    summary = seed_summary(rows, ["baseline", "student", "oracle"])
+    runs = [RunSpec(role, role, "ani2x", s, 2) for role in ("baseline", "student", "oracle")
+            for s in (0, 2)]
+    rows = [{"model": run.name, "subset": "all", "energy_mae": 1.0, "de_mae": 1.0,
+             "force_mae": value + run.seed, "force_rmse": 1.0}
+            for run, value in zip(runs, (10.0, 10.0, 6.0, 6.0, 2.0, 2.0), strict=True)]
+    summary = seed_summary(rows, runs)
     assert [e["force_mae"] for e in summary] == [11.0, 7.0, 3.0]
     assert summary[0]["force_mae_std"] == 1.0
     assert gap_closed(summary) == pytest.approx(0.5)
@@ -161,16 +178,55 @@ def test_gap_closed_and_seed_summary():
 
 
 def test_force_overrides_reach_student_and_oracle_only(ani1x_file, comp6_file, tmp_path):
-    cfg = pipeline_cfg(ani1x_file, comp6_file, tmp_path, "+pipeline.force_overrides.loss.forces.weight=1.0",
-                       "+pipeline.student_overrides.loss.forces.weighting=inverse_variance")
+    cfg, command = pipeline_cfg(ani1x_file, comp6_file, tmp_path,
+                                "+pipeline.force_overrides.loss.forces.weight=1.0",
+                                "+pipeline.student_overrides.loss.forces.weighting=inverse_variance")
     labels = tmp_path / "labels.h5"
-    jobs = {stage: variant_jobs(cfg, stage, tmp_path, labels) for stage in ("student", "oracle", "baseline")}
+    jobs = {stage: variant_jobs(cfg, stage, tmp_path, labels, command)
+            for stage in ("student", "oracle", "baseline")}
     student, oracle, baseline = (jobs[s][0].cfg["loss"] for s in ("student", "oracle", "baseline"))
     assert student["forces"]["weight"] == oracle["forces"]["weight"] == 1.0
     assert student["forces"]["weighting"] == "inverse_variance"
     assert oracle["forces"]["weighting"] == "uniform"
     assert baseline["forces"] is None
     assert jobs["student"][0].cfg["distill"]["labels"] == str(labels)
-    default = pipeline_cfg(ani1x_file, comp6_file, tmp_path)
+    default, command = pipeline_cfg(ani1x_file, comp6_file, tmp_path)
     # without overrides the oracle keeps its stage file's force weight
-    assert variant_jobs(default, "oracle", tmp_path)[0].cfg["loss"]["forces"]["weight"] == 0.1
+    assert variant_jobs(default, "oracle", tmp_path, None, command)[0].cfg["loss"]["forces"]["weight"] == 0.1
+
+
+def test_each_run_records_the_command_that_composes_it(finished):
+    """Every run's run_info.json holds the ``ekd-train`` line that composes its config into its
+    folder: composed here, each line gives the config_sha256 of the run's metrics.json; the
+    student's line, run as the command, finds its run finished with that config (a different
+    config would be refused: exit code 2) and trains nothing."""
+    _, root, _ = finished
+    infos = {p.parent: json.loads(p.read_text()) for p in (root / "store").glob("*/run_info.json")}
+    assert len(infos) == 7  # 2 teachers, 2 baselines, 2 students, 1 oracle
+    for run_dir, info in infos.items():
+        program, *overrides, folder = shlex.split(info["command"])
+        assert program == "ekd-train" and folder == f"hydra.run.dir={run_dir}", info["command"]
+        assert info["cwd"] == os.getcwd()
+        recorded = json.loads((run_dir / "metrics.json").read_text())["config_sha256"]
+        assert config_sha256(compose_train(overrides)) == recorded, run_dir.name
+    (student,) = [d for d in infos if d.name.startswith("student-ani2x-seed1-")]
+    stamps = {p: p.stat().st_mtime_ns for p in student.rglob("*.ckpt")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    command = [str(Path(sys.executable).parent / "ekd-train"), *shlex.split(infos[student]["command"])[1:]]
+    done = subprocess.run(command, cwd=infos[student]["cwd"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{student} already finished with this config" in done.stdout + done.stderr
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_a_config_changed_after_composing_is_refused(ani1x_file, comp6_file, tmp_path):
+    """Runs are composed from the overrides, so a pipeline config changed after composing them
+    would be left out of its runs: refused, naming the key."""
+    cfg, command = pipeline_cfg(ani1x_file, comp6_file, tmp_path)
+    with pytest.raises(ConfigError, match=r"outside ekd-train / train.py pass overrides="):
+        variant_jobs(cfg, "baseline", tmp_path)  # not under Hydra: the overrides are needed
+    cfg.optim.lr = 0.5
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.003 -> 0.5"):
+        variant_jobs(cfg, "baseline", tmp_path, None, command)

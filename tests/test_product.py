@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from hydra import compose, initialize_config_module
 
 from conftest import ANI
 from ekd_lightning.checkpoint import AtomicCheckpointIO, load_potential
+from ekd_lightning.compose import compose_train
 from ekd_lightning.conf import __file__ as conf_init
 from ekd_lightning.errors import CheckpointError
 from ekd_lightning.losses import ForceLoss
@@ -23,7 +26,7 @@ from ekd_lightning.models.ani import ANIModel
 from ekd_lightning.models.schnet import SchNetModel
 from ekd_lightning.module import PotentialModule
 from ekd_lightning.pipeline import teacher_jobs
-from ekd_lightning.training import register_resolvers, run_training
+from ekd_lightning.training import config_sha256, register_resolvers, run_training
 
 MODEL_CONFIGS = sorted(p.stem for p in (Path(conf_init).parent / "model").glob("*.yaml"))
 
@@ -161,19 +164,27 @@ def test_student_without_labels_uses_the_default_teacher_ensemble(tiny_file, tmp
     info = json.loads((tmp_path / "runs" / "student-ani2x-seed0" / "run_info.json").read_text())
     assert info["labels"] == "runs/store/" + labels.name
     assert f"teacher 1/1: training into runs/store/{teacher.parent.name}" in out
+    # each run records the command that composes it: the student's own, and the teacher's,
+    # composed inside the running ekd-train from the student's overrides
+    assert info["command"] == " ".join([
+        "ekd-train", "model=ani2x", "stage=student", f"data.path={tiny_file}",
+        *(shlex.quote(o) for o in TINY + ONE_TEACHER),
+        shlex.quote(f"hydra.run.dir={tmp_path / 'runs' / 'student-ani2x-seed0'}")])
+    program, *overrides, folder = shlex.split(
+        json.loads((teacher.parent / "run_info.json").read_text())["command"])
+    assert (program, folder) == ("ekd-train", f"hydra.run.dir=runs/store/{teacher.parent.name}")
+    assert "callbacks=early_stopping" in overrides and "stage=teacher" in overrides
+    assert config_sha256(compose_train(overrides)) == json.loads(teacher.read_text())["config_sha256"]
 
-    register_resolvers()
     store = tmp_path / "runs" / "store"
-    with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
-        pipeline = compose("train", overrides=[
-            "experiment=ekd", f"data.path={tiny_file}", *TINY, f"pipeline.store={store}",
-            "pipeline.teachers.models=[ani2x]", "pipeline.teachers.max_epochs=1"])
-        student = compose("train", overrides=[
-            "stage=student", "seed=1", f"data.path={tiny_file}", *TINY, *ONE_TEACHER,
-            f"distill.store={store}"])
-    assert [j.run_dir.name for j in teacher_jobs(pipeline, store)] == [teacher.parent.name]
+    command = ["experiment=ekd", f"data.path={tiny_file}", *TINY, f"pipeline.store={store}",
+               "pipeline.teachers.models=[ani2x]", "pipeline.teachers.max_epochs=1"]
+    pipeline = compose_train(command)
+    assert [j.run_dir.name for j in teacher_jobs(pipeline, store, command)] == [teacher.parent.name]
     stamps = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO"), as_under_ekd_train([
+            "stage=student", "seed=1", f"data.path={tiny_file}", *TINY, *ONE_TEACHER,
+            f"distill.store={store}"]) as student:
         run_training(student, tmp_path / "student1")
     assert f"teacher 1/1: found in {teacher.parent}" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == stamps
@@ -188,24 +199,33 @@ def test_missing_input_is_one_line_and_exit_code_2(tiny_file, tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'missing.h5'}")
 
 
-def test_pipeline_teachers_find_a_users_model_config_through_the_search_path(tmp_path):
+@contextmanager
+def as_under_ekd_train(overrides: list[str]):
+    """The config ``ekd-train <overrides>`` composes, with Hydra's runtime config set as under
+    ekd-train (where the pipeline reads the command's overrides)."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "tiny_ani.yaml").write_text(
-        "name: tiny_ani\narch: ani\nkwargs: {aev: null, hidden: {H: [8], C: [8], N: [8], O: [8]}}\n")
     register_resolvers()
     with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
-        cfg = compose("train", return_hydra_config=True, overrides=[
-            "experiment=ekd", f"hydra.searchpath=[file://{tmp_path}]",
-            "pipeline.teachers.models=[ani2x,tiny_ani]"])
-    HydraConfig.instance().set_config(cfg)  # as under ekd-train
+        cfg = compose("train", return_hydra_config=True, overrides=overrides)
+    HydraConfig.instance().set_config(cfg)
     try:
         with open_dict(cfg):
             del cfg["hydra"]
-        jobs = teacher_jobs(cfg, tmp_path / "store")
+        yield cfg
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_pipeline_teachers_find_a_users_model_config_through_the_search_path(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "tiny_ani.yaml").write_text(
+        "name: tiny_ani\narch: ani\nkwargs: {aev: null, hidden: {H: [8], C: [8], N: [8], O: [8]}}\n")
+    with as_under_ekd_train(["experiment=ekd", f"hydra.searchpath=[file://{tmp_path}]",
+                             "pipeline.teachers.models=[ani2x,tiny_ani]"]) as cfg:
+        jobs = teacher_jobs(cfg, tmp_path / "store")
     assert jobs[1].run_dir.name.startswith("teacher-tiny_ani-seed101-")
     assert jobs[1].cfg["model"]["kwargs"]["hidden"]["H"] == [8]
+    # its command names the user's folder, so it composes the same run again
+    assert f"'hydra.searchpath=[file://{tmp_path}]'" in jobs[1].command

@@ -17,10 +17,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from .compose import CONFIG_MODULE, command_overrides, train_command
 from .errors import EKDError
 from .training import register_resolvers
 
-CONFIG_PATH = "pkg://ekd_lightning.conf"
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 
 
 def _exit_on_ekd_error(fn, *args):
@@ -37,11 +38,13 @@ def _train_or_pipeline(cfg: DictConfig) -> float:
     if cfg.get("pipeline") is not None:
         from .pipeline import run_pipeline
 
-        report = run_pipeline(cfg, out_dir)  # returns the force-error gap closed on held-out data
+        # each run composed from this command's overrides; returns the held-out gap closed
+        report = run_pipeline(cfg, out_dir)
         return report.get("heldout", {}).get("force_gap_closed", float("nan"))
     from .training import run_training
 
-    metrics = run_training(cfg, out_dir)
+    command = train_command([*command_overrides(), f"hydra.run.dir={out_dir}"])
+    metrics = run_training(cfg, out_dir, command=command)
     return metrics.get("val/loss", float("nan"))
 
 

@@ -413,6 +413,7 @@ def evaluate_models(
     batch_size: int = 64,
     plots: bool = True,
     forces_are_gradients: bool | None = None,
+    roles: Mapping[str, str] | None = None,
 ) -> list[dict]:
     """Evaluate several named models side by side on a benchmark (one or several HDF5 files).
 
@@ -430,6 +431,8 @@ def evaluate_models(
         batch_size: conformations per forward pass.
         forces_are_gradients: as :func:`~ekd_lightning.data.read_molecules` (None: each file's
             attribute, else gradients for the COMP6 layout).
+        roles: ``{name: role}`` of the models in the plots (None: read from the names,
+            :func:`ekd_lightning.plots.role_of`).
 
     Returns:
         Rows (dicts with :data:`ROW_COLUMNS` and :data:`SHIFTED_COLUMNS`): for each model,
@@ -453,7 +456,7 @@ def evaluate_models(
         "energy_shift": "energy_shifted_*: after per-element offsets fitted on the benchmark",
         "dropped_conformations": _dropped_total(dropped) if len(dropped) == 1 else dropped,
     }
-    return evaluate_records(models, records, out_dir, batch_size, plots, about)
+    return evaluate_records(models, records, out_dir, batch_size, plots, about, roles)
 
 
 def _dropped_total(dropped: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
@@ -463,7 +466,7 @@ def _dropped_total(dropped: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
 def evaluate_records(
     models: Mapping[str, object], records: Sequence[MoleculeRecord],
     out_dir: str | Path | None = None, batch_size: int = 64, plots: bool = True,
-    about: Mapping | None = None,
+    about: Mapping | None = None, roles: Mapping[str, str] | None = None,
 ) -> list[dict]:
     """:func:`evaluate_models` on molecules already read (e.g. a data module's held-out split,
     :meth:`~ekd_lightning.data.EKDDataModule.split_records`); ``about`` goes into metrics.json."""
@@ -475,10 +478,10 @@ def evaluate_records(
         write_csv_atomic(rows, out_dir / "metrics.csv", (*ROW_COLUMNS, *SHIFTED_COLUMNS))
         write_json_atomic(json_safe({**(about or {}), "rows": rows}), out_dir / "metrics.json")
         if plots:
-            plot_energy_parity(predictions, records, out_dir / "energy_parity.png")
+            plot_energy_parity(predictions, records, out_dir / "energy_parity.png", roles)
             if all(r.forces is not None for r in records):
-                plot_force_errors(predictions, records, out_dir / "force_errors.png")
-                plot_force_parity(predictions, records, out_dir / "force_parity.png")
+                plot_force_errors(predictions, records, out_dir / "force_errors.png", roles)
+                plot_force_parity(predictions, records, out_dir / "force_parity.png", roles)
     return rows
 
 

@@ -24,13 +24,21 @@ Steps (each resumable: a finished step is skipped when the command is run again)
 Every training run gets the composed config's ``callbacks`` (``experiment=ekd``: the one
 early-stopping rule) and the epoch cap ``pipeline.max_epochs``, teachers included.
 
-Training runs are derived from the composed config: the ``stage`` group file sets the loss, the
-``model`` group file the architecture, and ``pipeline.*`` epochs and seeds; everything else (data,
-trainer, optim, logger and their command-line overrides) is shared by all runs.
+Training runs are typed records (:class:`RunSpec`: role, stage, model, seed, epoch cap and the
+variant's overrides; their names in the report derive from them), each composed by Hydra's
+compose API from the same config tree as ``train.py`` with recorded overrides: the pipeline
+command's own (less ``pipeline.*``, deleted from the run's config), then
+``stage=... model=... seed=... trainer.max_epochs=... run_name=...`` and the variant's (a
+teacher's data subset, the student's labels, ``pipeline.force_overrides`` /
+``student_overrides`` written as ``++key=value``). Everything else (data, trainer, optim, logger
+and their command-line overrides) is shared by all runs. Each run's ``run_info.json`` records
+``command``, the ``ekd-train ... hydra.run.dir=<run folder>`` line that composes it again; the
+worker processes and submitit jobs get the resolved config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -45,9 +53,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import load_potential
+from .compose import (
+    as_overrides,
+    command_overrides,
+    compose_train,
+    override_value,
+    parse,
+    train_command,
+)
 from .data import EKDDataModule
 from .errors import ConfigError
 from .evaluate import (
@@ -60,87 +76,127 @@ from .evaluate import (
     write_text_atomic,
 )
 from .progress import PipelineProgress
-from .training import config_sha256, run_training, write_json_atomic
+from .training import config_sha256, differences, run_training, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
-"""The packaged Hydra config folder (model and stage group files)."""
 FORCE_MAE = "force_mae"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the pipeline as a typed record: its role, the ``conf/stage`` and
+    ``conf/model`` files, seed and epoch cap it is composed with, and ``variant``, the overrides
+    of its variant (a teacher's data subset, the student's labels and loss settings). Its config
+    is ``conf/train.yaml`` composed with the pipeline command's overrides and :meth:`overrides`.
+    """
+
+    role: str  # teacher | baseline | student | oracle
+    stage: str
+    model: str
+    seed: int
+    max_epochs: int
+    variant: tuple[str, ...] = ()
+    index: int | None = None
+    """The teacher's number (``pipeline.teachers.models[index]``); None for the other roles."""
+
+    @property
+    def name(self) -> str:
+        """The run's name in the report: ``teacher<index>``, else ``<role>-seed<seed>``."""
+        return f"teacher{self.index}" if self.role == "teacher" else f"{self.role}-seed{self.seed}"
+
+    def overrides(self) -> list[str]:
+        """The run's own overrides (after the command's): stage, model, seed, epoch cap, run
+        name (``<stage>-<model>-seed<seed>``) and the variant's."""
+        return [f"stage={self.stage}", f"model={self.model}", f"seed={self.seed}",
+                f"trainer.max_epochs={self.max_epochs}",
+                f"run_name={self.stage}-{self.model}-seed{self.seed}", *self.variant]
 
 
 @dataclass
 class Run:
-    """A finished training run: its name, folder, best checkpoint and final metrics."""
+    """A finished training run: its record, folder, best checkpoint and final metrics."""
 
-    name: str
+    spec: RunSpec
     run_dir: Path
     checkpoint: Path
     metrics: dict
 
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
 
 # ----------------------------------------------------------------------------- configs
-def config_folders() -> list[Path]:
-    """The packaged config folder, then the user's own (``hydra.searchpath=[file://...]``) when
-    running under Hydra, in Hydra's order: where a teacher's ``conf/model`` file is looked up."""
-    from hydra.core.hydra_config import HydraConfig
-
-    folders = [CONF_DIR]
-    if HydraConfig.initialized():
-        folders += [Path(source.path) for source in HydraConfig.get().runtime.config_sources
-                    if source.schema == "file"]
-    return folders
+SET_PER_RUN = ("stage", "model", "seed", "trainer.max_epochs", "run_name")
+"""Keys each run sets itself (:meth:`RunSpec.overrides`): the command's values are dropped."""
 
 
-def _group_file(group: str, name: str) -> DictConfig:
-    folders = config_folders()
-    for folder in folders:
-        if (folder / group / f"{name}.yaml").is_file():
-            return OmegaConf.load(folder / group / f"{name}.yaml")
-    choices = sorted({p.stem for folder in folders for p in (folder / group).glob("*.yaml")})
-    raise ConfigError(f"{group}={name}: no {group}/{name}.yaml in {', '.join(map(str, folders))} "
-                      f"(choices: {', '.join(choices)}); add your own folder with "
-                      "hydra.searchpath=[file:///abs/path]")
+def run_overrides(command: Sequence[str], spec: RunSpec, cfg: DictConfig) -> list[str]:
+    """The overrides of ``conf/train.yaml`` that compose the run ``spec`` of the pipeline whose
+    config ``cfg`` was composed with ``command``: the command's overrides less the keys each run
+    sets (:data:`SET_PER_RUN`), the pipeline's own settings (``pipeline.*``, deleted from the
+    run's config: ``~pipeline``) and Hydra's but ``hydra.searchpath``; less ``model.*`` for a
+    run of another model than ``cfg.model`` (a teacher of another architecture gets its model
+    file as it is); then the run's own (:meth:`RunSpec.overrides`)."""
+    kept = []
+    for override in parse(command):
+        key = override.key_or_group
+        if (key in SET_PER_RUN or key.split(".")[0] == "pipeline"
+                or (key.startswith("hydra") and key != "hydra.searchpath")
+                or (key.startswith("model.") and spec.model != cfg.model.name)):
+            continue
+        kept.append(override.input_line)
+    return [*kept, *(["~pipeline"] if "pipeline" in cfg else []), *spec.overrides()]
 
 
-def run_config(cfg: DictConfig, stage: str, seed: int, max_epochs: int, model: str | None = None,
-               data: Mapping | None = None, extra: Mapping | None = None) -> DictConfig:
-    """The config of one training run of the pipeline.
-
-    Args:
-        cfg: the pipeline's composed config (``train.yaml`` + ``experiment=ekd``).
-        stage: a ``conf/stage`` file (teacher, student, baseline, oracle): sets ``stage``/``loss``.
-        seed, max_epochs: of this run.
-        model: a ``conf/model`` file name; None keeps ``cfg.model`` (the student architecture).
-        data, extra: values merged into ``cfg.data`` / the whole config.
-    """
-    sub = OmegaConf.merge(cfg, _group_file("stage", stage))
-    with open_dict(sub):
-        sub.pop("pipeline", None)
-        if model is not None and model != cfg.model.name:
-            sub.model = _group_file("model", model)
-        sub.seed = int(seed)
-        sub.trainer.max_epochs = int(max_epochs)
-        sub.run_name = f"{stage}-{sub.model.name}-seed{seed}"
-        if data:
-            sub.data = OmegaConf.merge(sub.data, data)
-    return OmegaConf.merge(sub, extra) if extra else sub
+def checked_command(cfg: DictConfig, overrides: Sequence[str] | None = None) -> list[str]:
+    """The command's overrides (:func:`command_overrides`), checked to compose ``cfg``: a config
+    changed after composing would otherwise be left out of its runs silently (ConfigError)."""
+    command = command_overrides(overrides)
+    composed = OmegaConf.to_container(compose_train(command), resolve=True)
+    given = OmegaConf.to_container(cfg, resolve=True)
+    changes = differences({k: v for k, v in composed.items() if k != "hydra"},
+                          {k: v for k, v in given.items() if k != "hydra"})
+    if changes:
+        shown = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in list(changes.items())[:4])
+        raise ConfigError(f"the config differs from the one its overrides {command} compose "
+                          f"({shown}): pass the overrides it was composed with")
+    return command
 
 
 @dataclass
 class Job:
-    """A training run to do: its name in the report, resolved config and folder."""
+    """A training run to do: its record, resolved config, folder and reproducing command."""
 
-    name: str
+    spec: RunSpec
     cfg: dict
     run_dir: Path
+    command: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
-def job(name: str, cfg: DictConfig, store: Path) -> Job:
-    """A job whose folder in the run store is named by its config: ``<run_name>-<sha>``, so
-    pipelines that share a run (same teacher, same baseline) train it once."""
-    return Job(name, OmegaConf.to_container(cfg, resolve=True),
-               Path(store) / f"{cfg.run_name}-{config_sha256(cfg)[:10]}")
+def make_jobs(cfg: DictConfig, specs: Sequence[RunSpec], store: Path,
+              command: Sequence[str]) -> list[Job]:
+    """The jobs of ``specs``, each config composed by Hydra (:func:`run_overrides`), each in
+    the run store in a folder named by its config, ``<run_name>-<sha>``, so pipelines that share
+    a run (same teacher, same baseline) train it once; its command is
+    ``ekd-train <overrides> hydra.run.dir=<that folder>``.
+
+    Args:
+        cfg: the pipeline's config, composed with ``command`` (:func:`checked_command`).
+    """
+    jobs = []
+    for spec in specs:
+        composing = run_overrides(command, spec, cfg)
+        sub = compose_train(composing)
+        run_dir = Path(store) / f"{sub.run_name}-{config_sha256(sub)[:10]}"
+        jobs.append(Job(spec, OmegaConf.to_container(sub, resolve=True), run_dir,
+                        train_command([*composing, f"hydra.run.dir={run_dir}"])))
+    return jobs
 
 
 def finished_run(job: Job) -> Run | None:
@@ -150,7 +206,7 @@ def finished_run(job: Job) -> Run | None:
     if not done.is_file():
         return None
     metrics = json.loads(done.read_text())
-    return Run(job.name, job.run_dir, Path(metrics["best_checkpoint"]), metrics)
+    return Run(job.spec, job.run_dir, Path(metrics["best_checkpoint"]), metrics)
 
 
 def run_job(job: Job, threads: int | None = None, quiet: bool = False) -> Run:
@@ -169,8 +225,8 @@ def run_job(job: Job, threads: int | None = None, quiet: bool = False) -> Run:
         cfg.trainer.enable_model_summary = False
         for name in ("pytorch_lightning", "lightning_fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    metrics = run_training(cfg, job.run_dir)
-    return Run(job.name, job.run_dir, Path(metrics["best_checkpoint"]), metrics)
+    metrics = run_training(cfg, job.run_dir, command=job.command)
+    return Run(job.spec, job.run_dir, Path(metrics["best_checkpoint"]), metrics)
 
 
 class Runner:
@@ -301,36 +357,53 @@ def make_runner(cfg: DictConfig):
 
 
 # ----------------------------------------------------------------------------- steps
-def teacher_jobs(cfg: DictConfig, store: Path) -> list[Job]:
-    """Step 1: the energy-only teachers (``pipeline.teachers``)."""
-    spec = cfg.pipeline.teachers
-    jobs = []
+def teacher_specs(spec: Mapping) -> list[RunSpec]:
+    """Step 1's runs from an ensemble spec (``conf/ensemble``: ``pipeline.teachers``): one
+    energy-only teacher per entry of ``models``, seeds from ``first_seed``, each on its own
+    random ``train_fraction`` of the training split when that is below 1."""
+    specs = []
     for i, model in enumerate(spec.models):
         seed = int(spec.first_seed) + i
-        data = {}
+        data = ()
         if spec.train_fraction < 1.0:
-            data = {"train_fraction": float(spec.train_fraction), "train_subset_seed": seed}
-        sub = run_config(cfg, "teacher", seed, spec.max_epochs, model=model, data=data)
-        jobs.append(job(f"teacher{i}", sub, store))
-    return jobs
+            data = (f"data.train_fraction={override_value(float(spec.train_fraction))}",
+                    f"data.train_subset_seed={seed}")
+        specs.append(RunSpec("teacher", "teacher", model, seed, int(spec.max_epochs), data, i))
+    return specs
 
 
-def variant_jobs(cfg: DictConfig, stage: str, store: Path, labels: Path | None = None) -> list[Job]:
-    """Step 3: ``stage`` (student, baseline or oracle) for each of its seeds
-    (``pipeline.seeds``; the oracle, a reference bound, ``pipeline.oracle_seeds``); the
-    student's config gets the labels and ``pipeline.student_overrides`` (e.g. a loss setting);
-    student and oracle, the stages trained on forces, get ``pipeline.force_overrides`` (e.g. the
-    force weight, so that the oracle keeps the student's recipe)."""
+def teacher_jobs(cfg: DictConfig, store: Path, overrides: Sequence[str] | None = None) -> list[Job]:
+    """Step 1: the energy-only teachers (``pipeline.teachers``, :func:`teacher_specs`) of the
+    pipeline config ``cfg`` composed with ``overrides`` (None: the running Hydra app's)."""
+    return make_jobs(cfg, teacher_specs(cfg.pipeline.teachers), store,
+                     checked_command(cfg, overrides))
+
+
+def variant_specs(cfg: DictConfig, role: str, labels: Path | None = None) -> list[RunSpec]:
+    """Step 3's runs of ``role`` (student, baseline or oracle; its ``conf/stage`` file), the
+    pipeline's model, one per seed (``pipeline.seeds``; the oracle, a reference bound,
+    ``pipeline.oracle_seeds``); the student's config gets the labels and
+    ``pipeline.student_overrides`` (e.g. a loss setting); student and oracle, the roles trained
+    on forces, get ``pipeline.force_overrides`` (e.g. the force weight, so that the oracle keeps
+    the student's recipe). The overrides are mappings, applied as :func:`as_overrides`."""
     p = cfg.pipeline
-    extra = None
-    if stage in ("student", "oracle"):
-        extra = OmegaConf.create(p.get("force_overrides") or {})
-    if stage == "student":
-        extra = OmegaConf.merge({"distill": {"labels": str(labels)}}, extra,
-                                p.get("student_overrides") or {})
-    seeds = p.oracle_seeds if stage == "oracle" else p.seeds
-    return [job(f"{stage}-seed{seed}", run_config(cfg, stage, seed, p.max_epochs, extra=extra), store)
+    variant = []
+    if role == "student":
+        variant.append(f"distill.labels={override_value(str(labels))}")
+    if role in ("student", "oracle"):
+        variant += as_overrides(p.get("force_overrides") or {})
+    if role == "student":
+        variant += as_overrides(p.get("student_overrides") or {})
+    seeds = p.oracle_seeds if role == "oracle" else p.seeds
+    return [RunSpec(role, role, cfg.model.name, int(seed), int(p.max_epochs), tuple(variant))
             for seed in seeds]
+
+
+def variant_jobs(cfg: DictConfig, role: str, store: Path, labels: Path | None = None,
+                 overrides: Sequence[str] | None = None) -> list[Job]:
+    """Step 3: the runs of ``role`` (:func:`variant_specs`) of the pipeline config ``cfg``
+    composed with ``overrides`` (None: the running Hydra app's)."""
+    return make_jobs(cfg, variant_specs(cfg, role, labels), store, checked_command(cfg, overrides))
 
 
 def distill(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Path:
@@ -349,7 +422,18 @@ def distill(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Path:
     return distill_labels(job, OmegaConf.to_container(cfg.trainer, resolve=True))
 
 
-def default_teacher_labels(cfg: DictConfig) -> Path:
+def default_teacher_jobs(cfg: DictConfig, overrides: Sequence[str] | None = None) -> list[Job]:
+    """The teachers of ``distill.default_teachers`` for the training config ``cfg`` composed with
+    ``overrides`` (None: the running Hydra app's), in the run store ``distill.store``: composed
+    from those overrides (less ``callbacks``) with the pipeline's stopping rule,
+    ``callbacks=early_stopping``, so they are the pipeline's teachers (same config hashes)."""
+    command = [o.input_line for o in parse(checked_command(cfg, overrides))
+               if o.key_or_group.split(".")[0] != "callbacks"]
+    return make_jobs(cfg, teacher_specs(cfg.distill.default_teachers), Path(cfg.distill.store),
+                     [*command, "callbacks=early_stopping"])
+
+
+def default_teacher_labels(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Path:
     """The label file of the default teacher ensemble for a training config with neither
     ``distill.labels`` nor ``distill.teachers`` (``python train.py stage=student``).
 
@@ -357,25 +441,22 @@ def default_teacher_labels(cfg: DictConfig) -> Path:
     ``experiment=ekd``); each teacher is derived from ``cfg`` as the pipeline derives it, so it
     is found in the run store ``distill.store`` by its config hash (trained by a pipeline or an
     earlier student) or trained there now, one after another; the labels are cached there too,
-    named by the teachers' hash (:func:`distill`).
+    named by the teachers' hash (:func:`distill`). ``overrides``: those ``cfg`` was composed
+    with (None: the running Hydra app's), see :func:`default_teacher_jobs`.
     """
     store = Path(cfg.distill.store)
-    spec = cfg.copy()
-    with open_dict(spec):
-        spec.pipeline = {"teachers": cfg.distill.default_teachers}
-        # the pipeline's stopping rule (experiment=ekd), so these are the pipeline's teachers
-        spec.callbacks = _group_file("callbacks", "early_stopping")
-    jobs = teacher_jobs(spec, store)
+    jobs = default_teacher_jobs(cfg, overrides)
+    ensemble = cfg.distill.default_teachers
     log.info("no distill.labels or distill.teachers: using the default teacher ensemble "
              "(distill.default_teachers: %s, %s epochs) from the run store %s",
-             list(spec.pipeline.teachers.models), spec.pipeline.teachers.max_epochs, store)
+             list(ensemble.models), ensemble.max_epochs, store)
     teachers = []
     for i, teacher in enumerate(jobs, 1):
         found = (teacher.run_dir / "metrics.json").is_file()
         log.info("teacher %d/%d: %s %s", i, len(jobs), "found in" if found else "training into",
                  teacher.run_dir)
         teachers.append(run_job(teacher))
-    labels = distill(spec, teachers, store)
+    labels = distill(cfg, teachers, store)
     log.info("student labels: %s", labels)
     return labels
 
@@ -389,27 +470,37 @@ def named_models(teachers: Sequence[Run], variants: Mapping[str, Sequence[Run]])
     return models
 
 
-def evaluate(cfg: DictConfig, models: Mapping[str, object], labels: Path, out: Path) -> dict:
+def first_seed_run(runs: Sequence[RunSpec], role: str, seed: int) -> str | None:
+    """The name of the run of ``role`` with ``seed`` among ``runs`` (None if there is none)."""
+    return next((r.name for r in runs if r.role == role and r.seed == seed), None)
+
+
+def evaluate(cfg: DictConfig, models: Mapping[str, object], labels: Path, out: Path,
+             runs: Sequence[RunSpec] = ()) -> dict:
     """Step 4: metrics on the held-out split and on the test file, the labels' quality, and the
-    inference time per conformation of the student, the baseline and the teacher ensemble."""
+    inference time per conformation of the student, the baseline (``runs`` of the first seed)
+    and the teacher ensemble; ``runs`` give the models' roles in the figures."""
     data = cfg.data
     datamodule = EKDDataModule(**OmegaConf.to_container(data, resolve=True))
     datamodule.setup("fit")
     split = cfg.pipeline.heldout_split
     records = datamodule.split_records(split)
+    roles = {**{run.name: run.role for run in runs}, "ensemble": "ensemble"}
     results = {"heldout": evaluate_records(
         models, records, out / "heldout",
         about={"dataset": str(data.path), "split": split, "energy_key": data.energy_key,
-               "force_key": data.force_key})}
+               "force_key": data.force_key}, roles=roles)}
     first = cfg.pipeline.seeds[0]
+    timed = [first_seed_run(runs, "student", first), first_seed_run(runs, "baseline", first)]
     results["inference_s_per_conformation"] = inference_cost(
-        models, records, [f"student-seed{first}", f"baseline-seed{first}", "ensemble"])
+        models, records, [*(name for name in timed if name), "ensemble"])
     test = cfg.pipeline.get("test_data")
     if test and test.get("path"):
         path = OmegaConf.to_container(test.path) if OmegaConf.is_list(test.path) else test.path
         results["test"] = evaluate_models(  # a file, a folder (all of COMP6) or a list of them
             models, path, test.energy_key, test.get("force_key"), test.file_format,
-            list(data.elements), out / "test", forces_are_gradients=test.get("forces_are_gradients"))
+            list(data.elements), out / "test", forces_are_gradients=test.get("forces_are_gradients"),
+            roles=roles)
     if data.get("force_key"):
         results["labels"] = label_quality(labels, data.path, data.energy_key, data.force_key,
                                           data.file_format, list(data.elements))
@@ -427,8 +518,8 @@ def md_stability(cfg: DictConfig, runs: Sequence[Run], out: Path, runner: Runner
 
     md = cfg.pipeline.md
     chosen = {run.name: str(run.checkpoint) for run in runs
-              if run.name.split("-seed")[0] in md.variants and run.name.endswith(f"-seed{md.seed}")}
-    baseline = next((name for name in chosen if name.startswith("baseline-")), None)
+              if run.spec.role in md.variants and run.spec.seed == md.seed}
+    baseline = first_seed_run([run.spec for run in runs if run.name in chosen], "baseline", md.seed)
     rows, _ = batched_stability_table(
         chosen, default_molecules(list(md.molecules)), list(md.temperatures), md.replicas,
         md.steps, nve_steps=md.nve_steps, reference=baseline, reference_steps=md.reference_steps,
@@ -438,25 +529,31 @@ def md_stability(cfg: DictConfig, runs: Sequence[Run], out: Path, runner: Runner
 
 
 # ----------------------------------------------------------------------------- report
-def seed_summary(rows: Sequence[Mapping], stages: Sequence[str], subset: str = ALL) -> list[dict]:
-    """Mean and spread (standard deviation, ddof=0) over seeds of each variant's metrics.
+SEEDED = ("baseline", "student", "oracle")
+"""The roles trained with several seeds and summarised over them."""
 
-    ``rows`` are evaluation rows whose model names are ``<stage>-seed<S>``; other rows (teachers,
-    the ensemble) are passed through with n_seeds 1.
+
+def seed_summary(rows: Sequence[Mapping], runs: Sequence[RunSpec], subset: str = ALL) -> list[dict]:
+    """Mean and spread (standard deviation, ddof=0) over seeds of each role's metrics.
+
+    ``rows`` are evaluation rows of models named by their runs (``runs``: :attr:`RunSpec.name`);
+    the rows of baselines, students and oracles (:data:`SEEDED`) are summarised per role, in that
+    order; other rows (teachers, the ensemble) are passed through with n_seeds 1.
     """
+    role_of = {run.name: run.role for run in runs if run.role in SEEDED}
     summary = []
-    for stage in stages:
-        mine = [r for r in rows if r["subset"] == subset and r["model"].startswith(f"{stage}-seed")]
+    for role in SEEDED:
+        mine = [r for r in rows if r["subset"] == subset and role_of.get(r["model"]) == role]
         if not mine:
             continue
-        entry = {"model": stage, "n_seeds": len(mine)}
+        entry = {"model": role, "n_seeds": len(mine)}
         for key in ("energy_mae", "de_mae", "force_mae", "force_rmse"):
             values = np.array([r[key] for r in mine], dtype=float)
             entry[key] = float(values.mean())
             entry[f"{key}_std"] = float(values.std())
         summary.append(entry)
     for r in rows:
-        if r["subset"] == subset and "-seed" not in r["model"]:
+        if r["subset"] == subset and r["model"] not in role_of:
             summary.append({"model": r["model"], "n_seeds": 1,
                             **{k: r[k] for k in ("energy_mae", "de_mae", "force_mae", "force_rmse")}})
     return summary
@@ -501,11 +598,12 @@ def markdown_table(summary: Sequence[Mapping]) -> str:
     return "\n".join([head, *lines])
 
 
-def best_teacher(training: Mapping[str, Mapping]) -> str | None:
-    """The teacher with the lowest best validation loss: the single model a user would pick
-    without looking at held-out or test data."""
+def best_teacher(training: Mapping[str, Mapping], runs: Sequence[RunSpec]) -> str | None:
+    """The teacher (of ``runs``) with the lowest best validation loss in ``training``: the single
+    model a user would pick without looking at held-out or test data."""
+    teachers = {run.name for run in runs if run.role == "teacher"}
     scores = {name: t["best_val_loss"] for name, t in training.items()
-              if name.startswith("teacher") and t.get("best_val_loss") is not None}
+              if name in teachers and t.get("best_val_loss") is not None}
     return min(scores, key=scores.get) if scores else None
 
 
@@ -544,15 +642,15 @@ def inference_cost(models: Mapping[str, object], records, names: Sequence[str],
     return cost
 
 
-def _split_section(split: str, title: str, rows, training, report: dict) -> list[str]:
+def _split_section(split: str, title: str, rows, runs: Sequence[RunSpec], report: dict) -> list[str]:
     """One split's table, the comparison with best teacher and ensemble, and the gap closed."""
-    summary = seed_summary(rows, ["baseline", "student", "oracle"])
+    summary = seed_summary(rows, runs)
     closed, why = gap_verdict(summary)
     report[split] = {"summary": summary, "force_gap_closed": closed, "force_gap_note": why}
     by = {e["model"]: e for e in summary}
     text = [f"## {title}", "", markdown_table(summary), ""]
     student = by.get("student")
-    best = best_teacher(training)
+    best = report["best_teacher"]
     if student:
         for other, label in (("baseline", "baseline"),
                              (best, f"best single teacher ({best}, lowest val loss)"),
@@ -569,7 +667,7 @@ def _split_section(split: str, title: str, rows, training, report: dict) -> list
 
 
 def _training_section(cfg, training: Mapping[str, Mapping], inference: Mapping[str, float],
-                      timings: Mapping) -> list[str]:
+                      timings: Mapping, runs: Sequence[RunSpec]) -> list[str]:
     """Stop epochs and training time per run, and the cost side (training and inference)."""
     stop = (cfg.get("callbacks") or {}).get("early_stopping")
     rule = (f"early stopping on `{stop.monitor}` (fixed force weight), patience {stop.patience} "
@@ -585,11 +683,13 @@ def _training_section(cfg, training: Mapping[str, Mapping], inference: Mapping[s
                     f"{'—' if time_s is None else f'{time_s:.0f}'} |")
     text.append("")
 
-    def total(role: str) -> float:
-        return sum(t.get("train_time_s") or 0.0 for n, t in training.items() if n.startswith(role))
+    roles = {run.name: run.role for run in runs}
 
-    n_students = sum(n.startswith("student") for n in training) or 1
-    n_baselines = sum(n.startswith("baseline") for n in training) or 1
+    def total(role: str) -> float:
+        return sum(t.get("train_time_s") or 0.0 for n, t in training.items() if roles.get(n) == role)
+
+    n_students = sum(roles.get(n) == "student" for n in training) or 1
+    n_baselines = sum(roles.get(n) == "baseline" for n in training) or 1
     text += ["## Cost", "",
              f"- training: teachers {total('teacher'):.0f} s in all, distillation "
              f"{timings.get('distill', math.nan):.0f} s, student {total('student') / n_students:.0f} s "
@@ -599,7 +699,7 @@ def _training_section(cfg, training: Mapping[str, Mapping], inference: Mapping[s
         cells = ", ".join(f"{name} {1e3 * s:.2f} ms" for name, s in inference.items())
         text.append(f"- inference (energies and forces, held-out split, one process): {cells} "
                     "per conformation")
-        student = next((s for n, s in inference.items() if n.startswith("student")), None)
+        student = next((s for n, s in inference.items() if roles.get(n) == "student"), None)
         if student and "ensemble" in inference:
             text.append(f"- the teacher ensemble takes {inference['ensemble'] / student:.1f}x the "
                         "student's time per conformation")
@@ -615,9 +715,13 @@ FIGURES = (("learning_curves.png", "Learning curves (validation, one colour per 
 
 
 def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], timings: Mapping,
-                 out: Path, training: Mapping[str, Mapping] | None = None) -> dict:
+                 out: Path, runs: Sequence[RunSpec], training: Mapping[str, Mapping] | None = None
+                 ) -> dict:
     """Step 6: ``summary.md`` (with figures), ``summary.json`` and ``learning_curves.png`` in
-    ``out``; ``training`` is :func:`training_record` of every run; returns the summary."""
+    ``out``; ``runs`` are the records of the models (named by :attr:`RunSpec.name` in
+    ``results`` and ``md_rows``), ``training`` is :func:`training_record` of every run; returns
+    the summary (with ``runs``: ``{name: record}``, less the variant's overrides, which name
+    files: they are in each run's ``run_info.json``)."""
     from .plots import plot_learning_curves
 
     training = dict(training or {})
@@ -625,7 +729,9 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
     report = {"timings_s": dict(timings), "md": list(md_rows),
               "training": {n: {k: v for k, v in t.items() if k != "history"}
                            for n, t in training.items()},
-              "best_teacher": best_teacher(training), "inference_s_per_conformation": inference}
+              "best_teacher": best_teacher(training, runs), "inference_s_per_conformation": inference,
+              "runs": {run.name: {k: v for k, v in dataclasses.asdict(run).items() if k != "variant"}
+                       for run in runs}}
     text = [f"# EKD pipeline report: {cfg.run_name}", "",
             "Energies in kcal/mol, forces in kcal/mol/Å; mean ± standard deviation over seeds "
             f"{list(cfg.pipeline.seeds)}.", ""]
@@ -633,19 +739,18 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
                                      "split of the training molecules)"),
                          ("test", "Out-of-sample molecules (test file, all subsets)")):
         if split in results:
-            text += _split_section(split, title, results[split], training, report)
-    stages = ["baseline", "student", "oracle"]
+            text += _split_section(split, title, results[split], runs, report)
     if "test" in results:
         subsets = sorted({r["subset"] for r in results["test"]} - {ALL})
         text += ["## Test file per subset (force MAE, kcal/mol/Å; seed means)", "",
                  "| model | " + " | ".join(subsets) + " |", "|---" * (len(subsets) + 1) + "|"]
-        for stage in stages:
-            cells = []
-            for subset in subsets:
-                entry = seed_summary(results["test"], [stage], subset)
-                cells.append(_fmt(entry[0], FORCE_MAE) if entry and entry[0]["model"] == stage else "—")
+        by_subset = {subset: {e["model"]: e for e in seed_summary(results["test"], runs, subset)}
+                     for subset in subsets}
+        for role in SEEDED:
+            cells = [_fmt(by_subset[subset][role], FORCE_MAE) if role in by_subset[subset] else "—"
+                     for subset in subsets]
             if any(c != "—" for c in cells):
-                text.append(f"| {stage} | " + " | ".join(cells) + " |")
+                text.append(f"| {role} | " + " | ".join(cells) + " |")
         text.append("")
     if "labels" in results:
         q = results["labels"]
@@ -655,7 +760,7 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
                  f"teacher spread {q['label_std_rms']:.2f} kcal/mol/Å over "
                  f"{q['n_conformations']} conformations", ""]
     if training:
-        text += _training_section(cfg, training, inference, timings)
+        text += _training_section(cfg, training, inference, timings, runs)
     if md_rows:
         extra = [k for k in md_rows[0] if k.startswith(("survival_", "hr_error_"))]
         text += ["## MD stability (batched Langevin, per model)", "", format_table(
@@ -669,7 +774,8 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
     out.mkdir(parents=True, exist_ok=True)
     histories = {n: t["history"] for n, t in training.items() if t.get("history")}
     if histories:
-        plot_learning_curves(histories, out / "learning_curves.png")
+        plot_learning_curves(histories, out / "learning_curves.png",
+                             {run.name: run.role for run in runs})
     text += ["## Figures", ""] + [f"![{title}]({name})" for name, title in FIGURES
                                   if (out / name).is_file()] + [""]
     write_text_atomic("\n".join(text), out / "summary.md")
@@ -706,8 +812,10 @@ def log_to_wandb(cfg: DictConfig, report: Mapping, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
-def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict:
-    """Run every step into ``out_dir`` (see the module docstring); returns the report dict."""
+def run_pipeline(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] | None = None) -> dict:
+    """Run every step into ``out_dir`` (see the module docstring); returns the report dict.
+    ``overrides``: those ``cfg`` was composed with, from which every run is composed (None:
+    the running Hydra app's, ``ekd-train experiment=ekd ...``)."""
     out = Path(out_dir)
     timings: dict[str, float] = {}
 
@@ -719,6 +827,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict:
 
     p = cfg.pipeline
     store = Path(p.store)
+    command = checked_command(cfg, overrides)
     stages = ["baseline"] + (["oracle"] if p.oracle and cfg.data.get("force_key") else [])
     runner = make_runner(cfg)
     if runner.workers > 1:  # the main process labels while the workers train
@@ -728,22 +837,28 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict:
         with PipelineProgress(n_runs) as progress:
             start = time.perf_counter()
             progress.step("teachers")
-            teacher_futures = progress.track(runner.submit(teacher_jobs(cfg, store)))
+            specs = teacher_specs(p.teachers)
+            teacher_futures = progress.track(runner.submit(make_jobs(cfg, specs, store, command)))
             # baselines and oracles do not need the teachers: they train alongside them
-            other_futures = {stage: progress.track(runner.submit(variant_jobs(cfg, stage, store)))
-                             for stage in stages}
+            other_futures = {}
+            for stage in stages:
+                specs += variant_specs(cfg, stage)
+                other_futures[stage] = progress.track(runner.submit(
+                    make_jobs(cfg, variant_specs(cfg, stage), store, command)))
             teachers = progress.wait(teacher_futures)
             timings["teachers"] = time.perf_counter() - start
             progress.step("distill")
             labels = timed("distill", distill, cfg, teachers, store)
             progress.step("students")
-            student_futures = progress.track(runner.submit(variant_jobs(cfg, "student", store, labels)))
+            specs += variant_specs(cfg, "student", labels)
+            student_futures = progress.track(runner.submit(
+                make_jobs(cfg, variant_specs(cfg, "student", labels), store, command)))
             variants = {"student": progress.wait(student_futures)}
             variants.update({stage: progress.wait(f) for stage, f in other_futures.items()})
             timings["train"] = time.perf_counter() - start
             progress.step("evaluate")
             models = named_models(teachers, variants)
-            results = timed("evaluate", evaluate, cfg, models, labels, out / "report")
+            results = timed("evaluate", evaluate, cfg, models, labels, out / "report", specs)
             runs = [run for stage_runs in variants.values() for run in stage_runs]
             if p.md.steps:
                 progress.step("md")
@@ -754,7 +869,8 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict:
     finally:
         runner.close()
     trained = [*teachers, *(run for stage_runs in variants.values() for run in stage_runs)]
-    report = write_report(cfg, results, md_rows, timings, out / "report", training_record(trained))
+    report = write_report(cfg, results, md_rows, timings, out / "report", specs,
+                          training_record(trained))
     log_to_wandb(cfg, report, out / "report")
     print((out / "report" / "summary.md").read_text())
     return report
@@ -782,9 +898,10 @@ def ablation_row(name: str, report: Mapping) -> dict:
         row[f"{split}_gap_closed"] = report[split]["force_gap_closed"]
         if student and baseline:
             row[f"{split}_energy_ratio"] = student["energy_mae"] / baseline["energy_mae"]
+    runs = report.get("runs") or {}  # older reports have no run records: no MD columns
     for md in report.get("md", []):
-        stage = md["model"].split("-seed")[0]
-        row[f"md_stable_{stage}"] = md["stable_fraction"]
+        if md["model"] in runs:
+            row[f"md_stable_{runs[md['model']]['role']}"] = md["stable_fraction"]
     return row
 
 

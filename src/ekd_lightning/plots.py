@@ -1,7 +1,8 @@
 """Figures of the evaluation and the pipeline report, grouped by role.
 
-A model's role is read from its name (:func:`role_of`): ``teacherN`` → teacher, ``ensemble``,
-``<stage>-seed<S>`` → that stage (baseline, student, oracle). Every figure draws a role in one
+A model's role is given (``roles``: ``{name: role}``, the pipeline's run records) or read from
+its name (:func:`role_of`, names chosen on ``ekd-evaluate``'s command line): ``teacherN`` →
+teacher, ``ensemble``, ``<stage>-seed<S>`` → that stage (baseline, student, oracle). Every figure draws a role in one
 colour (:data:`ROLE_COLOURS`), pools the seeds (and teachers) of a role into one panel, line or
 histogram, and lays panels out in a grid of at most :data:`GRID_COLUMNS` columns. Energies in
 kcal/mol, forces in kcal/mol/Å; predictions and references come in Hartree, Hartree/Å.
@@ -34,14 +35,20 @@ def role_of(name: str) -> str:
     return stem if stem in ROLES else "other"
 
 
-def by_role(names: Sequence[str]) -> dict[str, list[str]]:
-    """``{role: [names]}`` in :data:`ROLES` order (then ``other``), roles without a name left out."""
+def by_role(names: Sequence[str], roles: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+    """``{role: [names]}`` in :data:`ROLES` order (then ``other``), roles without a name left out;
+    a name's role from ``roles`` when given (``other`` if absent there), else :func:`role_of`."""
     groups: dict[str, list[str]] = {}
     for role in (*ROLES, "other"):
-        mine = [n for n in names if role_of(n) == role]
+        mine = [n for n in names if _role(n, roles) == role]
         if mine:
             groups[role] = mine
     return groups
+
+
+def _role(name: str, roles: Mapping[str, str] | None) -> str:
+    role = role_of(name) if roles is None else roles.get(name, "other")
+    return role if role in ROLES else "other"
 
 
 def grid_figure(n_panels: int):
@@ -88,13 +95,14 @@ def _diagonal(ax, low: float, high: float) -> None:
     ax.set(xlim=(low, high), ylim=(low, high), aspect="equal")
 
 
-def plot_energy_parity(predictions: Mapping, records: Sequence, path: str | Path):
+def plot_energy_parity(predictions: Mapping, records: Sequence, path: str | Path,
+                       roles: Mapping[str, str] | None = None):
     """Energy parity, one panel per role (seeds pooled) in the role's colour, panels in a grid.
 
     Axes in kcal/mol relative to the mean *reference* energy of each molecule, so molecules of
     different size share one scale while a per-molecule offset of the prediction stays visible.
     """
-    groups = by_role(list(predictions))
+    groups = by_role(list(predictions), roles)
     fig, axes = grid_figure(len(groups))
     for ax, (role, names) in zip(axes, groups.items(), strict=True):
         ref, pred = _pooled(predictions, names, records, "energy")
@@ -107,12 +115,13 @@ def plot_energy_parity(predictions: Mapping, records: Sequence, path: str | Path
     return fig
 
 
-def plot_force_parity(predictions: Mapping, records: Sequence, path: str | Path):
+def plot_force_parity(predictions: Mapping, records: Sequence, path: str | Path,
+                      roles: Mapping[str, str] | None = None):
     """Force parity per Cartesian component as a density (hexbin, log counts), one panel per
     role (seeds pooled), panels in a grid; the panel title gives the role's pooled MAE."""
     from matplotlib.colors import LinearSegmentedColormap
 
-    groups = by_role(list(predictions))
+    groups = by_role(list(predictions), roles)
     fig, axes = grid_figure(len(groups))
     for ax, (role, names) in zip(axes, groups.items(), strict=True):
         ref, pred = _pooled(predictions, names, records, "force")
@@ -127,10 +136,11 @@ def plot_force_parity(predictions: Mapping, records: Sequence, path: str | Path)
     return fig
 
 
-def plot_force_errors(predictions: Mapping, records: Sequence, path: str | Path):
+def plot_force_errors(predictions: Mapping, records: Sequence, path: str | Path,
+                      roles: Mapping[str, str] | None = None):
     """Histogram of |F_pred − F_ref| per Cartesian component (kcal/mol/Å), one line per role
     (seeds pooled, counts per model) in the role's colour."""
-    groups = by_role(list(predictions))
+    groups = by_role(list(predictions), roles)
     errors = {role: np.abs(np.subtract(*_pooled(predictions, names, records, "force")))
               for role, names in groups.items()}
     positive = np.concatenate([e[e > 0] for e in errors.values()])
@@ -149,9 +159,11 @@ def plot_force_errors(predictions: Mapping, records: Sequence, path: str | Path)
     return fig
 
 
-def plot_learning_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path):
+def plot_learning_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path,
+                         roles: Mapping[str, str] | None = None):
     """Validation force MAE and energy MAE per epoch (log scale), one thin line per run in its
-    role's colour (``histories``: ``{run name: history.json entries}``), one legend entry per role."""
+    role's colour (``histories``: ``{run name: history.json entries}``; ``roles``: as
+    :func:`by_role`), one legend entry per role."""
     from matplotlib.ticker import FormatStrFormatter
 
     fig, axes = grid_figure(2)
@@ -162,7 +174,7 @@ def plot_learning_curves(histories: Mapping[str, Sequence[Mapping]], path: str |
             points = [(h["epoch"], h[key]) for h in history if key in h]
             if not points:
                 continue
-            role = role_of(name)
+            role = _role(name, roles)
             epochs, values = zip(*points, strict=True)
             ax.plot(epochs, values, color=ROLE_COLOURS[role], lw=1.0, alpha=0.8,
                     label=None if role in shown else role)

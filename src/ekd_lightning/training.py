@@ -300,11 +300,14 @@ def run_lock(run_dir: Path):
         lock.release()
 
 
-def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str, float]:
+def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=(),
+                 command: str | None = None) -> dict[str, float]:
     """Fit a model as ``cfg`` says, test the best checkpoint, return the final metrics.
 
     The run folder receives ``checkpoints/{best,last}.ckpt``, ``metrics.json`` and
-    ``run_info.json`` (provenance, with :func:`computed_config`). With ``cfg.resume`` a run
+    ``run_info.json`` (provenance, with :func:`computed_config`, and ``command``, the
+    ``ekd-train ...`` line that composes ``cfg`` into this folder, run from ``cwd``; None when
+    not known). With ``cfg.resume`` a run
     whose ``metrics.json`` records the same config (``config_sha256``) and whose input files are
     unchanged is not run again: its metrics are returned (so a restarted multirun sweep skips
     finished jobs); an existing ``last.ckpt`` is resumed when it was made by the same config
@@ -322,10 +325,10 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=()) -> dict[str
         if cfg.get("resume", True) and (done := finished_metrics(cfg, run_dir)) is not None:
             log.info("%s already finished with this config (metrics.json): skipping", run_dir)
             return done
-        return _fit(cfg, run_dir, callbacks)
+        return _fit(cfg, run_dir, callbacks, command)
 
 
-def _fit(cfg: DictConfig, run_dir: Path, callbacks) -> dict[str, float]:
+def _fit(cfg: DictConfig, run_dir: Path, callbacks, command: str | None) -> dict[str, float]:
     """The training of :func:`run_training`: check the folder, fit, test the best checkpoint,
     write the files (rank 0)."""
     fingerprint, requested = config_sha256(cfg), computed_config(cfg)
@@ -351,7 +354,8 @@ def _fit(cfg: DictConfig, run_dir: Path, callbacks) -> dict[str, float]:
                    *callbacks],
         plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
     )
-    info = {**provenance(cfg, datamodule), "config_sha256": fingerprint, "computed_config": requested}
+    info = {**provenance(cfg, datamodule), "config_sha256": fingerprint, "computed_config": requested,
+            "command": command, "cwd": os.getcwd()}
     last = checkpoint_dir / "last.ckpt"
     resume_from = str(last) if resume and last.is_file() else None
     recorded = _read_json(run_dir / "run_info.json")
