@@ -133,3 +133,17 @@ def test_figures_take_roles_from_the_run_records(predictions, tmp_path):
                             roles={"first run": "teacher", "second run": "student"})
     assert [to_hex(p.get_edgecolor()) for p in fig.axes[0].patches] == [
         ROLE_COLOURS["teacher"], ROLE_COLOURS["student"]]
+
+
+def test_report_calls_a_comparison_with_capped_runs_budget_matched():
+    """The gap line says "converged" only when early stopping ended every run; a run that
+    reached the epoch cap makes it "budget-matched", naming the run (mutation: reading
+    stopped_early=True as capped calls a converged comparison budget-matched, and vice versa)."""
+    from ekd_lightning.pipeline import convergence_note
+
+    done = {"epochs": 74, "stopped_early": True, "max_epochs": 200}
+    assert convergence_note({"baseline-seed0": done, "student-seed0": done}).startswith("converged")
+    capped = {"epochs": 40, "stopped_early": False, "max_epochs": 40}
+    note = convergence_note({"baseline-seed0": {**done, "max_epochs": 40}, "oracle-seed0": capped})
+    assert note.startswith("budget-matched") and "1 of 2" in note and "oracle-seed0" in note
+    assert "cap of 40 epochs" in note

@@ -622,6 +622,19 @@ def training_record(runs: Sequence[Run]) -> dict[str, dict]:
     return record
 
 
+def convergence_note(training: Mapping[str, Mapping]) -> str:
+    """``converged``: every run ended by its stopping rule; else ``budget-matched, not
+    converged: k of n runs reached the cap of N epochs (names)``; ``unknown`` without records."""
+    capped = [name for name, t in training.items() if t.get("stopped_early") is False]
+    if not training:
+        return "unknown: no training records"
+    if not capped:
+        return "converged: every run ended by early stopping"
+    caps = sorted({t.get("max_epochs") for t in training.values() if t.get("max_epochs")})
+    return (f"budget-matched, not converged: {len(capped)} of {len(training)} runs reached the "
+            f"cap of {'/'.join(map(str, caps))} epochs ({', '.join(capped)})")
+
+
 def inference_cost(models: Mapping[str, object], records, names: Sequence[str],
                    repeats: int = 3) -> dict[str, float]:
     """Seconds per conformation to predict energies and forces of ``records`` (best of
@@ -662,7 +675,7 @@ def _split_section(split: str, title: str, rows, runs: Sequence[RunSpec], report
                             f"{student['energy_mae']:.2f} vs {by[other]['energy_mae']:.2f}")
     gap = f"**{closed:.0%}**" if math.isfinite(closed) else why
     text += ["", "Force-error gap closed by the student, (baseline − student) / (baseline − "
-             f"oracle), every model under the same stopping rule: {gap}", ""]
+             f"oracle), every model under the same stopping rule ({report['convergence']}): {gap}", ""]
     return text
 
 
@@ -732,6 +745,7 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
               "best_teacher": best_teacher(training, runs), "inference_s_per_conformation": inference,
               "runs": {run.name: {k: v for k, v in dataclasses.asdict(run).items() if k != "variant"}
                        for run in runs}}
+    report["convergence"] = convergence_note(training)
     text = [f"# EKD pipeline report: {cfg.run_name}", "",
             "Energies in kcal/mol, forces in kcal/mol/Å; mean ± standard deviation over seeds "
             f"{list(cfg.pipeline.seeds)}.", ""]
