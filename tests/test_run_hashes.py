@@ -54,7 +54,7 @@ def commands() -> list[str]:
     return ["experiment=ekd", *(f"experiment=ekd +ablation={a}" for a in ablations()), "stage=student"]
 
 
-CHECKED = ("experiment=ekd", "experiment=ekd +ablation=combined", "experiment=ekd +ablation=mixed",
+CHECKED = ("experiment=ekd", "experiment=ekd +ablation=force_weight", "experiment=ekd +ablation=mixed",
            "experiment=ekd +ablation=subsets", "experiment=ekd +ablation=uncertainty", "stage=student")
 """Composed by the test (each way a run differs: epoch caps and force overrides, a teacher of
 another model, teacher data subsets, student overrides, the default ensemble); the others, alike,
