@@ -200,7 +200,10 @@ class PotentialModule(pl.LightningModule):
 
     def energy_loss(self, energies: Tensor, batch) -> Tensor:
         n_atoms = torch.bincount(batch.batch, minlength=batch.num_graphs).to(energies.dtype)
-        return (((energies - batch.energy) * KCAL) ** 2 / n_atoms).mean().float()
+        squared = ((energies - batch.energy) * KCAL) ** 2 / n_atoms
+        if "weight" in batch:  # per-conformation weights (teacher-labelled extra geometries)
+            squared = squared * batch.weight.to(squared.dtype)
+        return squared.mean().float()
 
     def force_target(self, batch) -> Tensor:
         return batch.label_forces if self.hparams.force_target == "labels" else batch.forces
@@ -214,7 +217,10 @@ class PotentialModule(pl.LightningModule):
         if self.hparams.force_loss == "uncertainty":
             variance = torch.nan_to_num(batch.label_force_var * KCAL**2, nan=float("inf"))
             weights = weights / variance.clamp(min=self.hparams.variance_floor)
-        return (weights * per_atom).sum() / weights.sum().clamp(min=1e-12)
+        norm = weights.sum().clamp(min=1e-12)
+        if "weight" in batch:  # per-conformation weights, on top of the mean over atoms
+            weights = weights * batch.weight[batch.batch].to(weights.dtype)
+        return (weights * per_atom).sum() / norm
 
     def loss(self, batch, create_graph: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         """Total loss, energies and forces (forces None when no force term is needed)."""

@@ -315,10 +315,12 @@ def teacher_jobs(cfg: DictConfig, store: Path) -> list[Job]:
     return jobs
 
 
-def variant_jobs(cfg: DictConfig, stage: str, store: Path, labels: Path | None = None) -> list[Job]:
+def variant_jobs(cfg: DictConfig, stage: str, store: Path, labels: Path | None = None,
+                 extra_geometries: Mapping | None = None) -> list[Job]:
     """Step 3: ``stage`` (student, baseline or oracle) for each of its seeds
     (``pipeline.seeds``; the oracle, a reference bound, ``pipeline.oracle_seeds``); the
-    student's config gets the labels and ``pipeline.student_overrides`` (e.g. a loss setting);
+    student's config gets the labels, ``data.extra_geometries`` when given (see
+    :func:`extra_geometries`) and ``pipeline.student_overrides`` (e.g. a loss setting);
     student and oracle, the stages trained on forces, get ``pipeline.force_overrides`` (e.g. the
     force weight, so that the oracle keeps the student's recipe)."""
     p = cfg.pipeline
@@ -329,8 +331,14 @@ def variant_jobs(cfg: DictConfig, stage: str, store: Path, labels: Path | None =
         extra = OmegaConf.merge({"distill": {"labels": str(labels)}}, extra,
                                 p.get("student_overrides") or {})
     seeds = p.oracle_seeds if stage == "oracle" else p.seeds
-    return [job(f"{stage}-seed{seed}", run_config(cfg, stage, seed, p.max_epochs, extra=extra), store)
-            for seed in seeds]
+    jobs = []
+    for seed in seeds:
+        sub = run_config(cfg, stage, seed, p.max_epochs, extra=extra)
+        if stage == "student" and extra_geometries:  # a key absent from every other config
+            with open_dict(sub):
+                sub.data.extra_geometries = dict(extra_geometries)
+        jobs.append(job(f"{stage}-seed{seed}", sub, store))
+    return jobs
 
 
 def distill(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Path:
@@ -347,6 +355,23 @@ def distill(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Path:
         elements=list(data.elements), batch_size=data.batch_size,
     )
     return distill_labels(job, OmegaConf.to_container(cfg.trainer, resolve=True))
+
+
+def extra_geometries(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> dict:
+    """Step 2b (``pipeline.extra_geometries``, absent by default): teacher-labelled extra
+    geometries around the training split, made once into the store
+    (:func:`ekd_lightning.distill.augment.make_extra_geometries`, named by their settings and
+    the teachers' hashes); returns the students' ``data.extra_geometries``: ``{path, weight,
+    variance_floor}``."""
+    from .distill.augment import make_extra_geometries
+
+    spec = OmegaConf.to_container(cfg.pipeline.extra_geometries, resolve=True)
+    weights = {"weight": float(spec.pop("weight", 1.0)),
+               "variance_floor": float(spec.pop("variance_floor", 1.0))}
+    path = make_extra_geometries(
+        OmegaConf.to_container(cfg.data, resolve=True), [str(t.checkpoint) for t in teachers],
+        store, accelerator=cfg.trainer.get("accelerator", "cpu"), **spec)
+    return {"path": str(path), **weights}
 
 
 def default_teacher_labels(cfg: DictConfig) -> Path:
@@ -736,8 +761,12 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict:
             timings["teachers"] = time.perf_counter() - start
             progress.step("distill")
             labels = timed("distill", distill, cfg, teachers, store)
+            extra = None
+            if p.get("extra_geometries"):
+                extra = timed("extra_geometries", extra_geometries, cfg, teachers, store)
             progress.step("students")
-            student_futures = progress.track(runner.submit(variant_jobs(cfg, "student", store, labels)))
+            student_futures = progress.track(runner.submit(
+                variant_jobs(cfg, "student", store, labels, extra)))
             variants = {"student": progress.wait(student_futures)}
             variants.update({stage: progress.wait(f) for stage, f in other_futures.items()})
             timings["train"] = time.perf_counter() - start
