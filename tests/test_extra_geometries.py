@@ -178,3 +178,27 @@ def test_student_trains_with_extra_geometries(ani1x_file, extra, tmp_path):
                        f"+data.extra_geometries={{path: '{extra}', weight: 0.5, variance_floor: 1.0}}")
     a, b = (torch.load(c, weights_only=True)["state_dict"] for c in (plain, union))
     assert set(a) == set(b) and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pipeline_block_reaches_the_students_only(ani1x_file, comp6_file, tmp_path):
+    """``+ablation=extra_geometries`` gives the students ``data.extra_geometries`` and leaves
+    every other run's config (so its folder in the store) as without it. Mutation caught: the
+    block reaching the baseline or the teachers (they would retrain), or not the student."""
+    from test_pipeline import pipeline_cfg
+
+    from ekd_lightning.pipeline import teacher_jobs, variant_jobs
+
+    plain = pipeline_cfg(ani1x_file, comp6_file, tmp_path)
+    lever = pipeline_cfg(ani1x_file, comp6_file, tmp_path, "+ablation=extra_geometries")
+    assert lever.pipeline.extra_geometries.method == "cartesian"
+    assert "extra_geometries" not in plain.pipeline and "extra_geometries" not in plain.data
+    extra = {"path": "x.h5", "weight": 0.5, "variance_floor": 1.0}
+    for stage in ("baseline", "oracle"):
+        assert [j.run_dir for j in variant_jobs(lever, stage, tmp_path)] == \
+            [j.run_dir for j in variant_jobs(plain, stage, tmp_path)]
+    assert [j.run_dir for j in teacher_jobs(lever, tmp_path)] == [j.run_dir for j in teacher_jobs(plain, tmp_path)]
+    students = variant_jobs(lever, "student", tmp_path, tmp_path / "labels.h5", extra)
+    assert all(j.cfg["data"]["extra_geometries"] == extra for j in students)
+    without = variant_jobs(plain, "student", tmp_path, tmp_path / "labels.h5")
+    assert all("extra_geometries" not in j.cfg["data"] for j in without)
+    assert {j.run_dir for j in students}.isdisjoint(j.run_dir for j in without)
