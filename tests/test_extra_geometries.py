@@ -65,6 +65,24 @@ def test_geometries_surround_training_conformations_only(ani1x_file, extra, tmp_
     assert extra.stat().st_mtime_ns == mtime
 
 
+def test_md_geometries_move_from_training_conformations(ani1x_file, teachers, tmp_path):
+    """``method=md``: a few Langevin steps on the teachers' mean potential from each training
+    conformation. Mutation caught: the steps not applied (geometries = the sources), or a
+    source outside the training split."""
+    dm = _datamodule(ani1x_file)
+    train = {(dm.records[m].key, int(dm.records[m].conf_index[p])) for m, p in dm.splits["train"]}
+    by_key = {r.key: r for r in dm.records}
+    path = make_extra_geometries({"path": str(ani1x_file), **DATA}, teachers, tmp_path,
+                                 method="md", temperature=300.0, steps=4, seed=0)
+    with h5py.File(path) as f:
+        assert f.attrs["method"] == "md" and f.attrs["steps"] == 4
+        seen = {(k, int(c)) for k in f for c in f[k]["source_conformation"][()]}
+        moves = np.concatenate([np.linalg.norm(f[k]["coordinates"][()] - by_key[k].coordinates[
+            f[k]["source_conformation"][()]], axis=-1).ravel() for k in f])
+    assert seen == train
+    assert 1e-4 < np.median(moves) < 0.2  # 2 fs at 300 K: moved, not far (Å)
+
+
 def test_labels_are_the_teacher_ensemble_mean_not_the_reference(ani1x_file, extra, teachers):
     """Mutation caught: labelling with the dataset's reference (or one teacher, or the
     gradient instead of the force)."""
