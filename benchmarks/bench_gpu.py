@@ -49,7 +49,7 @@ def save_teachers(folder: Path, n: int, data: str, energy_key: str) -> list[str]
     paths = []
     for seed in range(n):
         torch.manual_seed(seed)
-        module = PotentialModule("ani", {}, elements=dm.elements,
+        module = PotentialModule({"_target_": "ekd_lightning.models.ani.ANIModel"}, elements=dm.elements,
                                  self_energies=dm.self_energies.tolist(), energy_scale=dm.energy_scale)
         path = folder / f"teacher{seed}.ckpt"
         torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)

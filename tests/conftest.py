@@ -17,6 +17,9 @@ from ase.units import Hartree
 SHARED_DIR = Path(os.environ.get("EKD_SHARED_DIR") or Path(__file__).resolve().parents[1] / ".." / "shared")
 """The project's shared material (``../shared`` beside the checkout; EKD_SHARED_DIR overrides)."""
 SHARED_S66X8 = SHARED_DIR / "data" / "comp6v1" / "s66x8_wb97x6-31gd.h5"
+ANI = "ekd_lightning.models.ani.ANIModel"
+SCHNET = "ekd_lightning.models.schnet.SchNetModel"
+"""Model classes, as a model config's ``_target_`` names them."""
 MOLECULES = ["CH4", "H2O", "NH3", "CH3OH", "C2H6", "HCOOH", "CH3CHO", "CH3CH2OH"]
 
 

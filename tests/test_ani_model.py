@@ -1,7 +1,9 @@
-"""ANI AEV and model: agreement with torchani's ANI-2x, forces, invariances.
+"""ANI AEV and model: agreement with torchani's ANI-2x, features of absent elements, the AEV's
+hand-written second derivatives. What every model must pass (finite-difference forces, batching,
+invariances, double backward, float32) is in ``test_models.py``.
 
 Only the tests comparing with torchani need it (the ``torchani`` fixture skips them without
-the ``[ani]`` extra); gradient checks and invariances run everywhere.
+the ``[ani]`` extra); the others run everywhere.
 """
 
 import os
@@ -167,27 +169,6 @@ def _random_model(elements=ANI2X) -> ANIModel:
     return model
 
 
-def test_forces_match_finite_differences():
-    model = _random_model()
-    mols = _ase(("CH3CH2OH", "CH3Cl", "CH3SH"))
-    _, z, pos, batch = _flat(mols)
-    pos = pos + 0.05 * torch.randn(pos.shape, generator=torch.Generator().manual_seed(2),
-                                   dtype=pos.dtype)
-    _, forces = energy_and_forces(model, z, pos, batch, len(mols))
-    step = 1e-4
-    displaced = pos.repeat(2 * pos.numel(), 1, 1)  # (2 * 3n, n, 3): +h and -h per coordinate
-    flat = displaced.view(2, pos.numel(), pos.numel())
-    flat[0].diagonal().add_(step)
-    flat[1].diagonal().sub_(step)
-    n_configs = displaced.shape[0]
-    big_batch = (batch + len(mols) * torch.arange(n_configs).unsqueeze(1)).view(-1)
-    with torch.no_grad():
-        energies = model(z.repeat(n_configs), displaced.view(-1, 3), big_batch,
-                         len(mols) * n_configs).view(n_configs, len(mols)).sum(-1)
-    numerical = -(energies[: pos.numel()] - energies[pos.numel():]) / (2 * step)
-    torch.testing.assert_close(forces.flatten(), numerical, rtol=1e-6, atol=1e-6 * forces.abs().max())
-
-
 def _force_loss(model: ANIModel, mols: list[Atoms], target: torch.Tensor,
                 target_energies: torch.Tensor | float = 0.0) -> torch.Tensor:
     """Energy plus force training loss in float64, Hartree units:
@@ -235,35 +216,6 @@ def test_force_loss_weight_gradients_match_torchani(torchani):
                                            atol=1e-10 * float(expected.abs().max()))
 
 
-def test_force_loss_weight_gradients_match_finite_differences():
-    """Double backward without torchani: d(force loss)/d(weight) for entries of the first and
-    last layers of two elements against central differences of the loss (float64)."""
-    model = _random_model()
-    mols = _ase(("CH3CONH2", "H2O"))
-    target = _target_forces(mols)
-    _, z, pos, batch = _flat(mols)
-    with torch.no_grad():  # energies near their targets: the loss is not swamped by E² (~400)
-        target_energies = model(z, pos, batch, len(mols)) + 0.01
-    _force_loss(model, mols, target, target_energies).backward()
-    step = 1e-6
-    for element, layer in (("N", 0), ("N", -1), ("H", 0), ("O", 2)):
-        weight = model.networks[element][layer].weight
-        rows, cols = weight.shape
-        for row, col in ((0, 0), (rows - 1, cols // 2), (rows // 2, cols - 1)):
-            with torch.no_grad():
-                original = float(weight[row, col])
-                weight[row, col] = original + step
-            plus = _force_loss(model, mols, target, target_energies).item()
-            with torch.no_grad():
-                weight[row, col] = original - step
-            minus = _force_loss(model, mols, target, target_energies).item()
-            with torch.no_grad():
-                weight[row, col] = original
-            numerical = (plus - minus) / (2 * step)
-            assert float(weight.grad[row, col]) == pytest.approx(numerical, rel=1e-6, abs=1e-10), (
-                element, layer, row, col)
-
-
 def test_batches_without_some_elements_compute_only_their_features():
     """A 7-element model on H, C, N, O molecules multiplies only the 384 AEV features that can be
     nonzero; energies, forces and force-training gradients equal those of the full 1008."""
@@ -302,54 +254,8 @@ def test_batches_without_some_elements_compute_only_their_features():
     assert not first_layer[:, absent].any() and first_layer[:, columns].abs().sum() > 0
 
 
-def _rotation(seed: int) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed),
-                                       dtype=torch.float64))
-    return q * torch.sign(torch.linalg.det(q))
-
-
-def test_energy_invariances():
-    model = _random_model()
-    mols = _ase(("CH3CH2OH", "C6H6", "CH3Cl"))
-    _, z, pos, batch = _flat(mols)
-    energies = model(z, pos, batch, len(mols))
-
-    moved = pos @ _rotation(3).T + torch.tensor([1.5, -2.0, 0.7], dtype=pos.dtype)
-    torch.testing.assert_close(model(z, moved, batch, len(mols)), energies, atol=1e-10, rtol=0)
-
-    # permutation of the atoms within each molecule (batch stays sorted)
-    perm = torch.cat([
-        torch.nonzero(batch == b).squeeze(1)[torch.randperm(int((batch == b).sum()))]
-        for b in range(len(mols))
-    ])
-    permuted = model(z[perm], pos[perm], batch[perm], len(mols))
-    torch.testing.assert_close(permuted, energies, atol=1e-10, rtol=0)
-
-
-def test_energy_independent_of_batch_contents():
-    model = _random_model()
-    mols = _ase(("CH3CONH2", "CH3SH", "C6H6", "CF4"))
-    lone_atom = Atoms("Cl", positions=[[0.0, 0.0, 0.0]])  # no neighbours at all
-    alone = []
-    for m in [*mols, lone_atom]:
-        _, z, pos, batch = _flat([m])
-        alone.append(model(z, pos, batch, 1))
-    # overlapping coordinates across molecules must not interact
-    _, z, pos, batch = _flat([*mols, lone_atom])
-    together = model(z, pos, batch, len(mols) + 1)
-    torch.testing.assert_close(together, torch.cat(alone), atol=1e-10, rtol=0)
-    _, z, pos, batch = _flat([lone_atom, *mols[::-1]])
-    reordered = model(z, pos, batch, len(mols) + 1)
-    torch.testing.assert_close(reordered, torch.cat(alone[::-1]), atol=1e-10, rtol=0)
-
-
-def test_float32_model_and_unknown_hidden():
-    model = ANIModel()  # H, C, N, O, float32
-    _, z, pos, batch = _flat(_ase(("CH3CH2OH", "H2O")), elements=("H", "C", "N", "O"))
-    energies, forces = energy_and_forces(model, z, pos, batch, 2)
-    assert energies.dtype == torch.float64 and forces.shape == pos.shape
-    assert bool(torch.isfinite(forces).all())
-    with pytest.raises(ValueError):
+def test_hidden_sizes_of_unknown_elements_are_refused():
+    with pytest.raises(ValueError, match="not in"):
         ANIModel(hidden={"S": [8]})
     assert ANIModel(hidden={"H": [8, 4]}).hidden["H"] == [8, 4]
 

@@ -9,6 +9,7 @@ import torch
 from ase import units
 from ase.build import molecule
 
+from conftest import ANI, SCHNET
 from ekd_lightning import batched_md
 from ekd_lightning.batched_md import (
     baoab_step,
@@ -111,7 +112,8 @@ def test_batched_forces_equal_single_molecule_forces(name):
     torch.manual_seed(0)
     kwargs = ({"hidden": {e: [16] for e in ELEMENTS}} if name == "ani2x" else
               {"hidden_channels": 16, "num_filters": 16, "num_interactions": 1, "num_gaussians": 8})
-    module = PotentialModule(name, kwargs, ELEMENTS, SAE, 0.01).eval()
+    module = PotentialModule({"_target_": ANI if name == "ani2x" else SCHNET, **kwargs}, ELEMENTS, SAE,
+                             0.01).eval()
     molecules = default_molecules(["CH3OH", "CH3CONH2"])
     state, rows = make_replicas(molecules, [300.0, 1000.0], 2, torch.Generator().manual_seed(1))
     state.pos += 0.05 * torch.randn(state.pos.shape, dtype=torch.float64)  # every replica differs
@@ -160,7 +162,7 @@ def test_hr_error_is_zero_for_itself_and_large_for_another_geometry():
 
 def test_stability_runs_of_a_checkpoint_are_cached(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    module = PotentialModule("ani2x", {"hidden": {e: [16] for e in ELEMENTS}}, ELEMENTS, SAE, 0.001)
+    module = PotentialModule({"_target_": ANI, "hidden": {e: [16] for e in ELEMENTS}}, ELEMENTS, SAE, 0.001)
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     settings = dict(temperatures=[300.0], replicas=2, steps=8, record_every=2)
@@ -177,7 +179,7 @@ def test_stability_runs_of_a_checkpoint_are_cached(tmp_path, monkeypatch):
 
 def test_batched_table_writes_survival_and_hr_against_cached_xtb(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    models = {name: PotentialModule("ani2x", {"hidden": {e: [8] for e in ELEMENTS}}, ELEMENTS, SAE,
+    models = {name: PotentialModule({"_target_": ANI, "hidden": {e: [8] for e in ELEMENTS}}, ELEMENTS, SAE,
                                     scale) for name, scale in (("baseline", 0.003), ("student", 1e-4))}
     kwargs = dict(molecules=default_molecules(["H2O"]), temperatures=[300.0, 600.0], replicas=3,
                   steps=40, reference="baseline", reference_steps=16,
@@ -213,7 +215,7 @@ def test_structures_come_from_any_ase_file(tmp_path, capsys):
         molecules_from_file(bad)
     # ekd-md runs the file's molecules; an unreadable file is a one-line error naming it
     torch.manual_seed(0)
-    module = PotentialModule("ani2x", {"hidden": {e: [8] for e in ELEMENTS}}, ELEMENTS, SAE, 0.001)
+    module = PotentialModule({"_target_": ANI, "hidden": {e: [8] for e in ELEMENTS}}, ELEMENTS, SAE, 0.001)
     checkpoint = tmp_path / "model.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, checkpoint)
     args = ["--checkpoints", f"m={checkpoint}", "--temperatures", "300", "--seeds", "0",

@@ -87,8 +87,9 @@ def test_ddp_training_equals_one_process_on_the_same_global_batch(ani1x_file, on
     # not identical: train/loss, the epoch mean of rank 0's own batches (logged unsynced)
     assert ddp["config_sha256"] != ref["config_sha256"]  # batch size and devices differ
     # written once, by rank 0: one logger version with one row per epoch, one pair of checkpoints
-    assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]
-    rows = list(csv.DictReader(open(run_dir / "csv/version_0/metrics.csv")))
+    logs = run_dir / "teacher-ani2x-seed0"  # the CSV logger's folder is named by run_name
+    assert [p.name for p in logs.iterdir()] == ["version_0"]
+    rows = list(csv.DictReader(open(logs / "version_0/metrics.csv")))
     assert len([r for r in rows if r.get("val/loss")]) == 2
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
@@ -179,7 +180,7 @@ def test_two_jobs_wanting_the_same_run_train_it_once(ani1x_file, tmp_path):
         assert [job.exitcode for job in jobs] == [0, 0]
         first, second = dict(results["first"]), dict(results["second"])
     assert first == second
-    assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]  # one model trained
+    assert [p.name for p in (run_dir / cfg.run_name).iterdir()] == ["version_0"]  # one model trained
     assert _metrics(run_dir) == first
 
 
@@ -220,7 +221,7 @@ def test_documented_slurm_sweep_submits_one_task_per_gpu(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm",
          "hydra.launcher.partition=gpu", "stage=student", "distill.labels=labels.h5",
-         "loss.force_weight=0.1,1", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+         "loss.forces.weight=0.1,1", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
          f"hydra.sweep.dir={sweep}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
     assert "42_0" in result.stderr and "FAILED" in result.stderr, result.stderr[-3000:]
@@ -231,7 +232,7 @@ def test_documented_slurm_sweep_submits_one_task_per_gpu(tmp_path):
     overrides = [pickle.loads(p.read_bytes()).args[0]
                  for p in sorted(sweep.glob(".submitit/42_*/42_*_submitted.pkl"))]
     assert [[o for o in job if o.startswith("loss.")] for job in overrides] == [
-        ["loss.force_weight=0.1"], ["loss.force_weight=1"]]
+        ["loss.forces.weight=0.1"], ["loss.forces.weight=1"]]
 
 
 @pytest.mark.slow
@@ -240,15 +241,15 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(ani1x_file, tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "stage=student",
-         "loss.force_weight=0.01,1", f"hydra.sweep.dir={sweep}", f"data.path={ani1x_file}",
+         "loss.forces.weight=0.01,1", f"hydra.sweep.dir={sweep}", f"data.path={ani1x_file}",
          *DATA, f"distill.labels={labels}", "trainer.max_epochs=1", "model=schnet",
-         "model.kwargs.num_interactions=1", "model.kwargs.hidden_channels=16",
-         "model.kwargs.num_filters=16"],
+         "model.num_interactions=1", "model.hidden_channels=16",
+         "model.num_filters=16"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300, env=_env(),
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     runs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
-    weights = [json.loads((r / "run_info.json").read_text())["config"]["loss"]["force_weight"]
+    weights = [json.loads((r / "run_info.json").read_text())["config"]["loss"]["forces"]["weight"]
                for r in runs]
     assert weights == [0.01, 1]
     assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 2  # each job went through submitit

@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import write_ani1x_file
+from conftest import ANI, SCHNET, write_ani1x_file
 from ekd_lightning.checkpoint import load_potential
 from ekd_lightning.data import EKDDataModule, read_molecules
 from ekd_lightning.distill import (
@@ -30,7 +30,7 @@ from ekd_lightning.distill import (
 )
 from ekd_lightning.distill.ensemble import aev_vjp, aev_with_jacobian
 from ekd_lightning.distill.teachers import verify_teachers
-from ekd_lightning.errors import CheckpointError, DataError, LabelMismatchError
+from ekd_lightning.errors import CheckpointError, ConfigError, DataError, LabelMismatchError
 from ekd_lightning.labels import read_label_metadata, read_labels
 from ekd_lightning.models.aev import ANIAEV
 from ekd_lightning.models.ani import ANIModel
@@ -53,10 +53,10 @@ def data(tmp_path_factory) -> Path:
     return write_ani1x_file(tmp_path_factory.mktemp("distill_data") / "data.h5", n_conf=12, seed=3)
 
 
-def save_teacher(path: Path, model_name: str, kwargs: dict, seed: int, dm: EKDDataModule) -> str:
+def save_teacher(path: Path, model: dict, seed: int, dm: EKDDataModule) -> str:
     """A checkpoint (untrained weights, the data's self energies) that load_potential accepts."""
     torch.manual_seed(seed)
-    module = PotentialModule(model_name, kwargs, elements=dm.elements,
+    module = PotentialModule(model, elements=dm.elements,
                              self_energies=dm.self_energies.tolist(), energy_scale=dm.energy_scale)
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
     return str(path)
@@ -68,8 +68,8 @@ def teachers(data, tmp_path_factory) -> dict[str, list[str]]:
     folder = tmp_path_factory.mktemp("teachers")
     dm = EKDDataModule(str(data), ENERGY)
     dm.setup()
-    ani = [save_teacher(folder / f"ani{i}.ckpt", "ani2x", TINY_ANI, i, dm) for i in range(3)]
-    schnet = save_teacher(folder / "schnet.ckpt", "schnet", TINY_SCHNET, 7, dm)
+    ani = [save_teacher(folder / f"ani{i}.ckpt", {"name": "ani", "_target_": ANI, **TINY_ANI}, i, dm) for i in range(3)]
+    schnet = save_teacher(folder / "schnet.ckpt", {"_target_": SCHNET, **TINY_SCHNET}, 7, dm)
     twin = folder / "ani0_copy.ckpt"
     shutil.copy(ani[0], twin)
     return {"mixed": [*ani, schnet], "twins": [ani[0], str(twin)], "other": ani[:2]}
@@ -139,7 +139,8 @@ def test_labels_are_the_mean_of_independent_teacher_forces(data, teachers, refer
             np.testing.assert_allclose(group["energy_std"][conf], energies.std(), rtol=1e-3, atol=1e-8)
     meta = read_label_metadata(reference)
     assert [t["path"] for t in meta["teachers"]] == teachers["mixed"]
-    assert [t["model"] for t in meta["teachers"]] == ["ani"] * 3 + ["schnet"]
+    # the model config's name, else the model class's
+    assert [t["model"] for t in meta["teachers"]] == ["ani"] * 3 + ["SchNetModel"]
     assert all(len(t["sha256"]) == 64 for t in meta["teachers"])
     assert meta["dataset_path"] == str(data.resolve()) and len(meta["dataset_sha256"]) == 64
     assert meta["energy_key"] == ENERGY and meta["units_forces"] == "Hartree/Angstrom"
@@ -175,6 +176,38 @@ def test_aev_jacobian_matches_autograd():
     moved = torch.empty_like(cotangents).index_copy_(1, rank, cotangents)
     radial, angular = moved.split([aev.radial_length, aev.angular_length], dim=-1)
     torch.testing.assert_close(aev_vjp(jac, radial, angular, rank), grads, rtol=1e-9, atol=1e-12)
+
+
+def test_activations_batched_by_rule_and_others_by_autograd_with_a_warning(caplog):
+    """StackedANI takes the activation's derivative from models.ani.activation_backward (CELU
+    of any alpha); a teacher whose activation has no rule there is evaluated alone with
+    autograd, with a warning naming it, and every teacher's forces equal the plain loop's."""
+    import logging
+
+    from ase.build import molecule
+
+    torch.manual_seed(0)
+    models = []
+    for _ in range(3):
+        model = ANIModel(hidden={e: [16, 8] for e in "HCNO"}, activation_alpha=0.5).double()
+        model.set_energy_statistics([-0.5, -38.0, -54.6, -75.0], 0.05)
+        models.append(model)
+    for net in models[2].networks.values():  # the third teacher: Softplus, no rule
+        for i, layer in enumerate(net):
+            if isinstance(layer, torch.nn.CELU):
+                net[i] = torch.nn.Softplus()
+    with caplog.at_level(logging.WARNING, logger="ekd_lightning.distill.ensemble"):
+        batched = TeacherEnsemble(models)
+    assert [type(g) for g in batched.groups] == [StackedANI, TeacherLoop]
+    assert "teacher 2" in caplog.text and "Softplus" in caplog.text
+    mols = [molecule(n) for n in ("CH3CH2OH", "CH3CONH2")]
+    z = torch.tensor(np.concatenate([m.numbers for m in mols]))
+    pos = torch.tensor(np.concatenate([m.positions for m in mols]))
+    batch = torch.repeat_interleave(torch.arange(len(mols)), torch.tensor([len(m) for m in mols]))
+    energies, forces = batched(z, pos, batch, len(mols))
+    expected_energies, expected_forces = TeacherEnsemble(models, batched=False)(z, pos, batch, 2)
+    torch.testing.assert_close(energies, expected_energies, rtol=0, atol=1e-10)
+    torch.testing.assert_close(forces, expected_forces, rtol=0, atol=1e-10)
 
 
 def test_batched_ani2x_teachers_equal_the_loop_with_and_without_absent_elements():
@@ -387,21 +420,22 @@ def test_pretrained_teachers_from_local_torchani_weights(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- students
 def test_uncertainty_force_loss_is_wired_and_changes_the_loss(data, reference):
     cfg = make_cfg(data, "stage=student", f"distill.labels={reference}", SMALL_ANI,
-                   "distill.force_loss=uncertainty")
+                   "loss.forces.weighting=inverse_variance")
     dm = build_datamodule(cfg)
     dm.setup()
     weighted = build_module(cfg, dm)
-    assert weighted.hparams.force_loss == "uncertainty"
+    assert weighted.hparams.loss["forces"]["weighting"] == "inverse_variance"
     plain = build_module(make_cfg(data, "stage=student", f"distill.labels={reference}", SMALL_ANI), dm)
-    assert plain.hparams.force_loss == "mse"
+    assert plain.hparams.loss["forces"]["weighting"] == "uniform"
     plain.load_state_dict(weighted.state_dict())
     batch = next(iter(dm.train_dataloader()))
     assert float(batch.label_force_var.std()) > 0  # the teachers disagree more on some atoms
-    _, forces = weighted(batch)
-    assert not torch.isclose(weighted.force_loss(forces, batch), plain.force_loss(forces, batch))
-    with pytest.raises(ValueError, match="distill.force_loss 'huber'"):
+    energies, forces = weighted(batch)
+    assert not torch.isclose(weighted.loss_terms["forces"](energies, forces, batch),
+                             plain.loss_terms["forces"](energies, forces, batch))
+    with pytest.raises(ConfigError, match=r"loss.forces.weighting='huber': use one of \['uniform', "):
         build_module(make_cfg(data, "stage=student", f"distill.labels={reference}",
-                              "distill.force_loss=huber"), dm)
+                              "loss.forces.weighting=huber"), dm)
 
 
 @pytest.fixture(scope="module")
@@ -433,7 +467,7 @@ def _errors(module: PotentialModule, dm: EKDDataModule) -> tuple[float, float]:
 
 def test_student_fits_given_labels(ani1x_file, trained, tmp_path):
     cfg = make_cfg(ani1x_file, "stage=student", f"distill.labels={trained['labels']}", SMALL_ANI,
-                   "trainer.max_epochs=8", "optim.lr=3e-3", "loss.force_weight=1.0")
+                   "trainer.max_epochs=8", "optim.lr=3e-3", "loss.forces.weight=1.0")
     dm = build_datamodule(cfg)
     dm.setup()
     torch.manual_seed(cfg.seed)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from conftest import SHARED_S66X8, train_tiny, write_label_file
+from conftest import ANI, SCHNET, SHARED_S66X8, train_tiny, write_label_file
 from ekd_lightning.checkpoint import load_potential
 from ekd_lightning.data import read_molecules
 from ekd_lightning.errors import DataError
@@ -132,8 +132,8 @@ def test_ensemble_is_the_member_mean():
 
 def random_modules():
     torch.manual_seed(0)
-    ani = PotentialModule("ani2x", {"hidden": {e: [16] for e in ELEMENTS}}, ELEMENTS, SAE, 0.01)
-    schnet = PotentialModule("schnet", {"hidden_channels": 16, "num_filters": 16,
+    ani = PotentialModule({"_target_": ANI, "hidden": {e: [16] for e in ELEMENTS}}, ELEMENTS, SAE, 0.01)
+    schnet = PotentialModule({"_target_": SCHNET, "hidden_channels": 16, "num_filters": 16,
                                         "num_interactions": 1, "num_gaussians": 8},
                              ELEMENTS, SAE, 0.01)
     return ani.eval(), schnet.eval()
@@ -159,9 +159,9 @@ def test_predict_heterogeneous_ensemble(comp6_file):
 def checkpoint(ani1x_file, tmp_path_factory) -> Path:
     """A SchNet trained for 2 epochs on the EMT fixture (seconds)."""
     return train_tiny(ani1x_file, tmp_path_factory.mktemp("eval_run"), "trainer.log_every_n_steps=1",
-                      "model=schnet", "model.kwargs.num_interactions=1",
-                      "model.kwargs.hidden_channels=16", "model.kwargs.num_filters=16",
-                      "model.kwargs.num_gaussians=16", "stage=teacher")
+                      "model=schnet", "model.num_interactions=1",
+                      "model.hidden_channels=16", "model.num_filters=16",
+                      "model.num_gaussians=16", "stage=teacher")
 
 
 def check_outputs(rows, out_dir: Path, models: list[str], subsets: list[str]):

@@ -12,7 +12,6 @@ from ekd_lightning.data import EKDDataModule
 from ekd_lightning.distill.augment import agreement_weights, make_extra_geometries
 from ekd_lightning.errors import DataError
 from ekd_lightning.models.base import energy_and_forces
-from ekd_lightning.module import PotentialModule
 from ekd_lightning.units import HARTREE_TO_KCALMOL as KCAL
 
 DATA = {"energy_key": "emt.energy", "force_key": "emt.forces", "file_format": "ani1x",
@@ -163,10 +162,12 @@ def test_extras_around_held_out_conformations_are_refused(ani1x_file, extra, tmp
 
 
 def test_losses_multiply_by_per_conformation_weights():
-    """Mutation caught: the energy or force loss ignoring ``batch.weight``."""
+    """Mutation caught: the energy or force loss term ignoring ``batch.weight``."""
     from torch_geometric.data import Batch
 
-    module = PotentialModule("ani", stage="student", force_weight=1.0, force_target="labels")
+    from ekd_lightning.losses import EnergyLoss, ForceLoss
+
+    energy_loss, force_loss = EnergyLoss(), ForceLoss("labels")
     z = torch.tensor([1, 1, 8, 1, 1, 8])
     batch = Batch(z=z, pos=torch.zeros(6, 3), batch=torch.tensor([0, 0, 0, 1, 1, 1]),
                   energy=torch.tensor([0.0, 0.0], dtype=torch.float64),
@@ -174,16 +175,16 @@ def test_losses_multiply_by_per_conformation_weights():
     batch._num_graphs = 2
     energies = torch.tensor([0.0, 0.01], dtype=torch.float64)  # only molecule 1 is wrong
     forces = torch.cat([torch.zeros(3, 3), torch.full((3, 3), 0.01)])
-    plain_e, plain_f = module.energy_loss(energies, batch), module.force_loss(forces, batch)
+    plain_e, plain_f = energy_loss(energies, forces, batch), force_loss(energies, forces, batch)
     batch.weight = torch.tensor([1.0, 1.0])
-    assert module.energy_loss(energies, batch) == pytest.approx(float(plain_e))
-    assert module.force_loss(forces, batch) == pytest.approx(float(plain_f))
+    assert energy_loss(energies, forces, batch) == pytest.approx(float(plain_e))
+    assert force_loss(energies, forces, batch) == pytest.approx(float(plain_f))
     batch.weight = torch.tensor([1.0, 0.25])
-    assert module.energy_loss(energies, batch) == pytest.approx(0.25 * float(plain_e))
-    assert module.force_loss(forces, batch) == pytest.approx(0.25 * float(plain_f))
+    assert energy_loss(energies, forces, batch) == pytest.approx(0.25 * float(plain_e))
+    assert force_loss(energies, forces, batch) == pytest.approx(0.25 * float(plain_f))
     batch.weight = torch.tensor([1.0, 0.0])
-    assert float(module.energy_loss(energies, batch)) == 0.0
-    assert float(module.force_loss(forces, batch)) == 0.0
+    assert float(energy_loss(energies, forces, batch)) == 0.0
+    assert float(force_loss(energies, forces, batch)) == 0.0
 
 
 def test_student_trains_with_extra_geometries(ani1x_file, extra, tmp_path):

@@ -10,6 +10,7 @@ from ase import Atoms
 from ase.build import molecule
 from ase.calculators.emt import EMT
 
+from conftest import ANI, SCHNET
 from ekd_lightning.evaluate import json_safe
 from ekd_lightning.md import (
     FAILURE_REASONS,
@@ -34,7 +35,8 @@ def make_module(name: str, seed: int = 0, scale: float = 0.01) -> PotentialModul
     torch.manual_seed(seed)
     kwargs = ({"hidden": {e: [16] for e in ELEMENTS}} if name == "ani2x" else
               {"hidden_channels": 16, "num_filters": 16, "num_interactions": 1, "num_gaussians": 8})
-    return PotentialModule(name, kwargs, ELEMENTS, SAE, scale).eval()
+    return PotentialModule({"_target_": ANI if name == "ani2x" else SCHNET, **kwargs}, ELEMENTS, SAE,
+                           scale).eval()
 
 
 # --------------------------------------------------------------------------- failure detector

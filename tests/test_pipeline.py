@@ -161,15 +161,16 @@ def test_gap_closed_and_seed_summary():
 
 
 def test_force_overrides_reach_student_and_oracle_only(ani1x_file, comp6_file, tmp_path):
-    cfg = pipeline_cfg(ani1x_file, comp6_file, tmp_path, "+pipeline.force_overrides.loss.force_weight=1.0",
-                       "+pipeline.student_overrides.loss.force_loss=uncertainty")
+    cfg = pipeline_cfg(ani1x_file, comp6_file, tmp_path, "+pipeline.force_overrides.loss.forces.weight=1.0",
+                       "+pipeline.student_overrides.loss.forces.weighting=inverse_variance")
     labels = tmp_path / "labels.h5"
     jobs = {stage: variant_jobs(cfg, stage, tmp_path, labels) for stage in ("student", "oracle", "baseline")}
     student, oracle, baseline = (jobs[s][0].cfg["loss"] for s in ("student", "oracle", "baseline"))
-    assert student["force_weight"] == oracle["force_weight"] == 1.0
-    assert student["force_loss"] == "uncertainty" and oracle["force_loss"] == "mse"
-    assert baseline["force_weight"] == 0.0
+    assert student["forces"]["weight"] == oracle["forces"]["weight"] == 1.0
+    assert student["forces"]["weighting"] == "inverse_variance"
+    assert oracle["forces"]["weighting"] == "uniform"
+    assert baseline["forces"] is None
     assert jobs["student"][0].cfg["distill"]["labels"] == str(labels)
     default = pipeline_cfg(ani1x_file, comp6_file, tmp_path)
     # without overrides the oracle keeps its stage file's force weight
-    assert variant_jobs(default, "oracle", tmp_path)[0].cfg["loss"]["force_weight"] == 0.1
+    assert variant_jobs(default, "oracle", tmp_path)[0].cfg["loss"]["forces"]["weight"] == 0.1

@@ -13,10 +13,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+from conftest import ANI
 from ekd_lightning.checkpoint import AtomicCheckpointIO, load_potential
 from ekd_lightning.conf import __file__ as conf_init
 from ekd_lightning.errors import CheckpointError
-from ekd_lightning.models import ARCHS
+from ekd_lightning.losses import ForceLoss
+from ekd_lightning.models import instantiate_model
+from ekd_lightning.models.ani import ANIModel
+from ekd_lightning.models.schnet import SchNetModel
 from ekd_lightning.module import PotentialModule
 from ekd_lightning.pipeline import teacher_jobs
 from ekd_lightning.training import register_resolvers, run_training
@@ -26,20 +30,21 @@ MODEL_CONFIGS = sorted(p.stem for p in (Path(conf_init).parent / "model").glob("
 
 def test_default_run_folders_of_every_model_config_differ():
     register_resolvers()
-    folders, archs = {}, set()
+    folders, classes = {}, set()
     with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):
         for name in MODEL_CONFIGS:
             cfg = compose("train", overrides=[f"model={name}"], return_hydra_config=True)
             folders[name] = cfg.hydra.run.dir
-            archs.add(cfg.model.arch)
+            classes.add(type(instantiate_model(cfg.model, ["H", "C", "N", "O"])))
     assert len(MODEL_CONFIGS) >= 4 and len(set(folders.values())) == len(folders), folders
     assert all(folders[name] == f"runs/teacher-{name}-seed0" for name in MODEL_CONFIGS)
-    assert archs == set(ARCHS)
+    assert classes == {ANIModel, SchNetModel}
 
 
-def _small_ani(arch: str = "ani") -> PotentialModule:
+def _small_ani() -> PotentialModule:
     torch.manual_seed(0)
-    return PotentialModule(arch, {"hidden": {e: [8] for e in "HCNO"}}, self_energies=[-0.5, -38, -54, -75])
+    return PotentialModule({"_target_": ANI, "hidden": {e: [8] for e in "HCNO"}},
+                           self_energies=[-0.5, -38, -54, -75])
 
 
 def _energy(module: PotentialModule) -> float:
@@ -52,12 +57,49 @@ def _energy(module: PotentialModule) -> float:
     return float(energies[0].detach())
 
 
-def test_checkpoint_of_0_1_0_still_loads(tmp_path):
+def _previous_layout(module: PotentialModule, model_name: str, **loss) -> dict:
+    """The hyperparameters the module would have had before configs instantiated objects."""
+    hparams = {k: v for k, v in module.hparams.items() if k not in ("model", "loss")}
+    model_kwargs = {k: v for k, v in module.hparams.model.items() if k != "_target_"}
+    return {**hparams, "model_name": model_name, "model_kwargs": model_kwargs, "energy_weight": 1.0,
+            "force_weight": 0.0, "force_target": "none", "force_loss": "mse",
+            "variance_floor": 1.0, "force_warmup_epochs": 0, **loss}
+
+
+@pytest.mark.parametrize("model_name", ["ani2x", "ani"])  # 0.1.0 stored the config's name
+def test_checkpoint_of_the_previous_layout_still_loads(tmp_path, model_name):
     module = _small_ani()
-    hparams = dict(module.hparams, model_name="ani2x")  # 0.1.0 stored the config's name
+    hparams = _previous_layout(module, model_name, force_target="labels", force_weight=0.5,
+                               force_loss="uncertainty", variance_floor=2.0, force_warmup_epochs=3)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams}, tmp_path / "old.ckpt")
-    loaded = load_potential(tmp_path / "old.ckpt", expected_model="ani")
-    assert loaded.hparams.model_name == "ani" and _energy(loaded) == _energy(module.eval())
+    loaded = load_potential(tmp_path / "old.ckpt", expected_model=ANIModel)
+    assert _energy(loaded) == _energy(module.eval())
+    assert loaded.hparams.model == {"_target_": ANI, "hidden": {e: [8] for e in "HCNO"}}
+    forces = loaded.loss_terms["forces"]  # the same loss, as terms
+    assert isinstance(forces, ForceLoss) and (forces.target, forces.weight, forces.weighting,
+                                              forces.variance_floor, forces.warmup_epochs) == (
+        "labels", 0.5, "inverse_variance", 2.0, 3)
+    teacher = _previous_layout(module, model_name)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": teacher}, tmp_path / "t.ckpt")
+    assert list(load_potential(tmp_path / "t.ckpt").loss_terms) == ["energy"]
+
+
+@pytest.mark.parametrize("where, value", [
+    ("model", {"_target_": "builtins.dict"}),  # a class, but not a model
+    ("model", {"_target_": "os.system"}),  # not a class
+    ("model", {"_target_": ANI, "hidden": {"_target_": "os.system", "_args_": ["touch x"]}}),
+    ("loss", {"energy": {"_target_": "logging.FileHandler", "filename": "x"}}),  # writes x
+])
+def test_checkpoint_targets_are_checked_before_anything_is_built(tmp_path, where, value, monkeypatch):
+    """A checkpoint's model and loss configs name classes: only model and loss-term classes
+    with plain arguments are built, so a planted file cannot call anything else."""
+    monkeypatch.chdir(tmp_path)
+    module = _small_ani()
+    hparams = {**dict(module.hparams), where: value}
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams}, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match=r"bad.ckpt: cannot rebuild its model: (model|loss.energy)"):
+        load_potential(tmp_path / "bad.ckpt")
+    assert not (tmp_path / "x").exists()
 
 
 class Planted:
@@ -88,7 +130,7 @@ def test_planted_checkpoint_cannot_run_code(tmp_path):
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.energy_key=emt.energy", "data.force_key=emt.forces", "data.batch_size=8",
         "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "trainer.max_epochs=1", "model.kwargs.hidden={H:[8],C:[8],N:[8],O:[8]}"]
+        "trainer.max_epochs=1", "model.hidden={H:[8],C:[8],N:[8],O:[8]}"]
 ONE_TEACHER = ["distill.default_teachers.models=[ani2x]", "distill.default_teachers.max_epochs=1"]
 
 

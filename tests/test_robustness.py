@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import write_ani1x_file
+from conftest import ANI, write_ani1x_file
 from ekd_lightning.callbacks import KILL_ENV
 from ekd_lightning.data import read_molecules
 from ekd_lightning.data.readers import check_elements, detect_format
@@ -46,7 +46,7 @@ TINY_RUN = [
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "optim.lr=3e-3",
     "trainer.max_epochs=3",
 ]
-TINY = [*TINY_RUN, "model.kwargs.hidden={H:[8],C:[8],N:[8],O:[8]}"]
+TINY = [*TINY_RUN, "model.hidden={H:[8],C:[8],N:[8],O:[8]}"]
 """A tiny ANI model on a 32-conformation file: 4 training batches per epoch, 3 epochs."""
 
 
@@ -128,7 +128,7 @@ def test_other_elements_are_skipped_with_a_warning(small, caplog):
 def test_model_refuses_unknown_element():
     import torch
 
-    module = PotentialModule("ani2x", {"hidden": {e: [8] for e in "HCNO"}})
+    module = PotentialModule({"_target_": ANI, "hidden": {e: [8] for e in "HCNO"}})
     z = torch.tensor([16, 1, 1])
     with pytest.raises(DataError, match=r"element\(s\) \['S'\] are not among this model's elements.*data.elements"):
         module.model(z, torch.randn(3, 3), torch.zeros(3, dtype=torch.long), 1)
@@ -292,14 +292,14 @@ def _poison_training_step(monkeypatch, epoch: int, batch: int):
 
 
 def _poison_validation(monkeypatch, epoch: int):
-    original = PotentialModule.energy_loss
+    original = PotentialModule.weighted_loss
 
-    def poisoned(self, energies, batch_):
-        loss = original(self, energies, batch_)
+    def poisoned(self, weights, energies, forces, batch_):
+        loss = original(self, weights, energies, forces, batch_)
         bad = not self.training and not self.trainer.sanity_checking and self.current_epoch == epoch
         return loss * math.nan if bad else loss
 
-    monkeypatch.setattr(PotentialModule, "energy_loss", poisoned)
+    monkeypatch.setattr(PotentialModule, "weighted_loss", poisoned)
 
 
 @pytest.mark.parametrize("where", ["train", "val"])
@@ -337,16 +337,19 @@ def test_finished_run_is_skipped_and_other_config_is_not(tiny_file, reference, t
 
 def test_resume_from_another_architecture_is_refused(tiny_file, reference, tmp_path):
     run_dir = _copy_run(reference, tmp_path)
-    with pytest.raises(ConfigError, match=r"another config \(.*model.arch: ani -> schnet"):
-        run_training(make_cfg(tiny_file, "model=schnet", "model.kwargs.num_interactions=1",
+    with pytest.raises(ConfigError, match=r"another config \(model._target_: ekd_lightning.models.ani.ANIModel -> "
+                       r"ekd_lightning.models.schnet.SchNetModel"):
+        run_training(make_cfg(tiny_file, "model=schnet", "model.num_interactions=1",
                               base=TINY_RUN), run_dir)
     # the module's own check, for a last.ckpt whose run_info.json says otherwise
     (run_dir / "metrics.json").unlink()
     info = json.loads((run_dir / "run_info.json").read_text())
-    schnet = make_cfg(tiny_file, "model=schnet", "model.kwargs.num_interactions=1", base=TINY_RUN)
+    schnet = make_cfg(tiny_file, "model=schnet", "model.num_interactions=1", base=TINY_RUN)
     info["computed_config"] = computed_config(schnet)
     (run_dir / "run_info.json").write_text(json.dumps(info))
-    with pytest.raises(CheckpointError, match=r"last.ckpt: cannot load a checkpoint of another architecture.*'model_name': 'ani'.*'model_name': 'schnet'"):
+    with pytest.raises(CheckpointError, match=r"last.ckpt: cannot load a checkpoint of another model: it holds "
+                       r"\{'_target_': 'ekd_lightning.models.ani.ANIModel'.*this run builds "
+                       r"\{'_target_': 'ekd_lightning.models.schnet.SchNetModel'"):
         run_training(schnet, run_dir)
 
 

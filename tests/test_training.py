@@ -13,11 +13,12 @@ import torch
 import yaml
 from hydra import compose, initialize_config_module
 
-from conftest import write_label_file
+from conftest import SCHNET, write_label_file
 from ekd_lightning.checkpoint import load_potential
 from ekd_lightning.data import EKDDataModule
 from ekd_lightning.distill.teachers import verify_teachers
 from ekd_lightning.errors import CheckpointError, ConfigError
+from ekd_lightning.models.ani import ANIModel
 from ekd_lightning.module import FeatureCache
 from ekd_lightning.training import (
     build_datamodule,
@@ -27,7 +28,7 @@ from ekd_lightning.training import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_ANI = "model.kwargs.hidden={H:[32,32],C:[32,32],N:[32,32],O:[32,32]}"
+SMALL_ANI = "model.hidden={H:[32,32],C:[32,32],N:[32,32],O:[32,32]}"
 
 
 def make_cfg(data_file, *overrides):
@@ -41,7 +42,7 @@ def make_cfg(data_file, *overrides):
 
 
 def epoch_metrics(run_dir: Path, key: str) -> list[float]:
-    rows = list(csv.DictReader(open(next(run_dir.glob("csv/version_*/metrics.csv")))))
+    rows = list(csv.DictReader(open(next(run_dir.glob("*/version_*/metrics.csv")))))
     return [float(r[key]) for r in rows if r.get(key)]
 
 
@@ -81,7 +82,7 @@ def test_student_on_distilled_labels_beats_energy_only_baseline(ani1x_file, teac
     teachers 29.6)."""
     checkpoints, teacher_metrics = teacher_ensemble
     recipe = ("trainer.max_epochs=4", SMALL_ANI, "optim.lr=3e-3")
-    student = run_training(make_cfg(ani1x_file, "stage=student", "loss.force_weight=1.0",
+    student = run_training(make_cfg(ani1x_file, "stage=student", "loss.forces.weight=1.0",
                                     f"distill.teachers=[{','.join(checkpoints)}]", *recipe),
                            tmp_path / "student")
     labels = json.loads((tmp_path / "student" / "run_info.json").read_text())["labels"]
@@ -96,7 +97,7 @@ def test_student_on_distilled_labels_beats_energy_only_baseline(ani1x_file, teac
 def test_oracle_on_true_forces_beats_energy_only_teacher(ani1x_file, teacher_run, tmp_path):
     """The upper bound: the same recipe on the data's true forces (stage=oracle)."""
     cfg = make_cfg(ani1x_file, "stage=oracle", "trainer.max_epochs=4", SMALL_ANI, "optim.lr=3e-3",
-                   "loss.force_weight=1.0")
+                   "loss.forces.weight=1.0")
     metrics = run_training(cfg, tmp_path / "oracle")
     val = epoch_metrics(tmp_path / "oracle", "val/loss")
     assert val[-1] < val[0]
@@ -113,11 +114,12 @@ class WarmupProbe(pl.Callback):
     @staticmethod
     def expected(module, batch, force_weight: float) -> float:
         energies, forces = module(batch)
-        loss = module.hparams.energy_weight * module.energy_loss(energies, batch)
-        return float(loss + force_weight * module.force_loss(forces, batch))
+        terms = module.loss_terms
+        loss = terms["energy"].weight * terms["energy"](energies, forces, batch)
+        return float(loss + force_weight * terms["forces"](energies, forces, batch))
 
     def on_train_epoch_start(self, trainer, module):
-        self.weights.append(module.current_force_weight())
+        self.weights.append(module.term_weights()["forces"])
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.batch = batch
@@ -130,7 +132,7 @@ class WarmupProbe(pl.Callback):
             return
         total = count = 0.0
         for batch in itertools.islice(trainer.val_dataloaders, trainer.num_val_batches[0]):
-            total += self.expected(module, batch, module.hparams.force_weight) * batch.num_graphs
+            total += self.expected(module, batch, module.loss_terms["forces"].weight) * batch.num_graphs
             count += batch.num_graphs
         self.val.append((float(trainer.callback_metrics["val/loss"]), total / count))
 
@@ -141,7 +143,7 @@ def test_force_weight_warmup_ramps_training_and_validation_uses_the_final_weight
     (watched by ModelCheckpoint and ReduceLROnPlateau) uses 0.5 from the first epoch on."""
     labels = write_label_file(tmp_path / "labels.h5", ani1x_file, "emt.energy", "emt.forces")
     cfg = make_cfg(ani1x_file, "stage=student", f"distill.labels={labels}", SMALL_ANI,
-                   "loss.force_weight=0.5", "loss.force_warmup_epochs=3", "trainer.max_epochs=4",
+                   "loss.forces.weight=0.5", "loss.forces.warmup_epochs=3", "trainer.max_epochs=4",
                    "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2")
     probe = WarmupProbe()
     run_training(cfg, tmp_path / "run", callbacks=[probe])
@@ -186,7 +188,7 @@ def test_feature_cache_fills_reuses_and_stops_at_its_size(ani1x_file):
     assert torch.equal(first, expected)
     assert torch.equal(cache.energies(module.model, batch), expected)  # from the held features
     loss, _, forces = module.loss(batch, create_graph=True)  # the training loss takes this path
-    assert forces is None and torch.equal(loss, module.energy_loss(expected, batch))
+    assert forces is None and torch.equal(loss, module.loss_terms["energy"](expected, None, batch))
     batch_bytes = sum(rows.nbytes for rows in cache.rows.values())
     small = FeatureCache(max_bytes=batch_bytes // 2)
     small.SLAB_BYTES = batch_bytes // 8
@@ -201,7 +203,7 @@ def test_feature_cache_fills_reuses_and_stops_at_its_size(ani1x_file):
 def test_checkpoint_round_trip(teacher_run, ani1x_file):
     run_dir, _ = teacher_run
     module = load_potential(run_dir / "checkpoints" / "best.ckpt")
-    again = load_potential(run_dir / "checkpoints" / "best.ckpt", expected_model="ani2x")
+    again = load_potential(run_dir / "checkpoints" / "best.ckpt", expected_model=ANIModel)
     dm = EKDDataModule(str(ani1x_file), "emt.energy", batch_size=32)
     dm.setup()
     batch = next(iter(dm.test_dataloader()))
@@ -216,8 +218,9 @@ def test_checkpoint_round_trip(teacher_run, ani1x_file):
 
 def test_bad_checkpoints_are_refused(teacher_run, tmp_path):
     best = teacher_run[0] / "checkpoints" / "best.ckpt"
-    with pytest.raises(CheckpointError, match="is a 'ani' model, expected 'schnet'"):
-        load_potential(best, expected_model="schnet")
+    with pytest.raises(CheckpointError, match="is a 'ekd_lightning.models.ani.ANIModel' model, "
+                       "expected 'ekd_lightning.models.schnet.SchNetModel'"):
+        load_potential(best, expected_model=SCHNET)
     truncated = tmp_path / "cut.ckpt"
     truncated.write_bytes(best.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="cut.ckpt: cannot read checkpoint"):
@@ -227,7 +230,7 @@ def test_bad_checkpoints_are_refused(teacher_run, tmp_path):
     with pytest.raises(CheckpointError, match="not an ekd-lightning checkpoint"):
         load_potential(foreign)
     tampered = torch.load(best, weights_only=False)
-    tampered["hyper_parameters"]["model_kwargs"] = {"hidden": {e: [8] for e in "HCNO"}}
+    tampered["hyper_parameters"]["model"]["hidden"] = {e: [8] for e in "HCNO"}
     torch.save(tampered, tmp_path / "tampered.ckpt")
     with pytest.raises(CheckpointError, match="weights do not fit"):
         load_potential(tmp_path / "tampered.ckpt")
@@ -239,14 +242,14 @@ def test_cli_student_and_multirun_sweep_restarted_skips_finished_jobs(ani1x_file
     labels = write_label_file(tmp_path / "labels.h5", ani1x_file, "emt.energy", "emt.forces")
     common = [f"data.path={ani1x_file}", "data.energy_key=emt.energy", "data.force_key=emt.forces",
               f"distill.labels={labels}", "logger=csv", "trainer.max_epochs=1",
-              "trainer.enable_progress_bar=false", "model=schnet", "model.kwargs.num_interactions=1"]
+              "trainer.enable_progress_bar=false", "model=schnet", "model.num_interactions=1"]
     command = [sys.executable, str(ROOT / "train.py"), "-m", "stage=student",
-               "loss.force_weight=0.01,1", *common]
+               "loss.forces.weight=0.01,1", *common]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.parent for p in (tmp_path / "multirun").glob("*/metrics.json"))
     assert [r.name.split(",")[0] for r in runs] == ["0_data.energy_key=emt.energy", "1_data.energy_key=emt.energy"]
-    weights = [yaml.safe_load((r / ".hydra" / "config.yaml").read_text())["loss"]["force_weight"] for r in runs]
+    weights = [yaml.safe_load((r / ".hydra" / "config.yaml").read_text())["loss"]["forces"]["weight"] for r in runs]
     assert weights == [0.01, 1]
     finished = {r: (r / "metrics.json").stat().st_mtime_ns for r in runs}
     again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)

@@ -19,7 +19,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
 
-from conftest import train_tiny
+from conftest import ANI, train_tiny
 from ekd_lightning import EKDCalculator
 from ekd_lightning.checkpoint import load_potential
 from ekd_lightning.export import main as export_main
@@ -29,7 +29,7 @@ from ekd_lightning.predict import main as predict_main
 from ekd_lightning.units import HARTREE_TO_EV
 from test_md import make_module
 
-ORACLE = ("trainer.max_epochs=3", "stage=oracle", "loss.force_weight=1.0")  # true EMT forces
+ORACLE = ("trainer.max_epochs=3", "stage=oracle", "loss.forces.weight=1.0")  # true EMT forces
 ANI1X_AEV = {"radial_cutoff": 5.2, "radial_eta": 16.0, "radial_start": 0.9, "radial_num_shifts": 16,
              "angular_cutoff": 3.5, "angular_eta": 8.0, "angular_zeta": 32.0, "angular_start": 0.9,
              "angular_num_shifts": 4, "angular_num_sections": 8}
@@ -45,14 +45,14 @@ def checkpoints(ani1x_file, tmp_path_factory) -> dict[str, Path]:
     """Trained ANI and SchNet checkpoints (seconds), and a random ANI with ANI-1x constants."""
     root = tmp_path_factory.mktemp("use_model")
     torch.manual_seed(5)
-    ani1x = PotentialModule("ani2x", {"aev": ANI1X_AEV, "hidden": {e: [16] for e in "HCNO"}},
+    ani1x = PotentialModule({"_target_": ANI, "aev": ANI1X_AEV, "hidden": {e: [16] for e in "HCNO"}},
                             ["H", "C", "N", "O"], [-0.6, -38.1, -54.7, -75.2], 0.05).eval()
     return {
         "ani": train_tiny(ani1x_file, root / "ani", *ORACLE,
-                          "model.kwargs.hidden={H:[32],C:[32],N:[32],O:[32]}"),
+                          "model.hidden={H:[32],C:[32],N:[32],O:[32]}"),
         "schnet": train_tiny(ani1x_file, root / "schnet", *ORACLE, "model=schnet",
-                             "model.kwargs.num_interactions=1", "model.kwargs.hidden_channels=16",
-                             "model.kwargs.num_filters=16", "model.kwargs.num_gaussians=16"),
+                             "model.num_interactions=1", "model.hidden_channels=16",
+                             "model.num_filters=16", "model.num_gaussians=16"),
         "ani1x": save_checkpoint(ani1x, root / "ani1x.ckpt"),
     }
 

@@ -21,11 +21,10 @@ TINY = ["data.energy_key=emt.energy", "data.force_key=emt.forces", "data.batch_s
         "logger=csv", "trainer.enable_progress_bar=false", "trainer.max_epochs=1"]
 MY_MODEL = """# a user's own model config, outside the package
 name: tiny_ani
-arch: ani
-kwargs:
-  aev: null
-  hidden: {H: [8], C: [8], N: [8], O: [8]}
-  activation_alpha: 0.1
+_target_: ekd_lightning.models.ani.ANIModel
+aev: null
+hidden: {H: [8], C: [8], N: [8], O: [8]}
+activation_alpha: 0.1
 """
 
 
@@ -92,5 +91,5 @@ def test_wheel_commands_run_outside_the_checkout(venv, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test/energy_mae"] > 0 and (run_dir / "checkpoints" / "best.ckpt").is_file()
     info = json.loads((run_dir / "run_info.json").read_text())
-    assert info["config"]["model"]["kwargs"]["hidden"]["H"] == [8]  # the user's config was used
+    assert info["config"]["model"]["hidden"]["H"] == [8]  # the user's config was used
     assert list(tmp_path.glob("*.egg-info")) == [] and not (ROOT / "build").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -82,37 +82,43 @@ def read_checkpoint(path: str | Path) -> dict:
     except Exception as exc:  # torch raises many types for a corrupt file
         raise CheckpointError(f"{path}: cannot read checkpoint (corrupt or truncated?): {exc}") from exc
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-    if "model_name" not in hparams or "state_dict" not in checkpoint:
+    if not ("model" in hparams or "model_name" in hparams) or "state_dict" not in checkpoint:
         raise CheckpointError(
-            f"{path}: not an ekd-lightning checkpoint (no model_name in hyper_parameters)"
+            f"{path}: not an ekd-lightning checkpoint (no model config in hyper_parameters)"
         )
     return checkpoint
 
 
-def load_potential(path: str | Path, expected_model: str | None = None, map_location="cpu"):
-    """Rebuild a :class:`~ekd_lightning.module.PotentialModule` from a checkpoint, in eval mode.
+def load_potential(path: str | Path, expected_model: str | type | None = None, map_location="cpu"):
+    """Rebuild a :class:`~ekd_lightning.module.PotentialModule` from a checkpoint alone, in eval
+    mode: its hyperparameters hold the model config (``_target_`` and arguments) and the loss
+    terms, built with :func:`hydra.utils.instantiate`.
 
     Args:
-        path: a ``.ckpt`` written by ``train.py``.
-        expected_model: if given, refuse a checkpoint of another architecture (``ani``,
-            ``schnet``). Checkpoints of 0.1.0 (architecture ``ani2x``) load as ``ani``.
+        path: a ``.ckpt`` written by ``train.py``. Checkpoints of the previous layout
+            (``model_name``/``model_kwargs``, 0.1.0's ``ani2x`` included) load too
+            (:func:`~ekd_lightning.module.upgrade_hparams`).
+        expected_model: if given, refuse a checkpoint of another model class (the class, or its
+            ``_target_`` path).
     """
-    from .models import canonical_arch
-    from .module import PotentialModule
+    from .module import PotentialModule, upgrade_hparams
 
     checkpoint = read_checkpoint(path)
-    hparams = checkpoint["hyper_parameters"]
-    if expected_model is not None and canonical_arch(hparams["model_name"]) != canonical_arch(expected_model):
-        raise CheckpointError(
-            f"{path}: checkpoint is a '{canonical_arch(hparams['model_name'])}' model, "
-            f"expected '{expected_model}'"
-        )
-    module = PotentialModule(**hparams)
+    hparams = upgrade_hparams(checkpoint["hyper_parameters"])
+    target = hparams["model"].get("_target_")
+    if expected_model is not None:
+        expected = expected_model if isinstance(expected_model, str) else \
+            f"{expected_model.__module__}.{expected_model.__qualname__}"
+        if target != expected:
+            raise CheckpointError(f"{path}: checkpoint is a '{target}' model, expected '{expected}'")
+    try:
+        module = PotentialModule(**hparams)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: cannot rebuild its model: {exc}") from exc
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{path}: weights do not fit a '{hparams['model_name']}' model with "
-            f"{hparams.get('model_kwargs')}: {exc}"
+            f"{path}: weights do not fit the model {hparams['model']}: {exc}"
         ) from exc
     return module.to(map_location).eval()

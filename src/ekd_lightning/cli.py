@@ -57,9 +57,22 @@ def _distill(cfg: DictConfig) -> None:
     print(f"labels: {_exit_on_ekd_error(run_from_config, cfg)}")
 
 
+def refuse_renamed_keys(argv: list[str]) -> None:
+    """Exit (code 2) with one line for an override of a key that was renamed when configs
+    became ``_target_`` entries (``loss.force_weight=1`` -> ``loss.forces.weight=1``), which
+    Hydra would refuse without saying what replaced it."""
+    from .losses import renamed_key
+
+    for arg in argv[1:]:
+        if "=" in arg and (renamed := renamed_key(arg.split("=", 1)[0].lstrip("+~"))):
+            print(f"error: {renamed}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
+
+
 def train() -> None:
     """``ekd-train``: train one model, or the whole pipeline with ``experiment=ekd``."""
     register_resolvers()
+    refuse_renamed_keys(sys.argv)
     _train()
 
 

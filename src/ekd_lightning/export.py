@@ -275,7 +275,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the TorchScript file of a checkpoint to ``out`` (atomically), checked against the
     checkpoint's model on :func:`probe_molecules`."""
     module = load_potential(checkpoint)
-    scripted = script_model(module.model, module.hparams.model_name, file_sha256(checkpoint))
+    scripted = script_model(module.model, module.model_name, file_sha256(checkpoint))
     check_export(module.model, scripted)
     _write_atomic(Path(out), lambda handle: torch.jit.save(scripted, handle))
     return Path(out)

@@ -1,26 +1,60 @@
 """The Lightning module shared by every stage (teacher, baseline, student, oracle).
 
-Stages differ only in their loss: energy-only (teacher, baseline), energy plus distilled force
-labels (student), energy plus reference forces (oracle). Losses are in kcal/mol units: the
-energy term is the mean of ((E_pred - E_ref) / sqrt(n_atoms))², the force term the mean
-squared error per force component in (kcal/mol/Å)². Metrics are logged in kcal/mol and
+Stages differ only in their loss terms (:mod:`ekd_lightning.losses`, ``conf/stage/*.yaml``):
+the energy term alone (teacher, baseline), plus a force term on distilled labels (student) or
+on reference forces (oracle). Losses are in kcal/mol units: the energy term is the mean of
+((E_pred - E_ref) / sqrt(n_atoms))², the force term the mean squared error per force
+component in (kcal/mol/Å)². Metrics are logged in kcal/mol and
 kcal/mol/Å: ``{split}/energy_mae|energy_rmse`` and, when the data has reference forces,
 ``{split}/force_mae|force_rmse`` (per component, against the reference forces, never the labels).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
-from .models import build_model, canonical_arch
+from .losses import build_loss_terms
+from .models import instantiate_model, legacy_model_config, model_arguments
 from .units import HARTREE_TO_KCALMOL as KCAL
 
-FORCE_TARGETS = ("none", "labels", "reference")
+ENERGY_ONLY = {"_target_": "ekd_lightning.losses.EnergyLoss", "weight": 1.0}
+"""The energy term of every stage (``conf/stage/*.yaml``: ``loss.energy``)."""
+
+
+def _plain(value: Mapping) -> dict:
+    """A config (DictConfig or mapping) as plain, resolved Python containers (a copy)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.create(value), resolve=True)
+
+
+def upgrade_hparams(hparams: Mapping) -> dict:
+    """The hyperparameters of a checkpoint in today's layout (``model``: the model config,
+    ``loss``: the loss terms). Checkpoints of the previous layout store ``model_name`` (the
+    architecture: ``ani``, ``schnet``; ``ani2x`` in 0.1.0), ``model_kwargs`` and flat loss
+    keys (``energy_weight``, ``force_weight``, ``force_target``: ``none``/``labels``/
+    ``reference``, ``force_loss``: ``mse``/``uncertainty``, ``variance_floor``,
+    ``force_warmup_epochs``); they load with the same model and the same loss."""
+    hparams = dict(hparams)
+    if "model_name" not in hparams:
+        return hparams
+    model = legacy_model_config(hparams.pop("model_name"), hparams.pop("model_kwargs", None))
+    old = {k: hparams.pop(k) for k in ("energy_weight", "force_weight", "force_target", "force_loss",
+                                       "variance_floor", "force_warmup_epochs") if k in hparams}
+    loss = {"energy": {**ENERGY_ONLY, "weight": old.get("energy_weight", 1.0)}, "forces": None}
+    if old.get("force_target", "none") != "none":
+        loss["forces"] = {
+            "_target_": "ekd_lightning.losses.ForceLoss", "target": old["force_target"],
+            "weight": old.get("force_weight", 0.0),
+            "warmup_epochs": old.get("force_warmup_epochs", 0),
+            "weighting": "inverse_variance" if old.get("force_loss") == "uncertainty" else "uniform",
+            "variance_floor": old.get("variance_floor", 1.0)}
+    return {**hparams, "model": model, "loss": loss}
 
 
 class FeatureCache:
@@ -91,40 +125,34 @@ class PotentialModule(pl.LightningModule):
     """An MLIP with its training recipe; the checkpoint holds everything needed to rebuild it.
 
     Args:
-        model_name: the architecture, a model config's ``arch`` (one of
-            :data:`ekd_lightning.models.ARCHS`; a legacy ``ani2x`` is read as ``ani``).
-        model_kwargs: keyword arguments of that model (sizes, cutoffs).
+        model: the model config: ``_target_`` (the model class) and its keyword arguments
+            (sizes, cutoffs), plus ``name`` (a ``conf/model`` file's, kept for provenance);
+            built by :func:`ekd_lightning.models.instantiate_model`.
         elements: element symbols.
         self_energies: SAE per element (Hartree), fitted on the training split.
         energy_scale: residual energy spread per atom (Hartree).
         stage: ``teacher``, ``baseline``, ``student`` or ``oracle`` (recorded for provenance).
-        energy_weight, force_weight: loss weights.
-        force_target: ``none``, ``labels`` (distilled) or ``reference`` (the data's forces).
-        force_loss: ``mse``, or ``uncertainty`` to weight each atom by its inverse teacher
-            variance (floored at ``variance_floor`` (kcal/mol/Å)², weights normalised to mean 1).
-        force_warmup_epochs: ramp the force weight linearly from 0 over this many epochs.
+        loss: the loss terms, ``{name: {_target_: a LossTerm class, **kwargs}}``
+            (:mod:`ekd_lightning.losses`; null entries skipped); default: the energy term alone.
         lr, weight_decay, lr_factor, lr_patience: AdamW and ReduceLROnPlateau on ``val/loss``.
         feature_cache_mb: keep the input features of training conformations across epochs
-            while no force term is trained (:class:`FeatureCache`), up to this many MiB; 0: off.
+            while no term needs forces (:class:`FeatureCache`), up to this many MiB; 0: off.
             Not a hyperparameter saved in checkpoints: it changes speed and memory, and the
             result only through float32 rounding (kept in the config hash, so that a run in the
             store is reproduced bit for bit).
+
+    Checkpoints of the previous layout (``model_name``/``model_kwargs`` and flat loss keys) are
+    read through :func:`upgrade_hparams`.
     """
 
     def __init__(
         self,
-        model_name: str,
-        model_kwargs: dict | None = None,
+        model: Mapping,
         elements: Sequence[str] = ("H", "C", "N", "O"),
         self_energies: Sequence[float] | None = None,
         energy_scale: float = 1.0,
         stage: str = "teacher",
-        energy_weight: float = 1.0,
-        force_weight: float = 0.0,
-        force_target: str = "none",
-        force_loss: str = "mse",
-        variance_floor: float = 1.0,
-        force_warmup_epochs: int = 0,
+        loss: Mapping | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
         lr_factor: float = 0.5,
@@ -132,23 +160,17 @@ class PotentialModule(pl.LightningModule):
         feature_cache_mb: float = 0.0,
     ):
         super().__init__()
-        if force_target not in FORCE_TARGETS:
-            raise ValueError(f"force_target '{force_target}' is not one of {FORCE_TARGETS}")
-        if force_loss not in ("mse", "uncertainty"):
-            raise ValueError(f"force_loss '{force_loss}' is not 'mse' or 'uncertainty'")
         elements = list(elements)
-        model_name = canonical_arch(model_name)
         self_energies = [0.0] * len(elements) if self_energies is None else [float(e) for e in self_energies]
+        loss = _plain(loss) if loss is not None else {"energy": dict(ENERGY_ONLY)}
+        self.loss_terms = build_loss_terms(loss)
         self.save_hyperparameters(
-            {"model_name": model_name, "model_kwargs": dict(model_kwargs or {}), "elements": elements,
-             "self_energies": self_energies, "energy_scale": float(energy_scale), "stage": stage,
-             "energy_weight": energy_weight, "force_weight": force_weight,
-             "force_target": force_target, "force_loss": force_loss,
-             "variance_floor": variance_floor, "force_warmup_epochs": force_warmup_epochs,
+            {"model": _plain(model), "elements": elements, "self_energies": self_energies,
+             "energy_scale": float(energy_scale), "stage": stage, "loss": loss,
              "lr": lr, "weight_decay": weight_decay, "lr_factor": lr_factor,
              "lr_patience": lr_patience}
         )
-        self.model = build_model(model_name, elements, **(model_kwargs or {}))
+        self.model = instantiate_model(model, elements)
         self.model.set_energy_statistics(self_energies, energy_scale)
         self.feature_cache = None
         if feature_cache_mb > 0 and hasattr(self.model, "energies_from_features"):
@@ -159,20 +181,25 @@ class PotentialModule(pl.LightningModule):
             for kind, cls in (("mae", MeanAbsoluteError), ("mse", MeanSquaredError))
         })
 
+    @property
+    def model_name(self) -> str:
+        """The model config's ``name`` (``ani2x``, ``schnet_small``, ...), else the model class's
+        name (checkpoints of the previous layout): how label files and exports name the model."""
+        return self.hparams.model.get("name") or type(self.model).__name__
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse (CheckpointError) to resume from a checkpoint of another architecture."""
+        """Refuse (CheckpointError) to resume from a checkpoint of another model."""
         from .errors import CheckpointError
 
-        saved = dict(checkpoint.get("hyper_parameters", {}))
-        saved["model_name"] = canonical_arch(saved.get("model_name", ""))
-        keys = ("model_name", "model_kwargs", "elements")
-        if any(saved.get(k) != self.hparams.get(k) for k in keys):
+        saved = upgrade_hparams(checkpoint.get("hyper_parameters", {}))
+        if (model_arguments(saved.get("model") or {}), saved.get("elements")) != (
+                model_arguments(self.hparams.model), self.hparams.elements):
             where = getattr(self._trainer, "ckpt_path", None) or "checkpoint"
             raise CheckpointError(
-                f"{where}: cannot load a checkpoint of another architecture: it holds "
-                f"{ {k: saved.get(k) for k in keys} }, this run builds "
-                f"{ {k: self.hparams.get(k) for k in keys} }; use another run directory "
-                "(hydra.run.dir) or remove its checkpoints/"
+                f"{where}: cannot load a checkpoint of another model: it holds "
+                f"{model_arguments(saved.get('model') or {})} for {saved.get('elements')}, this "
+                f"run builds {model_arguments(self.hparams.model)} for {self.hparams.elements}; "
+                "use another run directory (hydra.run.dir) or remove its checkpoints/"
             )
 
     # ----------------------------------------------------------------- prediction
@@ -188,52 +215,36 @@ class PotentialModule(pl.LightningModule):
         return energies, -grad
 
     # ----------------------------------------------------------------- losses
-    def current_force_weight(self, final: bool = False) -> float:
-        """Force-loss weight of this epoch: ramped linearly over ``force_warmup_epochs`` in
-        training; ``final=True`` gives the weight after the ramp (what validation uses)."""
-        hp = self.hparams
-        if hp.force_target == "none":
-            return 0.0
-        if hp.force_warmup_epochs > 0 and not final:
-            return hp.force_weight * min(1.0, (self.current_epoch + 1) / hp.force_warmup_epochs)
-        return hp.force_weight
+    def term_weights(self, final: bool = False) -> dict[str, float]:
+        """The weight of each loss term in this training epoch (warm-ups ramping);
+        ``final=True``: the weights after every warm-up (what validation uses)."""
+        epoch = None if final else self.current_epoch
+        return {name: term.weight_at(epoch) for name, term in self.loss_terms.items()}
 
-    def energy_loss(self, energies: Tensor, batch) -> Tensor:
-        n_atoms = torch.bincount(batch.batch, minlength=batch.num_graphs).to(energies.dtype)
-        squared = ((energies - batch.energy) * KCAL) ** 2 / n_atoms
-        if "weight" in batch:  # per-conformation weights (teacher-labelled extra geometries)
-            squared = squared * batch.weight.to(squared.dtype)
-        return squared.mean().float()
+    def needs_forces(self, weights: Mapping[str, float]) -> bool:
+        """Whether a term with a non-zero weight needs the predicted forces."""
+        return any(self.loss_terms[name].needs_forces for name, w in weights.items() if w != 0)
 
-    def force_target(self, batch) -> Tensor:
-        return batch.label_forces if self.hparams.force_target == "labels" else batch.forces
-
-    def force_loss(self, forces: Tensor, batch) -> Tensor:
-        target = self.force_target(batch)
-        squared = ((forces - target) * KCAL) ** 2  # (n_atoms, 3)
-        valid = torch.isfinite(squared).all(dim=-1)
-        per_atom = torch.where(valid, squared.sum(-1) / 3, torch.zeros_like(squared[:, 0]))
-        weights = valid.to(per_atom.dtype)
-        if self.hparams.force_loss == "uncertainty":
-            variance = torch.nan_to_num(batch.label_force_var * KCAL**2, nan=float("inf"))
-            weights = weights / variance.clamp(min=self.hparams.variance_floor)
-        norm = weights.sum().clamp(min=1e-12)
-        if "weight" in batch:  # per-conformation weights, on top of the mean over atoms
-            weights = weights * batch.weight[batch.batch].to(weights.dtype)
-        return (weights * per_atom).sum() / norm
+    def weighted_loss(self, weights: Mapping[str, float], energies: Tensor, forces: Tensor | None,
+                      batch) -> Tensor:
+        """The sum of ``weight * term`` over the terms with a non-zero weight, in order."""
+        total = None
+        for name, weight in weights.items():
+            if weight != 0:
+                value = weight * self.loss_terms[name](energies, forces, batch)
+                total = value if total is None else total + value
+        return total if total is not None else 0.0 * energies.sum()
 
     def loss(self, batch, create_graph: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Total loss, energies and forces (forces None when no force term is needed)."""
-        force_weight = self.current_force_weight()
+        """Training loss, energies and forces (forces None when no term needs them)."""
+        weights = self.term_weights()
+        with_forces = self.needs_forces(weights)
         energies = None
-        if force_weight == 0 and self.training and self.feature_cache is not None:
+        if not with_forces and self.training and self.feature_cache is not None:
             energies, forces = self.feature_cache.energies(self.model, batch), None
         if energies is None:
-            energies, forces = self(batch, create_graph=create_graph, with_forces=force_weight > 0)
-        total = self.hparams.energy_weight * self.energy_loss(energies, batch)
-        if force_weight > 0:
-            total = total + force_weight * self.force_loss(forces, batch)
-        return total, energies, forces
+            energies, forces = self(batch, create_graph=create_graph, with_forces=with_forces)
+        return self.weighted_loss(weights, energies, forces, batch), energies, forces
 
     # ----------------------------------------------------------------- steps
     def on_fit_start(self) -> None:
@@ -251,15 +262,13 @@ class PotentialModule(pl.LightningModule):
         return loss
 
     def _evaluate(self, batch, split: str) -> None:
-        """Log ``{split}/loss`` with the final force weight (not the warm-up's ramping one), so
+        """Log ``{split}/loss`` with the final weights (not a warm-up's ramping ones), so
         ModelCheckpoint and ReduceLROnPlateau, which watch ``val/loss``, compare the epochs on
         one quantity; and the energy/force metrics."""
         has_reference = "forces" in batch
-        force_weight = self.current_force_weight(final=True)
-        energies, forces = self(batch, with_forces=has_reference or force_weight > 0)
-        loss = self.hparams.energy_weight * self.energy_loss(energies, batch)
-        if force_weight > 0:
-            loss = loss + force_weight * self.force_loss(forces, batch)
+        weights = self.term_weights(final=True)
+        energies, forces = self(batch, with_forces=has_reference or self.needs_forces(weights))
+        loss = self.weighted_loss(weights, energies, forces, batch)
         n = batch.num_graphs
         self.log(f"{split}/loss", loss, batch_size=n, prog_bar=split == "val", sync_dist=True)
         self._update(split, "energy", energies * KCAL, batch.energy * KCAL, n)

@@ -21,9 +21,10 @@ from . import __version__
 from .callbacks import TrainingHistory, robustness_callbacks
 from .checkpoint import AtomicCheckpointIO
 from .data import EKDDataModule
-from .distill import labels_for_training, student_force_loss
+from .distill import labels_for_training
 from .errors import ConfigError
 from .labels import cached_sha256
+from .losses import loss_targets, renamed_key
 from .module import PotentialModule
 
 log = logging.getLogger(__name__)
@@ -48,29 +49,33 @@ def write_json_atomic(obj, path: str | Path) -> None:
 
 
 def build_datamodule(cfg: DictConfig) -> EKDDataModule:
-    """The data module of a run; labels only for stages whose force target is ``labels``."""
+    """The data module of a run; labels only when a loss term's target is ``labels``."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    labels = cfg.distill.labels if cfg.loss.force_target == "labels" else None
-    if cfg.loss.force_target == "labels" and labels is None:
+    targets = loss_targets(OmegaConf.to_container(cfg.loss, resolve=True))
+    labels = cfg.distill.labels if "labels" in targets else None
+    if "labels" in targets and labels is None:
         raise ConfigError(
             f"stage={cfg.stage.name} trains on distilled forces: pass distill.labels=labels.h5 "
             "(made by distill.py), or distill.teachers=[...] to distil them before the first epoch"
         )
-    if cfg.loss.force_target == "reference" and not data.get("force_key"):
+    if "reference" in targets and not data.get("force_key"):
         raise ConfigError(f"stage={cfg.stage.name} trains on reference forces: set data.force_key")
     return EKDDataModule(**data, labels=labels)
 
 
 def build_module(cfg: DictConfig, datamodule: EKDDataModule) -> PotentialModule:
-    """A fresh model for ``cfg`` with the self energies fitted on the data's training split."""
+    """A fresh model for ``cfg`` with the self energies fitted on the data's training split:
+    the model and the loss terms are built from their configs' ``_target_`` entries
+    (``cfg.model``, ``cfg.loss``), and saved as they are in the checkpoint."""
+    if (cfg.get("distill") or {}).get("force_loss") is not None:  # e.g. from pipeline overrides
+        raise ConfigError(renamed_key("distill.force_loss"))
     return PotentialModule(
-        model_name=cfg.model.arch,
-        model_kwargs=OmegaConf.to_container(cfg.model.kwargs, resolve=True),
+        model=OmegaConf.to_container(cfg.model, resolve=True),
         elements=datamodule.elements,
         self_energies=datamodule.self_energies.tolist(),
         energy_scale=datamodule.energy_scale,
         stage=cfg.stage.name,
-        **{**OmegaConf.to_container(cfg.loss, resolve=True), "force_loss": student_force_loss(cfg)},
+        loss=OmegaConf.to_container(cfg.loss, resolve=True),
         **OmegaConf.to_container(cfg.optim, resolve=True),
         feature_cache_mb=float(cfg.get("feature_cache_mb", 0.0)),
     )
@@ -78,7 +83,8 @@ def build_module(cfg: DictConfig, datamodule: EKDDataModule) -> PotentialModule:
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """The callbacks of the ``callbacks`` config group: one ``_target_`` entry per callback
-    (``conf/callbacks/early_stopping.yaml``), built with :func:`hydra.utils.instantiate`."""
+    (``conf/callbacks/early_stopping.yaml``, ``lr_monitor.yaml``; several files at once with
+    ``callbacks=[early_stopping,lr_monitor]``), built with :func:`hydra.utils.instantiate`."""
     from hydra.utils import instantiate
 
     specs = cfg.get("callbacks") or {}
@@ -98,18 +104,23 @@ def stopping_summary(trainer: pl.Trainer, history: TrainingHistory) -> dict:
 
 
 def build_logger(cfg: DictConfig, run_dir: Path):
-    """W&B (offline unless logger.mode=online) or CSV logger writing into the run folder."""
-    if cfg.logger.name == "wandb":
-        from pytorch_lightning.loggers import WandbLogger
+    """The ``logger`` group's logger (``conf/logger/*.yaml``: ``_target_`` and its arguments;
+    ``name`` says which logger it is and is not one), built with :func:`hydra.utils.instantiate`
+    and the run-time values ``save_dir`` (the run folder) and ``name`` (``run_name``); a logger
+    class that takes extra keywords (W&B: passed to ``wandb.init``) also gets the run's resolved
+    config as ``config``."""
+    import inspect
 
-        os.environ.setdefault("WANDB_SILENT", "true")
-        return WandbLogger(
-            project=cfg.logger.project, mode=cfg.logger.mode, save_dir=str(run_dir),
-            name=cfg.run_name, config=OmegaConf.to_container(cfg, resolve=True),
-        )
-    from pytorch_lightning.loggers import CSVLogger
+    from hydra.utils import get_class, instantiate
 
-    return CSVLogger(save_dir=str(run_dir), name="csv")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    spec = {k: v for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items() if k != "name"}
+    spec.update(save_dir=str(run_dir), name=cfg.run_name)
+    parameters = inspect.signature(get_class(spec["_target_"])).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        spec["config"] = OmegaConf.to_container(cfg, resolve=True)
+    # not recursive: the run's config holds _target_ entries (model, loss) to log, not build
+    return instantiate(spec, _recursive_=False, _convert_="all")
 
 
 def finish_logger(logger) -> None:
@@ -145,7 +156,7 @@ def provenance(cfg: DictConfig, datamodule: EKDDataModule) -> dict:
 
 
 SHOWN_ONLY = ("resume", "logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-              "distill.out", "distill.store")
+              "distill.out", "distill.store", "callbacks.lr_monitor")
 """Config keys that change how a run is shown, logged or where a file goes, never its result."""
 
 
@@ -162,7 +173,7 @@ def computed_config(cfg: DictConfig) -> dict:
         if isinstance(node, dict):
             node.pop(leaf, None)
     distill = container.get("distill")
-    if (container.get("loss") or {}).get("force_target") != "labels":
+    if "labels" not in loss_targets(container.get("loss")):
         container.pop("distill", None)
     elif isinstance(distill, dict) and (distill.get("labels") or distill.get("teachers")):
         distill.pop("default_teachers", None)

@@ -14,7 +14,6 @@ from .config import (
     job_from_config,
     labels_for_training,
     run_from_config,
-    student_force_loss,
     teachers_override_argv,
 )
 from .ensemble import StackedANI, TeacherEnsemble, TeacherLoop
@@ -32,5 +31,5 @@ __all__ = [
     "DistillInterrupted", "DistillJob", "LabelShardWriter", "StackedANI", "TeacherEnsemble",
     "TeacherLoop", "TeacherSource", "distill_labels", "job_from_config", "labels_for_training",
     "load_teachers", "make_job", "merge_shards", "resolve_teachers", "run_from_config",
-    "student_force_loss", "teachers_override_argv",
+    "teachers_override_argv",
 ]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ..losses import loss_targets
 from .run import DistillJob, distill_labels, make_job
 from .teachers import verify_teachers
 
@@ -62,7 +63,7 @@ def labels_for_training(cfg: DictConfig, run_dir: str | Path) -> DictConfig:
     """
     distill = cfg.get("distill") or {}
     teachers, labels = _container(distill.get("teachers")), distill.get("labels")
-    if cfg.loss.force_target != "labels" or (teachers is None and labels):
+    if "labels" not in loss_targets(cfg.get("loss")) or (teachers is None and labels):
         return cfg
     if teachers is None:
         if distill.get("default_teachers") is None:
@@ -91,11 +92,3 @@ def labels_for_training(cfg: DictConfig, run_dir: str | Path) -> DictConfig:
     with open_dict(cfg):
         cfg.distill.labels = str(out)
     return cfg
-
-
-def student_force_loss(cfg: DictConfig) -> str:
-    """``distill.force_loss`` when set (mse or uncertainty), else ``loss.force_loss``."""
-    choice = (cfg.get("distill") or {}).get("force_loss") or cfg.loss.force_loss
-    if choice not in ("mse", "uncertainty"):
-        raise ValueError(f"distill.force_loss '{choice}' is not 'mse' or 'uncertainty'")
-    return choice

@@ -1,15 +1,17 @@
 """A teacher ensemble evaluated as few batched modules, with each teacher's energy and forces.
 
 Teachers are grouped by architecture (:func:`group_key`). ANI teachers with the same elements,
-AEV constants and layer sizes form a :class:`StackedANI`:
+AEV constants, layer sizes and activation form a :class:`StackedANI`:
 
-1. neighbour pairs, triples and the AEV are computed once per batch
-   (:func:`aev_with_jacobian`, same operations as :class:`~ekd_lightning.models.aev.ANIAEV`, so
-   the same features), together with the analytic derivatives of every radial term (by the pair
-   distance) and angular term (by cos theta and the two distances);
+1. neighbour pairs, triples and the AEV are computed once per batch by
+   :func:`aev_with_jacobian`, with :class:`~ekd_lightning.models.aev.ANIAEV`'s own pairs,
+   triples and term functions (so the same features), together with the analytic derivatives
+   of every radial term (by the pair distance) and angular term (by cos theta and the two
+   distances), which ``ANIAEV.radial_terms`` / ``ANIAEV.angular_factors`` give alongside;
 2. the T teachers' element networks run on stacked weights: the first layer as one wide GEMM
    (F, T * H0), the others as batched matrix products (T, in, out); the gradients of the outputs
-   with respect to the AEV are back-propagated by hand through the MLPs, T cotangents at once;
+   with respect to the AEV are back-propagated by hand through the MLPs, T cotangents at once,
+   with the activation's derivative from :func:`~ekd_lightning.models.ani.activation_backward`;
 3. the AEV's vector-Jacobian product with those T cotangents (:func:`aev_vjp`) gives every
    teacher's forces F = -dE/dx: per pair and per triple contractions, one scatter onto atoms.
 
@@ -19,62 +21,67 @@ loop of 8 ``autograd.grad`` calls on the AEV graph about 24 ms, against about 6 
 derivatives by ``torch.func.jvp``/``vmap`` took about 24 ms against about 3 ms analytically.
 
 Other teachers (e.g. SchNet) form a :class:`TeacherLoop`: members evaluated one after another
-with autograd. Every group returns per-teacher energies (T, n_molecules) in Hartree (float64, as
-the models do) and forces (T, n_atoms, 3) in Hartree/Å.
+with autograd. So does an ANI teacher whose networks :class:`StackedANI` cannot stack (another
+layer structure, or an activation without a rule in ``activation_backward``), with a warning
+that names the reason (:func:`_stack_plan`). Every group returns per-teacher energies
+(T, n_molecules) in Hartree (float64, as the models do) and forces (T, n_atoms, 3) in Hartree/Å.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.aev import ANIAEV, TermLayout, angular_triples, flush_subnormal, gaussian
-from ..models.ani import ANIModel, group_by_species
+from ..models.aev import ANIAEV, TermLayout, scatter_terms
+from ..models.ani import ANIModel, activation_backward, group_by_species
 from ..models.base import AtomisticModel, energy_and_forces
-from ..models.neighbors import neighbor_pairs, pair_vectors
+
+log = logging.getLogger(__name__)
 
 
-def _ani_layers(model: ANIModel) -> dict[str, list[nn.Linear]] | None:
-    """Linear layers per element if every network is Linear/CELU/.../Linear with at least one
-    hidden layer, else None (such a model is evaluated by :class:`TeacherLoop`)."""
-    layers = {}
+def _stack_plan(model: AtomisticModel) -> tuple[dict[str, list[nn.Linear]], nn.Module] | str:
+    """The Linear layers per element and the activation of an ANI model that
+    :class:`StackedANI` can evaluate, or why it cannot (then :class:`TeacherLoop` does, with
+    autograd): every element network must be Linear, activation, ..., Linear with biases and
+    at least one hidden layer, with one activation throughout that has a rule in
+    :func:`~ekd_lightning.models.ani.activation_backward`."""
+    if type(model) is not ANIModel:
+        return f"{type(model).__name__} has no batched implementation"
+    layers, activations = {}, set()
     for element, net in model.networks.items():
         modules = list(net)
-        linears = modules[0::2]
-        activations = modules[1::2]
-        if not all(isinstance(m, nn.Linear) and m.bias is not None for m in linears):
-            return None
-        if not all(isinstance(a, nn.CELU) for a in activations) or len(linears) != len(activations) + 1:
-            return None
-        if len(linears) < 2:
-            return None
+        linears, between = modules[0::2], modules[1::2]
+        if (len(linears) < 2 or len(linears) != len(between) + 1
+                or not all(isinstance(m, nn.Linear) and m.bias is not None for m in linears)):
+            return f"the {element} network is not Linear, activation, ..., Linear with biases"
         layers[element] = linears
-    return layers
-
-
-def _celu_alpha(model: ANIModel) -> float | None:
-    alphas = {m.alpha for m in model.modules() if isinstance(m, nn.CELU)}
-    return alphas.pop() if len(alphas) == 1 else None
+        activations |= {repr(a) for a in between}
+        unknown = [a for a in between if activation_backward(a) is None]
+        if unknown:
+            return f"activation {unknown[0]!r} has no rule in models.ani.activation_backward"
+    if len(activations) != 1:
+        return f"the element networks mix activations {sorted(activations)}"
+    return layers, between[0]
 
 
 def group_key(model: AtomisticModel) -> tuple:
     """Teachers with equal keys can be stacked into one batched module.
 
-    ANI teachers: same class, elements, AEV constants, layer sizes, CELU alpha and dtype. Any
+    ANI teachers: same class, elements, AEV constants, layer sizes, activation and dtype. Any
     other model gets a key of its class and dtype (evaluated in a loop within the group).
     """
     dtype = next(model.parameters()).dtype
-    if type(model) is ANIModel and _ani_layers(model) is not None and _celu_alpha(model) is not None:
-        sizes = tuple((e, tuple(model.hidden[e])) for e in model.elements)
-        return ("ani", tuple(model.elements), tuple(sorted(model.aev.config.items())), sizes,
-                _celu_alpha(model), dtype)
-    return ("loop", type(model).__name__, dtype)
+    plan = _stack_plan(model)
+    if isinstance(plan, str):
+        return ("loop", type(model).__name__, dtype)
+    sizes = tuple((e, tuple(model.hidden[e])) for e in model.elements)
+    return ("ani", tuple(model.elements), tuple(sorted(model.aev.config.items())), sizes,
+            repr(plan[1]), dtype)
 
 
 @dataclass
@@ -107,116 +114,41 @@ class AEVJacobian:
         return self.layout.units(self.rows if rows is None else rows)
 
 
-def _cutoff_and_slope(distances: Tensor, cutoff: float) -> tuple[Tensor, Tensor]:
-    """Cosine cutoff ``0.5 cos(pi r / R_c) + 0.5`` and its derivative (1/Å)."""
-    angle = distances * (math.pi / cutoff)
-    return 0.5 * torch.cos(angle) + 0.5, -0.5 * (math.pi / cutoff) * torch.sin(angle)
+def _outer(r: Tensor, a: Tensor) -> Tensor:
+    """Per-triple outer products (T, R * A), R index slow, of r (T, R) and a (T, A)."""
+    return (r.unsqueeze(-1) * a.unsqueeze(-2)).flatten(1)
 
 
-def radial_terms_and_derivative(aev: ANIAEV, distances: Tensor) -> tuple[Tensor, Tensor]:
-    """:meth:`ANIAEV.radial_terms` (same operations, same values) and their derivative with
-    respect to the distance, both (n_pairs, radial shifts); the derivative in 1/Å."""
-    diff = distances.unsqueeze(-1) - aev.radial_shifts.to(distances.dtype)
-    gauss = gaussian(-aev.radial_eta * diff**2)
-    cut, slope = _cutoff_and_slope(distances, aev.radial_cutoff)
-    terms = 0.25 * gauss * cut.unsqueeze(-1)
-    return terms, 0.25 * gauss * slope.unsqueeze(-1) - 2.0 * aev.radial_eta * diff * terms
-
-
-def angular_terms_and_derivatives(aev: ANIAEV, vec_j: Tensor, vec_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """:meth:`ANIAEV.angular_terms` of triples (centre; j, k), same operations and values, with
-    their derivatives.
-
-    Args:
-        vec_j, vec_k: (n_triples, 3) vectors from the centre to the neighbours, Å.
-
-    Returns:
-        terms (n_triples, shifts * sections); d term / d (cos theta, d_ij, d_ik) as
-        (n_triples, shifts * sections, 3); and the geometry (4, n_triples, 3):
-        d cos theta / d vec_j, d cos theta / d vec_k (1/Å), and the unit vectors along vec_j and
-        vec_k. (The 1e-10 clamp of d_ij * d_ik, never reached by real atoms, is not derived.)
-    """
-    dtype = vec_j.dtype
-    d_j, d_k = vec_j.norm(dim=-1), vec_k.norm(dim=-1)
-    denom = torch.clamp(d_j * d_k, min=1e-10)
-    cos_angle = (vec_j * vec_k).sum(-1) / denom
-    x = (0.95 * cos_angle).unsqueeze(-1)
-    sections = aev.angular_sections.to(dtype)
-    cos_s, sin_s = torch.cos(sections), torch.sin(sections)
-    root = torch.sqrt(1.0 - x * x)
-    base = (1.0 + (x * cos_s + root * sin_s)) * 0.5
-    powered = base ** (aev.angular_zeta - 1.0)
-    angular = 2.0 * base**aev.angular_zeta  # (n_triples, sections)
-    d_angular = (aev.angular_zeta * 0.95) * powered * (cos_s - x / root * sin_s)
-    diff = (0.5 * (d_j + d_k)).unsqueeze(-1) - aev.angular_shifts.to(dtype)
-    gauss = gaussian(-aev.angular_eta * diff**2)
-    cut_j, slope_j = _cutoff_and_slope(d_j, aev.angular_cutoff)
-    cut_k, slope_k = _cutoff_and_slope(d_k, aev.angular_cutoff)
-    radial = gauss * (cut_j * cut_k).unsqueeze(-1)  # (n_triples, shifts)
-    shared = aev.angular_eta * diff * radial
-    d_radial_j = gauss * (cut_k * slope_j).unsqueeze(-1) - shared
-    d_radial_k = gauss * (cut_j * slope_k).unsqueeze(-1) - shared
-
-    def outer(r: Tensor, a: Tensor) -> Tensor:
-        return (r.unsqueeze(-1) * a.unsqueeze(-2)).flatten(1)
-
-    grad = torch.stack(
-        [outer(radial, d_angular), outer(d_radial_j, angular), outer(d_radial_k, angular)], dim=-1
-    )
-    unit_j, unit_k = vec_j / d_j.unsqueeze(-1), vec_k / d_k.unsqueeze(-1)
-    c = cos_angle.unsqueeze(-1)
-    geometry = torch.stack([
-        vec_k / denom.unsqueeze(-1) - c * unit_j / d_j.unsqueeze(-1),
-        vec_j / denom.unsqueeze(-1) - c * unit_k / d_k.unsqueeze(-1),
-        unit_j, unit_k,
-    ])
-    return outer(radial, angular), grad, geometry
-
-
+@torch.no_grad()
 def aev_with_jacobian(aev: ANIAEV, species: Tensor, pos: Tensor, batch: Tensor,
                       rank: Tensor | None = None) -> tuple[Tensor, AEVJacobian]:
     """AEVs (n_atoms, out_dim) exactly as ``aev(species, pos, batch, rank)``, and the
     derivatives of their radial and angular terms (analytic, no autograd graph).
 
-    Mirrors :meth:`ANIAEV.forward` step by step (same pairs, triples, terms, additions and
-    block layout); the terms are computed with the same operations as its ``radial_terms`` /
-    ``angular_factors`` (bitwise the same AEV), together with their analytic derivatives.
-    ``rank`` (optional permutation) writes atom i's AEV to row ``rank[i]``.
+    The pairs, triples, terms and their derivatives and the sums into the AEV are
+    :class:`~ekd_lightning.models.aev.ANIAEV`'s own (:meth:`~ANIAEV.neighbourhood`,
+    :meth:`~ANIAEV.radial_terms`, :meth:`~ANIAEV.angular_factors`, ``scatter_terms``): bitwise
+    the same AEV. ``rank`` (optional permutation) writes atom i's AEV to row ``rank[i]``.
     """
-    n = species.shape[0]
-    rows = torch.arange(n, device=species.device) if rank is None else rank
-    pos = pos.detach()
-    edge_index = neighbor_pairs(pos, batch, aev.radial_cutoff)
-    vec, dist = pair_vectors(pos, edge_index)
-    centre, neighbour = edge_index[0], edge_index[1]
-    half = centre < neighbour
-    first, second = centre[half], neighbour[half]
-    d = dist[half]
-    radial_terms, radial_grad = radial_terms_and_derivative(aev, d)
-
-    close = dist < aev.angular_cutoff
-    a_centre, a_neighbour, a_vec = centre[close], neighbour[close], vec[close]
-    p, q = angular_triples(a_centre, n)
-    angular_terms, angular_grad, geometry = angular_terms_and_derivatives(aev, a_vec[p], a_vec[q])
-    block = aev.triu_index[species[a_neighbour[p]], species[a_neighbour[q]]]
-
-    layout = aev.term_layout(species, first, second, a_centre[p], block)  # as ANIAEV.forward
+    hood = aev.neighbourhood(species, pos.detach(), batch, rank)
+    radial_terms, radial_grad = aev.radial_terms(hood.dist, derivative=True)
+    d_j, d_k = hood.d_j.unsqueeze(-1), hood.d_k.unsqueeze(-1)
+    left, right, deriv = aev.angular_factors(hood.vec_j, hood.vec_k, hood.d_j, hood.d_k,
+                                             derivatives=True)
+    angular_grad = torch.stack([_outer(left, deriv.angular_by_cos),
+                                _outer(deriv.radial_by_d_j, right),
+                                _outer(deriv.radial_by_d_k, right)], dim=-1)
+    geometry = torch.stack([deriv.cos_by_vec_j, deriv.cos_by_vec_k,
+                            hood.vec_j / d_j, hood.vec_k / d_k])
     jacobian = AEVJacobian(
-        num_atoms=n, radial_width=aev.radial_features, angular_width=aev.angular_features,
-        rows=rows, layout=layout, first=first, second=second, unit=vec[half] / d.unsqueeze(-1),
-        radial_grad=radial_grad, centre=a_centre[p],
-        neighbours=torch.stack([a_neighbour[p], a_neighbour[q]]), angular_grad=angular_grad,
-        geometry=geometry,
+        num_atoms=hood.num_atoms, radial_width=aev.radial_features,
+        angular_width=aev.angular_features, rows=hood.rows, layout=hood.layout,
+        first=hood.first, second=hood.second, unit=hood.vec / hood.dist.unsqueeze(-1),
+        radial_grad=radial_grad, centre=hood.centre, neighbours=hood.neighbours,
+        angular_grad=angular_grad, geometry=geometry,
     )
-    radial_units, angular_units = jacobian.units()
-    width = layout.width
-    features = radial_terms.new_zeros(n * layout.units_per_atom, width)
-    pieces = radial_terms.reshape(-1, width)
-    features.index_add_(0, radial_units[0], pieces)
-    features.index_add_(0, radial_units[1], pieces)
-    features.index_add_(0, angular_units, angular_terms.reshape(-1, width))
-    flush_subnormal(features, nonnegative=True)  # as ANIAEV does
-    return features.view(n, aev.out_dim), jacobian
+    features = scatter_terms(radial_terms, left, right, hood.units, (hood.num_atoms, aev.out_dim))
+    return features, jacobian
 
 
 def aev_vjp(jac: AEVJacobian, radial: Tensor, angular: Tensor, rank: Tensor | None = None) -> Tensor:
@@ -292,12 +224,15 @@ class StackedANI(nn.Module):
             raise ValueError("StackedANI needs teachers of one ANI architecture")
         self.num_teachers = len(models)
         self.elements = list(first.elements)
-        self.alpha = float(_celu_alpha(first))
+        plans = [_stack_plan(m) for m in models]
+        self.activation = plans[0][1]  # the teachers' activation module (equal in all)
+        self.activation_backward: Callable[[Tensor, Tensor], Tensor] = activation_backward(
+            self.activation)
         self.aev = copy.deepcopy(first.aev)
         self.register_buffer("species_of_number", first.species_of_number.clone(), persistent=False)
         self.register_buffer("self_energies", torch.stack([m.self_energies for m in models]))
         self.register_buffer("energy_scale", torch.stack([m.energy_scale for m in models]))
-        layers = [_ani_layers(m) for m in models]
+        layers = [plan[0] for plan in plans]
         self.num_layers = {}
         for s, element in enumerate(self.elements):
             per_teacher = [teacher[element] for teacher in layers]
@@ -362,19 +297,19 @@ class StackedANI(nn.Module):
         t = self.num_teachers
         wide, transposed = first_layer
         pre = torch.addmm(getattr(self, f"b{s}_wide"), x, wide)
-        act = F.celu(pre, self.alpha).view(x.shape[0], t, -1).transpose(0, 1)  # (T, n_e, H0)
+        act = self.activation(pre).view(x.shape[0], t, -1).transpose(0, 1)  # (T, n_e, H0)
         acts = [act]
         for j in range(1, n_layers):
             pre = torch.baddbmm(getattr(self, f"b{s}_{j}").unsqueeze(1), acts[-1], getattr(self, f"w{s}_{j}"))
             if j < n_layers - 1:
-                acts.append(F.celu(pre, self.alpha))
+                acts.append(self.activation(pre))
         outputs.copy_(pre.squeeze(-1))
         # backward by hand: d out / d act_{L-1} is the last weight column, then through the
-        # CELUs (derivative from their outputs: no exp) and the linear layers
+        # activations (models.ani.activation_backward, from their outputs) and linear layers
         last = getattr(self, f"wt{s}_{n_layers - 1}") * scale.view(-1, 1, 1)
         grad = last.expand(t, x.shape[0], -1)
         for j in range(n_layers - 2, -1, -1):
-            grad = torch.ops.aten.elu_backward(grad, self.alpha, 1.0, 1.0 / self.alpha, True, acts[j])
+            grad = self.activation_backward(grad, acts[j])
             if j > 0:
                 grad = torch.bmm(grad, getattr(self, f"wt{s}_{j}"))
         torch.bmm(grad, transposed, out=cotangent)
@@ -465,6 +400,10 @@ class TeacherEnsemble(nn.Module):
             model.eval().requires_grad_(False)
         keys: dict[tuple, list[int]] = {}
         for i, model in enumerate(models):
+            plan = _stack_plan(model)
+            if batched and isinstance(model, ANIModel) and isinstance(plan, str):
+                log.warning("teacher %d is evaluated alone with autograd (TeacherLoop: the same "
+                            "labels, slower) and not batched: %s", i, plan)
             key = group_key(model) if batched else ("single", i)
             keys.setdefault(key, []).append(i)
         groups, order = [], []

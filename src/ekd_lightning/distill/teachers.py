@@ -168,7 +168,7 @@ def load_teacher(source: TeacherSource) -> AtomisticModel:
     if source.pretrained is None:
         module = load_potential(source.path)
         model = module.model
-        model.model_name = module.hparams.model_name
+        model.model_name = module.model_name
     else:
         model = _torchani_member(source.pretrained, str(source.path), source.member)
         model.model_name = "ani"

@@ -72,6 +72,12 @@ def cosine_cutoff(distances: Tensor, cutoff: float) -> Tensor:
     return 0.5 * torch.cos(distances * (math.pi / cutoff)) + 0.5
 
 
+def cosine_cutoff_derivative(distances: Tensor, cutoff: float) -> Tensor:
+    """d :func:`cosine_cutoff` / d r = ``-0.5 (pi / cutoff) sin(pi r / cutoff)`` (1/Å), same
+    shape as ``distances`` (Å)."""
+    return -0.5 * (math.pi / cutoff) * torch.sin(distances * (math.pi / cutoff))
+
+
 def angular_triples(centre: Tensor, num_atoms: int) -> tuple[Tensor, Tensor]:
     """All unordered pairs of neighbours of the same centre, from directed pairs sorted by centre.
 
@@ -175,11 +181,75 @@ class _Units:
                       self.angular_units)
 
 
+@dataclass
+class Neighbourhood:
+    """The pairs and triples of a batch (:meth:`ANIAEV.neighbourhood`) and where their terms
+    go: pairs i < j within the radial cutoff give the radial terms, triples (centre; j, k), j
+    and k within the angular cutoff of the centre, the angular terms. Vectors and distances
+    in Å."""
+
+    num_atoms: int
+    rows: Tensor  # (n_atoms,) AEV row of each atom
+    first: Tensor  # (n_pairs,) atom i of each pair i < j
+    second: Tensor  # (n_pairs,) atom j
+    vec: Tensor  # (n_pairs, 3) r_j - r_i
+    dist: Tensor  # (n_pairs,) |r_j - r_i|
+    centre: Tensor  # (n_triples,) centre atom
+    neighbours: Tensor  # (2, n_triples) atoms j and k
+    vec_j: Tensor  # (n_triples, 3) r_j - r_centre
+    vec_k: Tensor  # (n_triples, 3) r_k - r_centre
+    d_j: Tensor  # (n_triples,)
+    d_k: Tensor  # (n_triples,)
+    layout: TermLayout
+    units: _Units  # the layout in the rows ``rows``
+
+
+@dataclass
+class AngularDerivatives:
+    """Derivatives of the angular factors of :meth:`ANIAEV.angular_factors` by the triple's
+    geometry: the angular factor (T, sections) by cos theta_ijk; the radial factor (T, shifts)
+    by d_ij and by d_ik (1/Å); and cos theta_ijk by the vectors r_j - r_i and r_k - r_i
+    (T, 3), 1/Å. (The 1e-10 clamp of d_ij d_ik, never reached by real atoms, is not derived.)"""
+
+    angular_by_cos: Tensor
+    radial_by_d_j: Tensor
+    radial_by_d_k: Tensor
+    cos_by_vec_j: Tensor
+    cos_by_vec_k: Tensor
+
+
 def _batched(*tensors: Tensor) -> bool:
     """Whether any of ``tensors`` is batched by ``torch.func.vmap`` (e.g. in
     ``autograd.grad(..., is_grads_batched=True)``), where in-place writes are not allowed."""
     is_batched = getattr(torch._C._functorch, "is_batchedtensor", None)
     return is_batched is not None and any(is_batched(t) for t in tensors)
+
+
+def scatter_terms(radial: Tensor, left: Tensor, right: Tensor, units: _Units,
+                  shape: tuple[int, int], nonnegative: bool = True) -> Tensor:
+    """The AEV ``shape`` (n_atoms, out_dim) from its terms, without an autograd graph (the
+    forward of :class:`_TermScatter`): radial terms (n_pairs, R) added to the units of both
+    atoms of each pair, angular terms ``outer(left[t], right[t])`` (flattened, left index slow)
+    to the units of each triple, on fresh zeros; subnormal sums flushed (:func:`flush_subnormal`;
+    ``nonnegative``: all terms >= 0, flushed in place)."""
+    pieces = radial.reshape(-1, units.width)
+    if _batched(radial, left, right):  # under vmap (batched gradients): no in-place
+        terms = (left.unsqueeze(-1) * right.unsqueeze(-2)).reshape(-1, units.width)
+        index = torch.cat([units.radial[0], units.radial[1], units.angular])
+        zeros = torch.zeros(units.num_units, units.width, dtype=left.dtype, device=left.device)
+        out = zeros.index_add(0, index, torch.cat([pieces, pieces, terms]))
+        nonnegative = False  # flush out of place
+    else:
+        out = left.new_zeros(units.num_units, units.width)
+        out.index_add_(0, units.radial[0], pieces)
+        out.index_add_(0, units.radial[1], pieces)
+        k = units.angular_units
+        # in chunks of triples whose products stay in cache (same additions, same order)
+        for start in range(0, left.shape[0], _CHUNK):
+            stop = start + _CHUNK
+            terms = left[start:stop].unsqueeze(-1) * right[start:stop].unsqueeze(-2)
+            out.index_add_(0, units.angular[start * k : stop * k], terms.view(-1, units.width))
+    return flush_subnormal(out, nonnegative).view(shape)
 
 
 class _TermScatter(torch.autograd.Function):
@@ -197,27 +267,10 @@ class _TermScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, radial: Tensor, left: Tensor, right: Tensor, units: _Units,
                 shape: tuple[int, int], nonnegative: bool) -> Tensor:
-        pieces = radial.reshape(-1, units.width)
-        if _batched(radial, left, right):  # under vmap (batched gradients): no in-place
-            terms = (left.unsqueeze(-1) * right.unsqueeze(-2)).reshape(-1, units.width)
-            index = torch.cat([units.radial[0], units.radial[1], units.angular])
-            zeros = torch.zeros(units.num_units, units.width, dtype=left.dtype, device=left.device)
-            out = zeros.index_add(0, index, torch.cat([pieces, pieces, terms]))
-            nonnegative = False  # flush out of place
-        else:
-            out = left.new_zeros(units.num_units, units.width)
-            out.index_add_(0, units.radial[0], pieces)
-            out.index_add_(0, units.radial[1], pieces)
-            k = units.angular_units
-            # in chunks of triples whose products stay in cache (same additions, same order)
-            for start in range(0, left.shape[0], _CHUNK):
-                stop = start + _CHUNK
-                terms = left[start:stop].unsqueeze(-1) * right[start:stop].unsqueeze(-2)
-                out.index_add_(0, units.angular[start * k : stop * k], terms.view(-1, units.width))
         ctx.save_for_backward(left, right)
         ctx.units = units
         ctx.radial_shape = radial.shape
-        return flush_subnormal(out, nonnegative).view(shape)
+        return scatter_terms(radial, left, right, units, shape, nonnegative)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -411,34 +464,65 @@ class ANIAEV(nn.Module):
             self._restricted[key] = (aev, compact, columns)
         return self._restricted[key]
 
-    def radial_terms(self, distances: Tensor) -> Tensor:
-        """Radial terms (n_pairs, radial_num_shifts), dimensionless, of distances (n_pairs,) Å."""
-        shifts = self.radial_shifts.to(distances.dtype)
-        gauss = gaussian(-self.radial_eta * (distances.unsqueeze(-1) - shifts) ** 2)
-        return 0.25 * gauss * cosine_cutoff(distances, self.radial_cutoff).unsqueeze(-1)
+    def radial_terms(self, distances: Tensor, derivative: bool = False
+                     ) -> Tensor | tuple[Tensor, Tensor]:
+        """Radial terms (n_pairs, radial_num_shifts), dimensionless, of distances (n_pairs,) Å;
+        with ``derivative``, also their derivative by the distance (n_pairs, shifts), 1/Å."""
+        diff = distances.unsqueeze(-1) - self.radial_shifts.to(distances.dtype)
+        gauss = gaussian(-self.radial_eta * diff**2)
+        terms = 0.25 * gauss * cosine_cutoff(distances, self.radial_cutoff).unsqueeze(-1)
+        if not derivative:
+            return terms
+        slope = cosine_cutoff_derivative(distances, self.radial_cutoff).unsqueeze(-1)
+        return terms, 0.25 * gauss * slope - 2.0 * self.radial_eta * diff * terms
 
     def angular_factors(
-        self, vec_j: Tensor, vec_k: Tensor, d_j: Tensor, d_k: Tensor
-    ) -> tuple[Tensor, Tensor]:
+        self, vec_j: Tensor, vec_k: Tensor, d_j: Tensor, d_k: Tensor, derivatives: bool = False
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, AngularDerivatives]:
         """The two factors of the angular terms: radial (n_triples, shifts) and angular
-        (n_triples, sections), dimensionless; the terms are their outer product.
+        (n_triples, sections), dimensionless; the terms are their outer product. With
+        ``derivatives``, also their :class:`AngularDerivatives` (analytic, no autograd).
 
         Args:
             vec_j, vec_k: (n_triples, 3) vectors from the centre to the two neighbours, Å.
             d_j, d_k: (n_triples,) their lengths, Å.
         """
         dtype = vec_j.dtype
-        cos_angle = (vec_j * vec_k).sum(-1) / torch.clamp(d_j * d_k, min=1e-10)
+        denom = torch.clamp(d_j * d_k, min=1e-10)
+        cos_angle = (vec_j * vec_k).sum(-1) / denom
         # cos(acos(x) - theta_s) = x cos(theta_s) + sqrt(1 - x^2) sin(theta_s), x = 0.95 cos
         x = (0.95 * cos_angle).unsqueeze(-1)
         sections = self.angular_sections.to(dtype)
-        cos_dev = x * torch.cos(sections) + torch.sqrt(1.0 - x * x) * torch.sin(sections)
-        angular = 2.0 * ((1.0 + cos_dev) * 0.5) ** self.angular_zeta  # (T, sections)
+        cos_s, sin_s = torch.cos(sections), torch.sin(sections)
+        along = x * cos_s
+        root = torch.sqrt(1.0 - x * x)
+        base = (1.0 + (along + root * sin_s)) * 0.5
+        angular = 2.0 * base**self.angular_zeta  # (T, sections)
+        # (operations in this order: autograd then sums the gradients of d_j and d_k in the
+        # order it always has, bitwise the same forces)
         mean = (0.5 * (d_j + d_k)).unsqueeze(-1)
-        shifts = self.angular_shifts.to(dtype)
-        cut = cosine_cutoff(d_j, self.angular_cutoff) * cosine_cutoff(d_k, self.angular_cutoff)
-        radial = gaussian(-self.angular_eta * (mean - shifts) ** 2) * cut.unsqueeze(-1)
-        return radial, angular
+        cut_j = cosine_cutoff(d_j, self.angular_cutoff)
+        cut_k = cosine_cutoff(d_k, self.angular_cutoff)
+        cut = cut_j * cut_k
+        diff = mean - self.angular_shifts.to(dtype)
+        gauss = gaussian(-self.angular_eta * diff**2)
+        radial = gauss * cut.unsqueeze(-1)  # (T, shifts)
+        if not derivatives:
+            return radial, angular
+        shared = self.angular_eta * diff * radial  # d gauss / d d_j = d / d d_k
+        c = cos_angle.unsqueeze(-1)
+        return radial, angular, AngularDerivatives(
+            angular_by_cos=(self.angular_zeta * 0.95) * base ** (self.angular_zeta - 1.0)
+            * (cos_s - x / root * sin_s),
+            radial_by_d_j=gauss * (cut_k * cosine_cutoff_derivative(d_j, self.angular_cutoff)
+                                   ).unsqueeze(-1) - shared,
+            radial_by_d_k=gauss * (cut_j * cosine_cutoff_derivative(d_k, self.angular_cutoff)
+                                   ).unsqueeze(-1) - shared,
+            cos_by_vec_j=vec_k / denom.unsqueeze(-1) - c * (vec_j / d_j.unsqueeze(-1))
+            / d_j.unsqueeze(-1),
+            cos_by_vec_k=vec_j / denom.unsqueeze(-1) - c * (vec_k / d_k.unsqueeze(-1))
+            / d_k.unsqueeze(-1),
+        )
 
     def angular_terms(self, vec_j: Tensor, vec_k: Tensor, d_j: Tensor, d_k: Tensor) -> Tensor:
         """Angular terms (n_triples, shifts * sections), dimensionless: the outer product of
@@ -463,6 +547,43 @@ class ANIAEV(nn.Module):
             angular_offsets=spread_units(self.radial_length // width + block * k_angular, k_angular),
         )
 
+    def neighbourhood(self, species: Tensor, pos: Tensor, batch: Tensor,
+                      rank: Tensor | None = None) -> Neighbourhood:
+        """The pairs and triples of a batch, their geometry (differentiable in ``pos``) and
+        where their terms go in the AEV (arguments as :meth:`forward`)."""
+        n_atoms = species.shape[0]
+        rows = torch.arange(n_atoms, device=species.device) if rank is None else rank
+        # radial part: each pair i < j adds its terms to block species[j] of atom i and to
+        # block species[i] of atom j (the pairs come in both directions; half the work)
+        # (gathers by index_select: faster than boolean / advanced indexing, both ways)
+        edge_index = neighbor_pairs(pos.detach(), batch, self.radial_cutoff)
+        vec, dist = pair_vectors(pos, edge_index)
+        centre, neighbour = edge_index[0], edge_index[1]
+        half = torch.nonzero(centre < neighbour).squeeze(1)
+        first, second = centre.index_select(0, half), neighbour.index_select(0, half)
+
+        # angular part: unordered pairs {j, k} of neighbours within the angular cutoff; the
+        # directed pairs are needed here, each centre sees all of its neighbours
+        close = torch.nonzero(dist.detach() < self.angular_cutoff).squeeze(1)
+        a_centre = centre.index_select(0, close)
+        a_neighbour = neighbour.index_select(0, close)
+        a_vec = vec.index_select(0, close)
+        a_dist = dist.index_select(0, close)
+        p, q = angular_triples(a_centre, n_atoms)
+        j, k = a_neighbour.index_select(0, p), a_neighbour.index_select(0, q)
+        block = self.triu_index[species[j], species[k]]
+        layout = self.term_layout(species, first, second, a_centre[p], block)
+        radial_units, angular_units = layout.units(rows)
+        return Neighbourhood(
+            num_atoms=n_atoms, rows=rows, first=first, second=second,
+            vec=vec.index_select(0, half), dist=dist.index_select(0, half),
+            centre=a_centre[p], neighbours=torch.stack([j, k]),
+            vec_j=a_vec.index_select(0, p), vec_k=a_vec.index_select(0, q),
+            d_j=a_dist.index_select(0, p), d_k=a_dist.index_select(0, q), layout=layout,
+            units=_Units(layout.width, n_atoms * layout.units_per_atom, radial_units,
+                         angular_units, self.angular_features // layout.width),
+        )
+
     def forward(
         self, species: Tensor, pos: Tensor, batch: Tensor, rank: Tensor | None = None
     ) -> Tensor:
@@ -479,44 +600,18 @@ class ANIAEV(nn.Module):
         Entries below the smallest normal number of the dtype (subnormals) are zero (see
         :func:`flush_subnormal` and :func:`gaussian`).
         """
-        n_atoms = species.shape[0]
-        row = torch.arange(n_atoms, device=species.device) if rank is None else rank
-
-        # radial part: each pair i < j adds its terms to block species[j] of atom i and to
-        # block species[i] of atom j (the pairs come in both directions; half the work)
-        # (gathers by index_select: faster than boolean / advanced indexing, both ways)
-        edge_index = neighbor_pairs(pos.detach(), batch, self.radial_cutoff)
-        vec, dist = pair_vectors(pos, edge_index)
-        centre, neighbour = edge_index[0], edge_index[1]
-        half = torch.nonzero(centre < neighbour).squeeze(1)
-        first, second = centre.index_select(0, half), neighbour.index_select(0, half)
-        radial_terms = self.radial_terms(dist.index_select(0, half))
-
-        # angular part: unordered pairs {j, k} of neighbours within the angular cutoff; the
-        # directed pairs are needed here, each centre sees all of its neighbours
-        close = torch.nonzero(dist.detach() < self.angular_cutoff).squeeze(1)
-        a_centre = centre.index_select(0, close)
-        a_neighbour = neighbour.index_select(0, close)
-        a_vec = vec.index_select(0, close)
-        a_dist = dist.index_select(0, close)
-        p, q = angular_triples(a_centre, n_atoms)
-        args = (a_vec.index_select(0, p), a_vec.index_select(0, q),
-                a_dist.index_select(0, p), a_dist.index_select(0, q))
-        if a_vec.requires_grad or p.numel() <= _FACTOR_CHUNK:
+        hood = self.neighbourhood(species, pos, batch, rank)
+        radial_terms = self.radial_terms(hood.dist)
+        args = (hood.vec_j, hood.vec_k, hood.d_j, hood.d_k)
+        if hood.vec_j.requires_grad or hood.d_j.numel() <= _FACTOR_CHUNK:
             left, right = self.angular_factors(*args)
         else:  # no graph to build: in chunks, temporaries stay in cache (the same values)
             pieces = zip(*(a.split(_FACTOR_CHUNK) for a in args), strict=True)
             chunks = [self.angular_factors(*c) for c in pieces]
             left, right = (torch.cat(parts) for parts in zip(*chunks, strict=True))
-        block = self.triu_index[species[a_neighbour.index_select(0, p)],
-                                species[a_neighbour.index_select(0, q)]]
-
-        layout = self.term_layout(species, first, second, a_centre[p], block)
-        radial_units, angular_units = layout.units(row)
-        units = _Units(layout.width, n_atoms * layout.units_per_atom, radial_units, angular_units,
-                       self.angular_features // layout.width)
         # radial terms added to both atoms, outer products of the angular factors added to
         # their centre (the same values, in the same order, as index_add_ of radial_terms and
         # angular_terms into [radial | angular] blocks), subnormal sums flushed; hand-written,
         # differentiable backward
-        return _TermScatter.apply(radial_terms, left, right, units, (n_atoms, self.out_dim), True)
+        return _TermScatter.apply(radial_terms, left, right, hood.units,
+                                  (hood.num_atoms, self.out_dim), True)

@@ -7,7 +7,8 @@ ANI-2x architecture of torchani (one ensemble member): the same 1008 features, t
 sizes, CELU(alpha=0.1) activations and biases, so torchani weights can be copied in.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,24 @@ def atomic_network(in_dim: int, hidden: Sequence[int], activation_alpha: float =
             nn.init.kaiming_normal_(layer.weight, a=1.0)
             nn.init.zeros_(layer.bias)
     return nn.Sequential(*layers)
+
+
+def activation_backward(activation: nn.Module) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """The vector-Jacobian product ``(grad, output) -> grad * f'(x)`` of an element-network
+    activation module ``output = f(x)``, from its output (what the batched teacher ensemble,
+    :class:`~ekd_lightning.distill.ensemble.StackedANI`, keeps), or None for an activation
+    without such a rule (the ensemble then evaluates that model with autograd, and says so).
+
+    CELU(alpha), what :func:`atomic_network` builds: f'(x) = 1 for x > 0, else
+    exp(x / alpha) = output / alpha + 1: autograd's own CELU backward kernel, given the output.
+    """
+    if type(activation) is nn.CELU:
+        return partial(_celu_backward, alpha=float(activation.alpha))
+    return None
+
+
+def _celu_backward(grad: Tensor, output: Tensor, alpha: float) -> Tensor:
+    return torch.ops.aten.elu_backward(grad, alpha, 1.0, 1.0 / alpha, True, output)
 
 
 def group_by_species(species: Tensor, num_species: int) -> tuple[Tensor, Tensor, list[int]]:
