@@ -63,7 +63,10 @@ class EnergyLoss(LossTerm):
 
     def __call__(self, energies: Tensor, forces: Tensor | None, batch) -> Tensor:
         n_atoms = torch.bincount(batch.batch, minlength=batch.num_graphs).to(energies.dtype)
-        return (((energies - batch.energy) * KCAL) ** 2 / n_atoms).mean().float()
+        squared = ((energies - batch.energy) * KCAL) ** 2 / n_atoms
+        if "weight" in batch:  # per-conformation weights (teacher-labelled extra geometries)
+            squared = squared * batch.weight.to(squared.dtype)
+        return squared.mean().float()
 
 
 class ForceLoss(LossTerm):
@@ -103,7 +106,10 @@ class ForceLoss(LossTerm):
         if self.weighting == "inverse_variance":
             variance = torch.nan_to_num(batch.label_force_var * KCAL**2, nan=float("inf"))
             weights = weights / variance.clamp(min=self.variance_floor)
-        return (weights * per_atom).sum() / weights.sum().clamp(min=1e-12)
+        norm = weights.sum().clamp(min=1e-12)
+        if "weight" in batch:  # per-conformation weights, on top of the mean over atoms
+            weights = weights * batch.weight[batch.batch].to(weights.dtype)
+        return (weights * per_atom).sum() / norm
 
 
 RENAMED_KEYS = {

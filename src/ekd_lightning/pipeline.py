@@ -379,17 +379,22 @@ def teacher_jobs(cfg: DictConfig, store: Path, overrides: Sequence[str] | None =
                      checked_command(cfg, overrides))
 
 
-def variant_specs(cfg: DictConfig, role: str, labels: Path | None = None) -> list[RunSpec]:
+def variant_specs(cfg: DictConfig, role: str, labels: Path | None = None,
+                  extra_geometries: Mapping | None = None) -> list[RunSpec]:
     """Step 3's runs of ``role`` (student, baseline or oracle; its ``conf/stage`` file), the
     pipeline's model, one per seed (``pipeline.seeds``; the oracle, a reference bound,
     ``pipeline.oracle_seeds``); the student's config gets the labels and
     ``pipeline.student_overrides`` (e.g. a loss setting); student and oracle, the roles trained
     on forces, get ``pipeline.force_overrides`` (e.g. the force weight, so that the oracle keeps
-    the student's recipe). The overrides are mappings, applied as :func:`as_overrides`."""
+    the student's recipe), and ``extra_geometries`` (:func:`extra_geometries`) its
+    ``data.extra_geometries``, a key absent from every other run's config. The overrides are
+    mappings, applied as :func:`as_overrides`."""
     p = cfg.pipeline
     variant = []
     if role == "student":
         variant.append(f"distill.labels={override_value(str(labels))}")
+        if extra_geometries:
+            variant.append(f"+data.extra_geometries={override_value(dict(extra_geometries))}")
     if role in ("student", "oracle"):
         variant += as_overrides(p.get("force_overrides") or {})
     if role == "student":
@@ -400,10 +405,12 @@ def variant_specs(cfg: DictConfig, role: str, labels: Path | None = None) -> lis
 
 
 def variant_jobs(cfg: DictConfig, role: str, store: Path, labels: Path | None = None,
-                 overrides: Sequence[str] | None = None) -> list[Job]:
+                 overrides: Sequence[str] | None = None,
+                 extra_geometries: Mapping | None = None) -> list[Job]:
     """Step 3: the runs of ``role`` (:func:`variant_specs`) of the pipeline config ``cfg``
     composed with ``overrides`` (None: the running Hydra app's)."""
-    return make_jobs(cfg, variant_specs(cfg, role, labels), store, checked_command(cfg, overrides))
+    return make_jobs(cfg, variant_specs(cfg, role, labels, extra_geometries), store,
+                     checked_command(cfg, overrides))
 
 
 def distill(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Path:
@@ -420,6 +427,23 @@ def distill(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Path:
         elements=list(data.elements), batch_size=data.batch_size,
     )
     return distill_labels(job, OmegaConf.to_container(cfg.trainer, resolve=True))
+
+
+def extra_geometries(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> dict:
+    """Step 2b (``pipeline.extra_geometries``, absent by default): teacher-labelled extra
+    geometries around the training split, made once into the store
+    (:func:`ekd_lightning.distill.augment.make_extra_geometries`, named by their settings and
+    the teachers' hashes); returns the students' ``data.extra_geometries``: ``{path, weight,
+    variance_floor}``."""
+    from .distill.augment import make_extra_geometries
+
+    spec = OmegaConf.to_container(cfg.pipeline.extra_geometries, resolve=True)
+    weights = {"weight": float(spec.pop("weight", 1.0)),
+               "variance_floor": float(spec.pop("variance_floor", 1.0))}
+    path = make_extra_geometries(
+        OmegaConf.to_container(cfg.data, resolve=True), [str(t.checkpoint) for t in teachers],
+        store, accelerator=cfg.trainer.get("accelerator", "cpu"), **spec)
+    return {"path": str(path), **weights}
 
 
 def default_teacher_jobs(cfg: DictConfig, overrides: Sequence[str] | None = None) -> list[Job]:
@@ -863,10 +887,14 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] 
             timings["teachers"] = time.perf_counter() - start
             progress.step("distill")
             labels = timed("distill", distill, cfg, teachers, store)
+            extra = None
+            if p.get("extra_geometries"):
+                extra = timed("extra_geometries", extra_geometries, cfg, teachers, store)
             progress.step("students")
-            specs += variant_specs(cfg, "student", labels)
+            student_specs = variant_specs(cfg, "student", labels, extra)
+            specs += student_specs
             student_futures = progress.track(runner.submit(
-                make_jobs(cfg, variant_specs(cfg, "student", labels), store, command)))
+                make_jobs(cfg, student_specs, store, command)))
             variants = {"student": progress.wait(student_futures)}
             variants.update({stage: progress.wait(f) for stage, f in other_futures.items()})
             timings["train"] = time.perf_counter() - start

@@ -13,6 +13,7 @@ the per-conformation PyG graphs this module built before (``tests/test_packed.py
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,6 +90,14 @@ def split_indices(
     }
 
 
+def _with_forces(record: MoleculeRecord, fill: float | None) -> MoleculeRecord:
+    """``record`` with reference forces ``fill`` (NaN: none known) where the dataset has
+    forces, so that both pack together; None leaves it without."""
+    if fill is None:
+        return record
+    return dataclasses.replace(record, forces=np.full(record.coordinates.shape, fill))
+
+
 class EKDDataModule(pl.LightningDataModule):
     """Molecules from one HDF5 file, split, with self energies fitted on the training split.
 
@@ -107,6 +116,12 @@ class EKDDataModule(pl.LightningDataModule):
         forces_are_gradients: the file's force datasets hold dE/dx (True) or -dE/dx (False);
             None: the file's ``forces_convention`` attribute, else gradients for the COMP6
             layout (see :mod:`ekd_lightning.data.readers`). Graphs always hold -dE/dx.
+        extra_geometries: optional ``{path, weight, variance_floor}``: teacher-labelled extra
+            geometries around the training split (:mod:`ekd_lightning.distill.augment`),
+            appended to the training split only (never validation or test), with their teacher
+            energies and forces as targets and a per-conformation loss weight
+            (:func:`~ekd_lightning.distill.augment.agreement_weights`; the dataset's
+            conformations weigh 1). Needs ``labels``.
     """
 
     def __init__(
@@ -126,6 +141,7 @@ class EKDDataModule(pl.LightningDataModule):
         train_subset_seed: int = 0,
         num_workers: int = 0,
         forces_are_gradients: bool | None = None,
+        extra_geometries: dict | None = None,
     ):
         super().__init__()
         self.path = Path(path)
@@ -135,6 +151,8 @@ class EKDDataModule(pl.LightningDataModule):
         self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
         self.labels_path = labels
         self.forces_are_gradients = forces_are_gradients
+        self.extra_geometries = dict(extra_geometries) if extra_geometries else None
+        self.n_dataset = 0  # conformations of the dataset file (extra geometries follow them)
         self.train_fraction, self.train_subset_seed = train_fraction, train_subset_seed
         self.records: list[MoleculeRecord] | None = None
         self.splits: dict[str, np.ndarray] = {}
@@ -169,10 +187,21 @@ class EKDDataModule(pl.LightningDataModule):
             self.records, self.splits["train"], self.elements
         )
         labels = self._read_labels()
-        self.packed = PackedConformations(self.records, labels)
+        records, weights, extra = self.records, None, self._read_extra(labels)
+        if extra is not None:
+            fill = None if self.force_key is None else np.nan
+            records = records + [_with_forces(r, fill) for r in extra.records]
+            labels = labels + extra.labels
+            weights = np.concatenate([np.ones(sum(r.num_conformations for r in self.records)),
+                                      extra.weights])
+        self.packed = PackedConformations(records, labels, weights)
+        self.n_dataset = sum(r.num_conformations for r in self.records)
         index = {name: self.packed.global_index(rows) for name, rows in self.splits.items()}
         if labels is not None:
             index["train"] = self._drop_unlabelled(index["train"])
+        if extra is not None:
+            index["train"] = np.concatenate([index["train"],
+                                             np.arange(self.n_dataset, len(self.packed))])
         self.datasets = {name: PackedSplit(self.packed, rows) for name, rows in index.items()}
         log.info("split sizes: %s", {k: len(v) for k, v in self.datasets.items()})
 
@@ -182,6 +211,24 @@ class EKDDataModule(pl.LightningDataModule):
         from ..labels import read_labels
 
         return read_labels(self.labels_path, self.records, dataset_path=self.path)
+
+    def _read_extra(self, labels):
+        """The extra geometries (with ``weights``, their per-conformation loss weights), or None."""
+        if self.extra_geometries is None:
+            return None
+        from ..distill.augment import agreement_weights, read_extra_geometries
+
+        spec = self.extra_geometries
+        if labels is None or "path" not in spec:
+            raise DataError(f"{self.path}: data.extra_geometries needs a path and a stage trained "
+                            "on distilled labels (stage=student with distill.labels)")
+        extra = read_extra_geometries(spec["path"], self.records, self.splits["train"], self.path)
+        extra.weights = agreement_weights(extra.force_var, float(spec.get("weight", 1.0)),
+                                          float(spec.get("variance_floor", 1.0)))
+        log.info("%s: %d extra geometries, loss weights %.3g-%.3g (mean %.3g)", spec["path"],
+                 len(extra.weights), extra.weights.min(initial=np.inf),
+                 extra.weights.max(initial=0.0), extra.weights.mean() if len(extra.weights) else 0.0)
+        return extra
 
     def _drop_unlabelled(self, index: np.ndarray) -> np.ndarray:
         """The global indices ``index`` without the conformations that have no distilled label."""
@@ -233,5 +280,5 @@ class EKDDataModule(pl.LightningDataModule):
 
     def all_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """Every conformation of the file in stored order, without distilled labels."""
-        split = PackedSplit(self.packed, np.arange(len(self.packed)), labels=False)
+        split = PackedSplit(self.packed, np.arange(self.n_dataset), labels=False)
         return split.loader(batch_size or self.batch_size)

@@ -9,7 +9,9 @@ over all of them, atoms of conformation g at rows ``atom_start[g]:atom_start[g +
   in the file's group;
 - optionally ``forces`` (n_atoms_total, 3) float32 Hartree/Å (reference, -dE/dx),
   ``label_forces`` (n_atoms_total, 3) float32 Hartree/Å and ``label_force_var``
-  (n_atoms_total,) float32 (Hartree/Å)² (distilled ensemble mean and variance).
+  (n_atoms_total,) float32 (Hartree/Å)² (distilled ensemble mean and variance);
+- optionally ``weight`` (N,) float32: a per-conformation loss weight (extra geometries
+  weighted by teacher agreement, :mod:`ekd_lightning.distill.augment`).
 
 Memory grows with these arrays (about 30 bytes per atom, 50 with forces), not with a Python
 object per conformation. :meth:`PackedConformations.collate` turns a list of global indices
@@ -45,10 +47,12 @@ class PackedConformations:
         records: the molecules, as :func:`~ekd_lightning.data.read_molecules` returns them.
         labels: optional, per record ``{"forces": (n_conf, n_atoms, 3), "force_var":
             (n_conf, n_atoms)}`` as :func:`~ekd_lightning.labels.read_labels` returns them.
+        weights: optional (N,) loss weight per conformation (batches then carry ``weight``).
     """
 
     def __init__(self, records: Sequence[MoleculeRecord],
-                 labels: Sequence[dict[str, np.ndarray]] | None = None):
+                 labels: Sequence[dict[str, np.ndarray]] | None = None,
+                 weights: np.ndarray | None = None):
         n_conf = np.array([r.num_conformations for r in records], dtype=np.int64)
         n_atoms = np.array([len(r.atomic_numbers) for r in records], dtype=np.int64)
         self.record_start = np.concatenate([[0], np.cumsum(n_conf)]).astype(np.int64)
@@ -65,6 +69,7 @@ class PackedConformations:
         if labels is not None:
             self.label_forces = _concat([lab["forces"] for lab in labels], np.float32, (3,))
             self.label_force_var = _concat([lab["force_var"] for lab in labels], np.float32)
+        self.weight = None if weights is None else np.asarray(weights, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.energy)
@@ -109,6 +114,8 @@ class PackedConformations:
         if labels and self.label_forces is not None:
             fields["label_forces"] = torch.from_numpy(self.label_forces[atoms])
             fields["label_force_var"] = torch.from_numpy(self.label_force_var[atoms])
+        if self.weight is not None:
+            fields["weight"] = torch.from_numpy(self.weight[index])
         fields["batch"] = torch.from_numpy(np.repeat(np.arange(len(index)), counts))
         fields["ptr"] = torch.from_numpy(ptr)
         batch = Batch(**fields)
