@@ -25,7 +25,9 @@ CLI::
 
 The ``second`` preset is an independent dataset for checking conclusions on data no one tuned
 to: other molecules (:data:`SECOND_TRAIN_SMILES` etc., disjoint from the bundled lists) and
-another seed salt; it is not shipped (build it with ``--preset second``).
+another seed salt: 4,080 training conformations of 51 molecules and 284 test conformations of
+30 molecules, 2.9 MB. It is not shipped: ``--preset second`` builds it (31.8 min with 2 workers
+on a shared 2-core machine at load 13-15).
 """
 
 from __future__ import annotations
@@ -216,7 +218,7 @@ PRESETS: dict[str, Preset] = {
     "second": Preset(
         "second", train_smiles=SECOND_TRAIN_SMILES, test_smiles=SECOND_TEST_SMILES,
         dimer_smiles=SECOND_DIMER_SMILES, seed_salt="second", md_frames=25,
-    ),  # 80 conformations per molecule (not 100): builds in about 20 min on 2 busy cores
+    ),  # 80 conformations per molecule (not 100), to build in about half an hour on 2 cores
 }
 
 # --------------------------------------------------------------------------------------------
