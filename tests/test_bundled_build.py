@@ -189,3 +189,37 @@ def test_shipped_default_files():
         assert 30 <= len(_comp6_groups(f)) <= 50
     size = bundled.TRAIN_FILE.stat().st_size + bundled.TEST_FILE.stat().st_size
     assert size < 8 * 2**20
+
+
+def _smiles_of(preset: build.Preset) -> set[str]:
+    lists = [preset.train_smiles, preset.dimer_smiles, *preset.test_smiles.values()]
+    return {build.canonical(s) for smiles in lists for s in smiles}
+
+
+def test_second_preset_is_independent_of_the_bundled_data():
+    """The ``second`` dataset shares no molecule (train, test or dimer) with the bundled one,
+    keeps every training molecule (no formula skipped) and uses its own seeds."""
+    pytest.importorskip("rdkit")
+    second = build.PRESETS["second"]
+    assert not _smiles_of(second) & _smiles_of(build.PRESETS["default"])
+    train, test = build.plan_jobs(second, log=lambda m: None)
+    assert len(train) == len(second.train_smiles) >= 40
+    assert set(second.test_smiles) | {build.DIMER_SUBSET} == SUBSETS and len(test) >= 25
+    assert second.seed("train", "O") != build.PRESETS["default"].seed("train", "O")
+    # the shipped default keeps the unsalted seeds its files were built with
+    assert build.PRESETS["default"].seed("train", "O") == build.stable_seed("train", "O")
+
+
+def test_seed_salt_gives_other_deterministic_samples():
+    """A one-molecule build under a salt repeats itself exactly and differs from the unsalted."""
+    pytest.importorskip("tblite")
+    pytest.importorskip("rdkit")
+    import dataclasses
+
+    tiny = build.PRESETS["tiny"]
+    salted = dataclasses.replace(tiny, seed_salt="second")
+    runs = [build.run_job(build.Job("train", "H2O", "O", p))[0] for p in (salted, salted, tiny)]
+    np.testing.assert_array_equal(runs[0].coordinates, runs[1].coordinates)
+    np.testing.assert_array_equal(runs[0].forces, runs[1].forces)
+    assert runs[0].coordinates.shape == runs[2].coordinates.shape
+    assert np.abs(runs[0].coordinates - runs[2].coordinates).max() > 1e-3
