@@ -207,17 +207,18 @@ def test_pipeline_block_reaches_the_students_only(ani1x_file, comp6_file, tmp_pa
 
     from ekd_lightning.pipeline import teacher_jobs, variant_jobs
 
-    plain = pipeline_cfg(ani1x_file, comp6_file, tmp_path)
-    lever = pipeline_cfg(ani1x_file, comp6_file, tmp_path, "+ablation=extra_geometries")
+    plain, plain_command = pipeline_cfg(ani1x_file, comp6_file, tmp_path)
+    lever, lever_command = pipeline_cfg(ani1x_file, comp6_file, tmp_path, "+ablation=extra_geometries")
     assert lever.pipeline.extra_geometries.method == "cartesian"
     assert "extra_geometries" not in plain.pipeline and "extra_geometries" not in plain.data
     extra = {"path": "x.h5", "weight": 0.5, "variance_floor": 1.0}
     for stage in ("baseline", "oracle"):
-        assert [j.run_dir for j in variant_jobs(lever, stage, tmp_path)] == \
-            [j.run_dir for j in variant_jobs(plain, stage, tmp_path)]
-    assert [j.run_dir for j in teacher_jobs(lever, tmp_path)] == [j.run_dir for j in teacher_jobs(plain, tmp_path)]
-    students = variant_jobs(lever, "student", tmp_path, tmp_path / "labels.h5", extra)
+        assert [j.run_dir for j in variant_jobs(lever, stage, tmp_path, None, lever_command)] == \
+            [j.run_dir for j in variant_jobs(plain, stage, tmp_path, None, plain_command)]
+    assert [j.run_dir for j in teacher_jobs(lever, tmp_path, lever_command)] == \
+        [j.run_dir for j in teacher_jobs(plain, tmp_path, plain_command)]
+    students = variant_jobs(lever, "student", tmp_path, tmp_path / "labels.h5", lever_command, extra)
     assert all(j.cfg["data"]["extra_geometries"] == extra for j in students)
-    without = variant_jobs(plain, "student", tmp_path, tmp_path / "labels.h5")
+    without = variant_jobs(plain, "student", tmp_path, tmp_path / "labels.h5", plain_command)
     assert all("extra_geometries" not in j.cfg["data"] for j in without)
     assert {j.run_dir for j in students}.isdisjoint(j.run_dir for j in without)
