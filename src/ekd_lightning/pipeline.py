@@ -880,9 +880,10 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] 
             # baselines and oracles do not need the teachers: they train alongside them
             other_futures = {}
             for stage in stages:
-                specs += variant_specs(cfg, stage)
+                stage_specs = variant_specs(cfg, stage)
+                specs += stage_specs
                 other_futures[stage] = progress.track(runner.submit(
-                    make_jobs(cfg, variant_specs(cfg, stage), store, command)))
+                    make_jobs(cfg, stage_specs, store, command)))
             teachers = progress.wait(teacher_futures)
             timings["teachers"] = time.perf_counter() - start
             progress.step("distill")
