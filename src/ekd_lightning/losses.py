@@ -11,7 +11,9 @@ Units: terms are in kcal/mol units (energies in (kcal/mol)² per atom, forces in
 (kcal/mol/Å)²); the model predicts Hartree and Hartree/Å, the batch holds Hartree.
 
 To add a term: subclass :class:`LossTerm` (``__call__`` and, if it needs forces or a data file,
-``needs_forces``/``target``) and add an entry with its ``_target_`` to a stage YAML.
+``needs_forces``/``target``; ``needs_model``, ``validated`` and ``setup`` for a term that
+evaluates the model itself, such as :class:`ekd_lightning.distill.hessian.HessianLoss`) and add
+an entry with its ``_target_`` to a stage YAML.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class LossTerm:
     target: str | None = None
     """The data the term needs beyond energies: ``labels`` (a distilled label file),
     ``reference`` (the dataset's own forces, ``data.force_key``) or None."""
+    needs_model = False
+    """Whether the term evaluates the model itself (``__call__`` then also gets ``model=``, the
+    module's network), e.g. second derivatives (:class:`ekd_lightning.distill.hessian.HessianLoss`)."""
+    validated = True
+    """Whether ``val/loss`` includes the term; False: a training-only term."""
 
     def __init__(self, weight: float = 1.0, warmup_epochs: int = 0):
         self.weight = weight
@@ -51,6 +58,10 @@ class LossTerm:
         if self.warmup_epochs > 0 and epoch is not None:
             return self.weight * min(1.0, (epoch + 1) / self.warmup_epochs)
         return self.weight
+
+    def setup(self, datamodule) -> None:
+        """Read what the term needs from the run's data module (set up) when a fit starts (the
+        Lightning module's ``setup`` hook); default: nothing."""
 
     def __call__(self, energies: Tensor, forces: Tensor | None, batch) -> Tensor:
         """The unweighted term (a scalar) for predicted ``energies`` (n_molecules,) Hartree and
@@ -156,3 +167,11 @@ def loss_targets(spec: Mapping | None) -> set[str]:
     hash need to know."""
     return {entry.get("target") for entry in (spec or {}).values()
             if isinstance(entry, Mapping) and entry.get("target")}
+
+
+def loss_file(spec: Mapping | None) -> str | None:
+    """The data file that a term of a ``loss`` mapping reads itself (its ``labels`` argument:
+    :class:`~ekd_lightning.distill.hessian.HessianLoss`'s HVP labels), or None; read from the
+    config alone, for the run's provenance and reuse checks."""
+    return next((entry["labels"] for entry in (spec or {}).values()
+                 if isinstance(entry, Mapping) and entry.get("labels")), None)

@@ -217,9 +217,11 @@ class PotentialModule(pl.LightningModule):
     # ----------------------------------------------------------------- losses
     def term_weights(self, final: bool = False) -> dict[str, float]:
         """The weight of each loss term in this training epoch (warm-ups ramping);
-        ``final=True``: the weights after every warm-up (what validation uses)."""
+        ``final=True``: the weights after every warm-up (what validation uses; 0 for a
+        training-only term)."""
         epoch = None if final else self.current_epoch
-        return {name: term.weight_at(epoch) for name, term in self.loss_terms.items()}
+        return {name: term.weight_at(epoch) if term.validated or not final else 0.0
+                for name, term in self.loss_terms.items()}
 
     def needs_forces(self, weights: Mapping[str, float]) -> bool:
         """Whether a term with a non-zero weight needs the predicted forces."""
@@ -231,7 +233,9 @@ class PotentialModule(pl.LightningModule):
         total = None
         for name, weight in weights.items():
             if weight != 0:
-                value = weight * self.loss_terms[name](energies, forces, batch)
+                term = self.loss_terms[name]
+                extra = {"model": self.model} if term.needs_model else {}
+                value = weight * term(energies, forces, batch, **extra)
                 total = value if total is None else total + value
         return total if total is not None else 0.0 * energies.sum()
 
@@ -247,6 +251,12 @@ class PotentialModule(pl.LightningModule):
         return self.weighted_loss(weights, energies, forces, batch), energies, forces
 
     # ----------------------------------------------------------------- steps
+    def setup(self, stage: str) -> None:
+        """When a fit starts, each loss term reads what it needs from the data module."""
+        if stage == "fit":
+            for term in self.loss_terms.values():
+                term.setup(self.trainer.datamodule)
+
     def on_fit_start(self) -> None:
         if self.feature_cache is not None:  # features of another fit's data are not reused
             self.feature_cache.clear()

@@ -380,14 +380,16 @@ def teacher_jobs(cfg: DictConfig, store: Path, overrides: Sequence[str] | None =
 
 
 def variant_specs(cfg: DictConfig, role: str, labels: Path | None = None,
-                  extra_geometries: Mapping | None = None) -> list[RunSpec]:
+                  extra_geometries: Mapping | None = None,
+                  hessian: Path | None = None) -> list[RunSpec]:
     """Step 3's runs of ``role`` (student, baseline or oracle; its ``conf/stage`` file), the
     pipeline's model, one per seed (``pipeline.seeds``; the oracle, a reference bound,
     ``pipeline.oracle_seeds``); the student's config gets the labels and
     ``pipeline.student_overrides`` (e.g. a loss setting); student and oracle, the roles trained
     on forces, get ``pipeline.force_overrides`` (e.g. the force weight, so that the oracle keeps
     the student's recipe), and ``extra_geometries`` (:func:`extra_geometries`) its
-    ``data.extra_geometries``, a key absent from every other run's config. The overrides are
+    ``data.extra_geometries``, a key absent from every other run's config; ``hessian``, the HVP
+    label file of :func:`hessian_labels`, its ``loss.hessian.labels``. The overrides are
     mappings, applied as :func:`as_overrides`."""
     p = cfg.pipeline
     variant = []
@@ -399,6 +401,8 @@ def variant_specs(cfg: DictConfig, role: str, labels: Path | None = None,
         variant += as_overrides(p.get("force_overrides") or {})
     if role == "student":
         variant += as_overrides(p.get("student_overrides") or {})
+        if hessian:
+            variant.append(f"++loss.hessian.labels={override_value(str(hessian))}")
     seeds = p.oracle_seeds if role == "oracle" else p.seeds
     return [RunSpec(role, role, cfg.model.name, int(seed), int(p.max_epochs), tuple(variant))
             for seed in seeds]
@@ -406,10 +410,10 @@ def variant_specs(cfg: DictConfig, role: str, labels: Path | None = None,
 
 def variant_jobs(cfg: DictConfig, role: str, store: Path, labels: Path | None = None,
                  overrides: Sequence[str] | None = None,
-                 extra_geometries: Mapping | None = None) -> list[Job]:
+                 extra_geometries: Mapping | None = None, hessian: Path | None = None) -> list[Job]:
     """Step 3: the runs of ``role`` (:func:`variant_specs`) of the pipeline config ``cfg``
     composed with ``overrides`` (None: the running Hydra app's)."""
-    return make_jobs(cfg, variant_specs(cfg, role, labels, extra_geometries), store,
+    return make_jobs(cfg, variant_specs(cfg, role, labels, extra_geometries, hessian), store,
                      checked_command(cfg, overrides))
 
 
@@ -444,6 +448,28 @@ def extra_geometries(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> d
         OmegaConf.to_container(cfg.data, resolve=True), [str(t.checkpoint) for t in teachers],
         store, accelerator=cfg.trainer.get("accelerator", "cpu"), **spec)
     return {"path": str(path), **weights}
+
+
+def hessian_labels(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Path:
+    """Step 2c (``pipeline.hessian``, absent by default; ``+ablation=hessian``): the teacher
+    ensemble's Hessian-vector products along ``directions`` random directions per conformation
+    (``kind``: rows or gaussian, ``seed``; :mod:`ekd_lightning.distill.hessian`), into
+    ``<store>/hvp-<sha>.h5`` named by the teachers' run folders and those settings, so shared
+    and reused like the labels; the students' ``loss.hessian`` term trains on them."""
+    from .distill.hessian import label_teachers
+
+    if "hessian" not in ((cfg.pipeline.get("student_overrides") or {}).get("loss") or {}):
+        raise ConfigError("pipeline.hessian labels the students' loss.hessian term: add "
+                          "pipeline.student_overrides.loss.hessian (see conf/ablation/hessian.yaml)")
+    spec = OmegaConf.to_container(cfg.pipeline.hessian, resolve=True)
+    settings = {"directions": int(spec.get("directions", 4)), "kind": spec.get("kind", "rows"),
+                "seed": int(spec.get("seed", 0))}
+    text = "\n".join([*(t.run_dir.name for t in teachers), json.dumps(settings, sort_keys=True)])
+    data = cfg.data
+    return label_teachers(
+        [t.checkpoint for t in teachers], data.path, data.energy_key,
+        store / f"hvp-{hashlib.sha256(text.encode()).hexdigest()[:10]}.h5", settings["directions"],
+        settings["seed"], settings["kind"], data.file_format, list(data.elements), data.batch_size)
 
 
 def default_teacher_jobs(cfg: DictConfig, overrides: Sequence[str] | None = None) -> list[Job]:
@@ -891,8 +917,9 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] 
             extra = None
             if p.get("extra_geometries"):
                 extra = timed("extra_geometries", extra_geometries, cfg, teachers, store)
+            hessian = timed("hessian", hessian_labels, cfg, teachers, store) if p.get("hessian") else None
             progress.step("students")
-            student_specs = variant_specs(cfg, "student", labels, extra)
+            student_specs = variant_specs(cfg, "student", labels, extra, hessian)
             specs += student_specs
             student_futures = progress.track(runner.submit(
                 make_jobs(cfg, student_specs, store, command)))

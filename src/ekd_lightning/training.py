@@ -24,7 +24,7 @@ from .data import EKDDataModule
 from .distill import labels_for_training
 from .errors import ConfigError
 from .labels import cached_sha256
-from .losses import loss_targets, renamed_key
+from .losses import loss_file, loss_targets, renamed_key
 from .module import PotentialModule
 
 log = logging.getLogger(__name__)
@@ -147,10 +147,12 @@ def provenance(cfg: DictConfig, datamodule: EKDDataModule) -> dict:
     except (OSError, subprocess.SubprocessError):
         revision = None
     labels = datamodule.labels_path
+    hvp = loss_file(OmegaConf.to_container(cfg.loss, resolve=True))  # loss.hessian's (if any)
     return {
         "ekd_lightning": __version__, "versions": versions, "git_revision": revision,
         "dataset": str(datamodule.path), "dataset_sha256": cached_sha256(datamodule.path),
         "labels": labels, "labels_sha256": cached_sha256(labels) if labels else None,
+        **({"hvp_labels": hvp, "hvp_labels_sha256": cached_sha256(hvp)} if hvp else {}),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
@@ -208,7 +210,8 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-INPUTS = (("dataset", "dataset_sha256"), ("labels", "labels_sha256"))
+INPUTS = (("dataset", "dataset_sha256"), ("labels", "labels_sha256"),
+          ("hvp_labels", "hvp_labels_sha256"))
 """The input files a run records in ``run_info.json``: (path key, SHA-256 key)."""
 
 
