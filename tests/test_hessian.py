@@ -237,3 +237,25 @@ def test_hessian_ablation_changes_the_students_only(tmp_path):
     plain = compose_train(["experiment=ekd", "+ablation=converged", "+pipeline.hessian.directions=4"])
     with pytest.raises(ConfigError, match="add pipeline.student_overrides.loss.hessian"):
         hessian_labels(plain, [], tmp_path)
+
+
+def test_resumed_run_draws_what_an_uninterrupted_one_would(data, dm, tmp_path):
+    """The term's generator state is saved in checkpoints: a run trained 1 epoch and extended
+    to 2 (resumed from its last checkpoint) ends with the weights of a run trained 2 epochs at
+    once. Mutation caught: ``HessianLoss.state_dict`` returning {} (the resumed run redraws the
+    molecules and directions from the seed: other weights)."""
+    labels = write_label_file(tmp_path / "labels.h5", data, ENERGY, "emt.forces")
+    path = hvp_file(tmp_path / "hvp.h5", [tiny_ani(0, dm, torch.float32)], dm)
+    base = ["stage=student", f"distill.labels={labels}", "model.hidden={H:[16],C:[16],N:[16],O:[16]}",
+            "data.batch_size=8", f"+loss.hessian={{_target_: {TERM}, labels: '{path}', weight: 1.0, fraction: 0.5}}"]
+    run_training(make_cfg(data, *base, "trainer.max_epochs=1"), tmp_path / "resumed")
+    resumed = run_training(make_cfg(data, *base, "trainer.max_epochs=2"), tmp_path / "resumed")
+    fresh = run_training(make_cfg(data, *base, "trainer.max_epochs=2"), tmp_path / "fresh")
+
+    def weights(run):
+        return torch.load(tmp_path / run / "checkpoints" / "last.ckpt", map_location="cpu",
+                          weights_only=False)["state_dict"]
+
+    assert resumed["epochs"] == fresh["epochs"] == 2
+    a, b = weights("resumed"), weights("fresh")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -59,6 +59,14 @@ class LossTerm:
             return self.weight * min(1.0, (epoch + 1) / self.warmup_epochs)
         return self.weight
 
+    def state_dict(self) -> dict:
+        """The term's own state beyond its config (e.g. a random generator's), saved in
+        checkpoints so that a resumed run continues exactly; default: none."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (on resume)."""
+
     def setup(self, datamodule) -> None:
         """Read what the term needs from the run's data module (set up) when a fit starts (the
         Lightning module's ``setup`` hook); default: nothing."""

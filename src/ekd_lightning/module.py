@@ -187,8 +187,15 @@ class PotentialModule(pl.LightningModule):
         name (checkpoints of the previous layout): how label files and exports name the model."""
         return self.hparams.model.get("name") or type(self.model).__name__
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save the loss terms' own state (e.g. a random generator) for an exact resume."""
+        states = {name: state for name, term in self.loss_terms.items() if (state := term.state_dict())}
+        if states:
+            checkpoint["loss_term_states"] = states
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse (CheckpointError) to resume from a checkpoint of another model."""
+        """Refuse (CheckpointError) to resume from a checkpoint of another model; restore the
+        loss terms' state."""
         from .errors import CheckpointError
 
         saved = upgrade_hparams(checkpoint.get("hyper_parameters", {}))
@@ -201,6 +208,9 @@ class PotentialModule(pl.LightningModule):
                 f"run builds {model_arguments(self.hparams.model)} for {self.hparams.elements}; "
                 "use another run directory (hydra.run.dir) or remove its checkpoints/"
             )
+        for name, state in checkpoint.get("loss_term_states", {}).items():
+            if name in self.loss_terms:
+                self.loss_terms[name].load_state_dict(state)
 
     # ----------------------------------------------------------------- prediction
     def forward(self, batch, create_graph: bool = False, with_forces: bool = True):

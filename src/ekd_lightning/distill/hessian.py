@@ -177,7 +177,8 @@ class HessianLoss(LossTerm):
         weight, warmup_epochs: see :class:`~ekd_lightning.losses.LossTerm`.
         fraction: share of each batch's molecules whose H v is matched (at least one).
         seed: of the term's own random generator (molecules and directions drawn per step), so
-            that the data order stays the plain student's.
+            that the data order stays the plain student's; its state is saved in checkpoints
+            (:meth:`state_dict`), so a resumed run draws what an uninterrupted one would.
     """
 
     needs_model = True
@@ -191,6 +192,13 @@ class HessianLoss(LossTerm):
         self.labels, self.fraction, self.seed = labels, float(fraction), int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.directions = self.hvp = None
+
+    def state_dict(self) -> dict:
+        """The generator's state (which molecules and directions the next steps draw)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
 
     def setup(self, datamodule) -> None:
         """Read the labels of every packed conformation of ``datamodule`` (after its setup):
