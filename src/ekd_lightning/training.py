@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import warnings
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +27,10 @@ from .errors import ConfigError
 from .labels import cached_sha256
 from .losses import loss_file, loss_targets, renamed_key
 from .module import PotentialModule
+
+# Lightning 2.6 with torch >= 2.10 warns once per process from its own internals (not from a call
+# of ours); in the pipeline every worker process printed it. Only that message is silenced.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 log = logging.getLogger(__name__)
 
