@@ -5,8 +5,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import train_tiny, write_label_file
 
+from conftest import train_tiny, write_label_file
 from ekd_lightning.checkpoint import load_potential
 from ekd_lightning.data import EKDDataModule
 from ekd_lightning.distill.augment import agreement_weights, make_extra_geometries
@@ -203,9 +203,8 @@ def test_pipeline_block_reaches_the_students_only(ani1x_file, comp6_file, tmp_pa
     """``+ablation=extra_geometries`` gives the students ``data.extra_geometries`` and leaves
     every other run's config (so its folder in the store) as without it. Mutation caught: the
     block reaching the baseline or the teachers (they would retrain), or not the student."""
-    from test_pipeline import pipeline_cfg
-
     from ekd_lightning.pipeline import teacher_jobs, variant_jobs
+    from test_pipeline import pipeline_cfg
 
     plain, plain_command = pipeline_cfg(ani1x_file, comp6_file, tmp_path)
     lever, lever_command = pipeline_cfg(ani1x_file, comp6_file, tmp_path, "+ablation=extra_geometries")
