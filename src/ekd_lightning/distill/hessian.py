@@ -138,25 +138,19 @@ def label_teachers(checkpoints: Sequence[str | Path], dataset: str | Path, energ
                    elements: Sequence[str] | None = None, batch_size: int = 64) -> Path:
     """The HVP label file of the teachers ``checkpoints`` for ``dataset`` (kept when ``out``
     already exists: its name is a hash of the teachers and the settings)."""
-    from ..data.readers import detect_format, read_molecules
-    from ..labels import cached_sha256
-    from .teachers import load_teachers, resolve_teachers, teacher_identities
+    from .run import make_job
+    from .teachers import load_teachers, teacher_identities
 
     out = Path(out)
     if out.is_file():
         return out
-    dataset = Path(dataset)
-    fmt = detect_format(dataset) if file_format == "auto" else file_format
-    records, _ = read_molecules(dataset, energy_key, None, fmt, elements)
-    sources = resolve_teachers([str(c) for c in checkpoints])
-    models = load_teachers(sources)
-    with open_h5(dataset) as f:
-        sizes = {r.key: int(f[r.key]["coordinates"].shape[0]) for r in records}
-    groups = hvp_labels(models, records, sizes, k, seed, kind, batch_size)
+    job = make_job(dataset, energy_key, out, [str(c) for c in checkpoints], file_format, elements, batch_size)
+    models = load_teachers(job.sources)
+    groups = hvp_labels(models, job.records, job.file_conformations, k, seed, kind, batch_size)
     return write_hvp_labels(out, groups, {
         "kind": kind, "directions": int(k), "seed": int(seed), "energy_key": energy_key,
-        "dataset_path": str(dataset.resolve()), "dataset_sha256": cached_sha256(dataset),
-        "teachers": teacher_identities(sources, models)})
+        "dataset_path": str(job.dataset.resolve()), "dataset_sha256": job.dataset_sha256,
+        "teachers": teacher_identities(job.sources, models)})
 
 
 # ----------------------------------------------------------------------------- student
