@@ -57,7 +57,7 @@ def config(request) -> Path:
 
 
 def test_every_model_config_is_collected():
-    assert {"ani1x", "ani2x", "schnet", "schnet_small"} <= {p.stem for p in MODEL_CONFIGS}
+    assert {"ani1x", "ani2x", "schnet", "schnet_small", "visnet_small"} <= {p.stem for p in MODEL_CONFIGS}
 
 
 def dimer() -> Atoms:

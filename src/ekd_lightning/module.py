@@ -135,6 +135,11 @@ class PotentialModule(pl.LightningModule):
         loss: the loss terms, ``{name: {_target_: a LossTerm class, **kwargs}}``
             (:mod:`ekd_lightning.losses`; null entries skipped); default: the energy term alone.
         lr, weight_decay, lr_factor, lr_patience: AdamW and ReduceLROnPlateau on ``val/loss``.
+        lr_cycle_epochs: instead of ReduceLROnPlateau, cosine annealing from ``lr`` to 0 over
+            cycles of this many epochs, restarted at ``lr`` after each (Loshchilov & Hutter's
+            warm restarts): the schedule of snapshot ensembles (Huang et al., ICLR 2017), whose
+            members are the weights at the end of each cycle (``training``'s snapshot
+            checkpoints). None: ReduceLROnPlateau.
         feature_cache_mb: keep the input features of training conformations across epochs
             while no term needs forces (:class:`FeatureCache`), up to this many MiB; 0: off.
             Not a hyperparameter saved in checkpoints: it changes speed and memory, and the
@@ -157,6 +162,7 @@ class PotentialModule(pl.LightningModule):
         weight_decay: float = 1e-5,
         lr_factor: float = 0.5,
         lr_patience: int = 5,
+        lr_cycle_epochs: int | None = None,
         feature_cache_mb: float = 0.0,
     ):
         super().__init__()
@@ -168,7 +174,7 @@ class PotentialModule(pl.LightningModule):
             {"model": _plain(model), "elements": elements, "self_energies": self_energies,
              "energy_scale": float(energy_scale), "stage": stage, "loss": loss,
              "lr": lr, "weight_decay": weight_decay, "lr_factor": lr_factor,
-             "lr_patience": lr_patience}
+             "lr_patience": lr_patience, "lr_cycle_epochs": lr_cycle_epochs}
         )
         self.model = instantiate_model(model, elements)
         self.model.set_energy_statistics(self_energies, energy_scale)
@@ -323,6 +329,10 @@ class PotentialModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.get("lr_cycle_epochs"):
+            cycles = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+                optimizer, T_0=int(hp.lr_cycle_epochs))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cycles, "interval": "epoch"}}
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=hp.lr_factor, patience=hp.lr_patience
         )

@@ -126,6 +126,17 @@ class Run:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def members(self) -> list[Path]:
+        """The checkpoints this run gives an ensemble: a snapshot-ensemble teacher's snapshots
+        (``snapshot-*.ckpt``, one per LR cycle, in epoch order), else its best checkpoint."""
+        return sorted((self.run_dir / "checkpoints").glob("snapshot-*.ckpt")) or [self.checkpoint]
+
+
+def member_checkpoints(teachers: Sequence[Run]) -> list[str]:
+    """The teacher ensemble's members (:attr:`Run.members`), in order, as paths."""
+    return [str(path) for t in teachers for path in t.members]
+
 
 # ----------------------------------------------------------------------------- configs
 SET_PER_RUN = ("stage", "model", "seed", "trainer.max_epochs", "run_name")
@@ -360,15 +371,25 @@ def make_runner(cfg: DictConfig):
 def teacher_specs(spec: Mapping) -> list[RunSpec]:
     """Step 1's runs from an ensemble spec (``conf/ensemble``: ``pipeline.teachers``): one
     energy-only teacher per entry of ``models``, seeds from ``first_seed``, each on its own
-    random ``train_fraction`` of the training split when that is below 1."""
+    random ``train_fraction`` of the training split when that is below 1.
+
+    With ``snapshots: K`` and ``cycle_epochs: C`` (absent by default; ``+ablation=snapshot_teachers``)
+    each teacher is a snapshot ensemble (Huang et al., ICLR 2017): K cosine LR cycles of C
+    epochs with warm restarts (``optim.lr_cycle_epochs``), no early stopping (the restarts
+    raise the validation loss on purpose), K checkpoints (:attr:`Run.members`)."""
     specs = []
+    snapshots = int(spec.get("snapshots") or 0)
+    max_epochs = int(spec.max_epochs)
     for i, model in enumerate(spec.models):
         seed = int(spec.first_seed) + i
-        data = ()
+        variant = ()
         if spec.train_fraction < 1.0:
-            data = (f"data.train_fraction={override_value(float(spec.train_fraction))}",
-                    f"data.train_subset_seed={seed}")
-        specs.append(RunSpec("teacher", "teacher", model, seed, int(spec.max_epochs), data, i))
+            variant = (f"data.train_fraction={override_value(float(spec.train_fraction))}",
+                       f"data.train_subset_seed={seed}")
+        if snapshots:
+            max_epochs = snapshots * int(spec.cycle_epochs)
+            variant += ("callbacks=none", f"+optim.lr_cycle_epochs={int(spec.cycle_epochs)}")
+        specs.append(RunSpec("teacher", "teacher", model, seed, max_epochs, variant, i))
     return specs
 
 
@@ -427,7 +448,7 @@ def distill(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Path:
     name = hashlib.sha256("\n".join(t.run_dir.name for t in teachers).encode()).hexdigest()[:10]
     job = make_job(
         dataset=data.path, energy_key=data.energy_key, out=store / f"labels-{name}.h5",
-        teachers=[str(t.checkpoint) for t in teachers], file_format=data.file_format,
+        teachers=member_checkpoints(teachers), file_format=data.file_format,
         elements=list(data.elements), batch_size=data.batch_size,
     )
     return distill_labels(job, OmegaConf.to_container(cfg.trainer, resolve=True))
@@ -445,7 +466,7 @@ def extra_geometries(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> d
     weights = {"weight": float(spec.pop("weight", 1.0)),
                "variance_floor": float(spec.pop("variance_floor", 1.0))}
     path = make_extra_geometries(
-        OmegaConf.to_container(cfg.data, resolve=True), [str(t.checkpoint) for t in teachers],
+        OmegaConf.to_container(cfg.data, resolve=True), member_checkpoints(teachers),
         store, accelerator=cfg.trainer.get("accelerator", "cpu"), **spec)
     return {"path": str(path), **weights}
 
@@ -467,7 +488,7 @@ def hessian_labels(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Pat
     text = "\n".join([*(t.run_dir.name for t in teachers), json.dumps(settings, sort_keys=True)])
     data = cfg.data
     return label_teachers(
-        [t.checkpoint for t in teachers], data.path, data.energy_key,
+        member_checkpoints(teachers), data.path, data.energy_key,
         store / f"hvp-{hashlib.sha256(text.encode()).hexdigest()[:10]}.h5", settings["directions"],
         settings["seed"], settings["kind"], data.file_format, list(data.elements), data.batch_size)
 
@@ -512,9 +533,15 @@ def default_teacher_labels(cfg: DictConfig, overrides: Sequence[str] | None = No
 
 
 def named_models(teachers: Sequence[Run], variants: Mapping[str, Sequence[Run]]) -> dict:
-    """``{name: PotentialModule or list (ensemble)}`` of everything the report compares."""
-    models: dict[str, object] = {t.name: load_potential(t.checkpoint) for t in teachers}
-    models["ensemble"] = [models[t.name] for t in teachers]
+    """``{name: PotentialModule or list (ensemble)}`` of everything the report compares: each
+    teacher by its name (a snapshot-ensemble teacher: its last snapshot, the earlier ones as
+    ``<name>.<k>``), the ensemble of all members, and the other runs."""
+    models: dict[str, object] = {}
+    for t in teachers:
+        *earlier, last = t.members
+        models.update({f"{t.name}.{k}": load_potential(path) for k, path in enumerate(earlier)})
+        models[t.name] = load_potential(last)
+    models["ensemble"] = list(models.values())
     for run in (run for runs in variants.values() for run in runs):
         models[run.name] = load_potential(run.checkpoint)
     return models

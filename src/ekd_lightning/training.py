@@ -336,6 +336,19 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=(),
         return _fit(cfg, run_dir, callbacks, command)
 
 
+def snapshot_checkpoints(cfg: DictConfig, checkpoint_dir: Path) -> list[ModelCheckpoint]:
+    """With ``optim.lr_cycle_epochs`` (cyclic cosine LR, absent by default), a checkpoint at
+    the end of every cycle, ``snapshot-<epoch>.ckpt`` (0-based epoch: ``snapshot-049.ckpt``
+    ends a 50-epoch cycle): the members a snapshot-ensemble teacher contributes
+    (``pipeline.Run.members``)."""
+    cycle = cfg.optim.get("lr_cycle_epochs")
+    if not cycle:
+        return []
+    return [ModelCheckpoint(dirpath=checkpoint_dir, filename="snapshot-{epoch:03d}",
+                            auto_insert_metric_name=False, every_n_epochs=int(cycle),
+                            save_top_k=-1, save_on_train_epoch_end=True)]
+
+
 def _fit(cfg: DictConfig, run_dir: Path, callbacks, command: str | None) -> dict[str, float]:
     """The training of :func:`run_training`: check the folder, fit, test the best checkpoint,
     write the files (rank 0)."""
@@ -358,8 +371,8 @@ def _fit(cfg: DictConfig, run_dir: Path, callbacks, command: str | None) -> dict
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         inference_mode=False, logger=build_logger(cfg, run_dir),
-        callbacks=[checkpointing, history, *build_callbacks(cfg), *robustness_callbacks(),
-                   *callbacks],
+        callbacks=[checkpointing, *snapshot_checkpoints(cfg, checkpoint_dir), history,
+                   *build_callbacks(cfg), *robustness_callbacks(), *callbacks],
         plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir),
     )
     info = {**provenance(cfg, datamodule), "config_sha256": fingerprint, "computed_config": requested,
