@@ -389,7 +389,10 @@ def _fit(cfg: DictConfig, run_dir: Path, callbacks, command: str | None) -> dict
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics.update(stopping_summary(trainer, history))
-    results = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
+    # the best checkpoint of `checkpointing` (what ckpt_path="best" picks, without the warning
+    # that snapshot checkpoints, a second ModelCheckpoint, would bring)
+    results = trainer.test(module, datamodule=datamodule, ckpt_path=checkpointing.best_model_path,
+                           verbose=False)
     metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     metrics["best_checkpoint"] = checkpointing.best_model_path
     metrics["config_sha256"] = fingerprint
