@@ -24,6 +24,7 @@ from ekd_lightning.losses import ForceLoss
 from ekd_lightning.models import instantiate_model
 from ekd_lightning.models.ani import ANIModel
 from ekd_lightning.models.schnet import SchNetModel
+from ekd_lightning.models.visnet import ViSNetModel
 from ekd_lightning.module import PotentialModule
 from ekd_lightning.pipeline import teacher_jobs
 from ekd_lightning.training import config_sha256, register_resolvers, run_training
@@ -41,7 +42,7 @@ def test_default_run_folders_of_every_model_config_differ():
             classes.add(type(instantiate_model(cfg.model, ["H", "C", "N", "O"])))
     assert len(MODEL_CONFIGS) >= 4 and len(set(folders.values())) == len(folders), folders
     assert all(folders[name] == f"runs/teacher-{name}-seed0" for name in MODEL_CONFIGS)
-    assert classes == {ANIModel, SchNetModel}
+    assert classes == {ANIModel, SchNetModel, ViSNetModel}
 
 
 def _small_ani() -> PotentialModule:
