@@ -2,9 +2,10 @@
 # Set up (scripts/setup.sh) and run the whole EKD pipeline on the bundled GFN2-xTB data:
 # teachers -> distillation -> student / energy-only baseline / true-force oracle -> evaluation
 # on held-out conformations and the COMP6-like test set -> MD stability -> report.
-# It runs the best recipe measured to fit about 15 minutes on 2 CPU cores: every model under the
-# one stopping rule with a cap of 40 epochs, and the teacher ensemble conf/ensemble/ani_visnet.yaml
-# (the default four ANI teachers plus two small equivariant ViSNets; README, "Budget-matched").
+# Every model under the one stopping rule with a cap of 40 epochs and the default four ANI
+# teachers: about 11 minutes on 2 CPU cores. `bash scripts/ekd.sh ensemble@pipeline.teachers=ani_visnet`
+# adds two small equivariant ViSNet teachers: far better students, about 18 minutes (README,
+# "Budget-matched").
 # The report is runs/ekd/report/summary.md; extra arguments are Hydra overrides, e.g.
 #   bash scripts/ekd.sh pipeline.seeds=[0] pipeline.teachers.max_epochs=50
 set -euo pipefail
@@ -12,4 +13,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export WANDB_MODE=${WANDB_MODE:-offline} WANDB_SILENT=true
-python train.py experiment=ekd ensemble@pipeline.teachers=ani_visnet "$@"
+python train.py experiment=ekd "$@"
