@@ -378,18 +378,17 @@ def teacher_specs(spec: Mapping) -> list[RunSpec]:
     epochs with warm restarts (``optim.lr_cycle_epochs``), no early stopping (the restarts
     raise the validation loss on purpose), K checkpoints (:attr:`Run.members`)."""
     specs = []
-    snapshots = int(spec.get("snapshots") or 0)
-    max_epochs = int(spec.max_epochs)
+    max_epochs, schedule = int(spec.max_epochs), ()
+    if snapshots := int(spec.get("snapshots") or 0):
+        max_epochs = snapshots * int(spec.cycle_epochs)
+        schedule = ("callbacks=none", f"+optim.lr_cycle_epochs={int(spec.cycle_epochs)}")
     for i, model in enumerate(spec.models):
         seed = int(spec.first_seed) + i
-        variant = ()
+        data = ()
         if spec.train_fraction < 1.0:
-            variant = (f"data.train_fraction={override_value(float(spec.train_fraction))}",
-                       f"data.train_subset_seed={seed}")
-        if snapshots:
-            max_epochs = snapshots * int(spec.cycle_epochs)
-            variant += ("callbacks=none", f"+optim.lr_cycle_epochs={int(spec.cycle_epochs)}")
-        specs.append(RunSpec("teacher", "teacher", model, seed, max_epochs, variant, i))
+            data = (f"data.train_fraction={override_value(float(spec.train_fraction))}",
+                    f"data.train_subset_seed={seed}")
+        specs.append(RunSpec("teacher", "teacher", model, seed, max_epochs, data + schedule, i))
     return specs
 
 
