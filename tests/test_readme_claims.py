@@ -18,3 +18,18 @@ def test_ablation_script_and_config_table_list_every_variant():
     readme = (ROOT / "README.md").read_text()
     (row,) = [line for line in readme.splitlines() if line.startswith("| `ablation` |")]
     assert set(re.findall(r"`(\w+)`", row.split("|")[2])) == variants
+
+
+def test_ekd_script_runs_the_recipe_the_readme_and_configs_name():
+    """scripts/ekd.sh's command is the one the README's quick start quotes, and it composes to
+    the measured recipe: the four ANI teachers plus two ViSNets, every model capped at 30 epochs."""
+    from ekd_lightning.compose import compose_train
+
+    script = (ROOT / "scripts" / "ekd.sh").read_text()
+    (command,) = re.findall(r"^python train\.py (.*) \"\$@\"$", script, flags=re.M)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"`scripts/ekd.sh` runs `python train.py {command}`" in readme
+    cfg = compose_train(command.split())
+    assert list(cfg.pipeline.teachers.models) == ["ani2x"] * 3 + ["ani1x"] + ["visnet_small"] * 2
+    assert cfg.pipeline.max_epochs == 30 and cfg.pipeline.teachers.max_epochs == 30
+    assert cfg.run_name == "ekd"
