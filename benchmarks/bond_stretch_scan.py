@@ -1,0 +1,80 @@
+"""X-H bond-stretch scans of trained checkpoints against GFN2-xTB: why hot MD fails.
+
+For every X-H bond of the given ASE g2 molecules, the H is moved out along its bond by
+d = 0 .. ``--max-stretch`` Å and E(d) − E(0) (kcal/mol) is computed by each model and by
+GFN2-xTB (tblite). A model whose curve turns over has a spurious dissociation barrier: its top
+(the highest E(d) of the scan) and where it lies are printed per bond and summarised per model
+(mean and lowest barrier over bonds). The MD benchmark's failure criterion (a bond 0.5 Å off
+its initial length) sits at these barriers.
+
+    python benchmarks/bond_stretch_scan.py --checkpoints student=A.ckpt baseline=B.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from ase.build import molecule
+from ase.neighborlist import NeighborList, natural_cutoffs
+
+from ekd_lightning.calculator import EKDCalculator
+from ekd_lightning.evaluate import parse_named
+from ekd_lightning.units import HARTREE_TO_EV, HARTREE_TO_KCALMOL
+
+EV_TO_KCAL_MOL = HARTREE_TO_KCALMOL / HARTREE_TO_EV
+
+
+def xh_bonds(atoms) -> list[tuple[int, int]]:
+    """(heavy atom, hydrogen) index pairs of the bonded X-H pairs (ASE natural cutoffs)."""
+    neighbours = NeighborList(natural_cutoffs(atoms), self_interaction=False, bothways=True)
+    neighbours.update(atoms)
+    return [(int(x), h) for h in range(len(atoms)) if atoms[h].symbol == "H"
+            for x in neighbours.get_neighbors(h)[0] if atoms[int(x)].symbol != "H"]
+
+
+def stretch_curve(atoms, bond: tuple[int, int], calc, stretches: np.ndarray) -> np.ndarray:
+    """E(d) − E(0) in kcal/mol, shape (len(stretches),), the H of ``bond`` moved by d Å along it."""
+    heavy, hydrogen = bond
+    direction = atoms.positions[hydrogen] - atoms.positions[heavy]
+    direction /= np.linalg.norm(direction)
+    energies = []
+    for d in stretches:
+        stretched = atoms.copy()
+        stretched.positions[hydrogen] += d * direction
+        stretched.calc = calc
+        energies.append(stretched.get_potential_energy() * EV_TO_KCAL_MOL)
+    return np.asarray(energies) - energies[0]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoints", nargs="+", required=True, metavar="[NAME=]CKPT")
+    parser.add_argument("--molecules", nargs="+", default=["CH3OH", "CH3CH2OH", "CH3CHO", "CH3CONH2"])
+    parser.add_argument("--max-stretch", type=float, default=1.0, help="Å")
+    parser.add_argument("--step", type=float, default=0.05, help="Å")
+    args = parser.parse_args(argv)
+    from tblite.ase import TBLite
+
+    calcs = {name: EKDCalculator.from_checkpoint(path) for name, path in parse_named(args.checkpoints).items()}
+    calcs["GFN2-xTB"] = TBLite(method="GFN2-xTB", verbosity=0)
+    stretches = np.round(np.arange(0.0, args.max_stretch + 1e-9, args.step), 6)
+    curves: dict[str, list[np.ndarray]] = {name: [] for name in calcs}
+    for name in args.molecules:
+        atoms = molecule(name)
+        for bond in xh_bonds(atoms):
+            for model, calc in calcs.items():
+                curves[model].append(stretch_curve(atoms, bond, calc, stretches))
+            label = f"{atoms[bond[0]].symbol}{bond[0]}-H{bond[1]}"
+            print(name, label, "  ".join(f"{m} {c[-1].max():.1f} at {stretches[c[-1].argmax()]:.2f} Å"
+                                         for m, c in curves.items()))
+    print("\nbarrier = highest E(d) − E(0) of the scan, kcal/mol, over every X-H bond:")
+    for model, rows in curves.items():
+        tops = np.array([row.max() for row in rows])
+        where = np.array([stretches[row.argmax()] for row in rows])
+        print(f"{model:12s} mean {tops.mean():5.1f}  lowest {tops.min():5.1f}  at {where.mean():.2f} Å on average")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
