@@ -437,6 +437,14 @@ def variant_jobs(cfg: DictConfig, role: str, store: Path, labels: Path | None = 
                      checked_command(cfg, overrides))
 
 
+def teacher_keyed_path(store: Path, prefix: str, teachers: Sequence[Run], *settings: str) -> Path:
+    """``<store>/<prefix>-<sha>.h5``, the sha of the teachers' run folder names (which hold their
+    config hashes) and any ``settings`` lines: a file made from the teachers, shared like the
+    runs wherever the store is, and never reused for other teachers or settings."""
+    text = "\n".join([*(t.run_dir.name for t in teachers), *settings])
+    return store / f"{prefix}-{hashlib.sha256(text.encode()).hexdigest()[:10]}.h5"
+
+
 def distill(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Path:
     """Step 2: label every conformation of ``cfg.data`` with the teacher ensemble, into
     ``<store>/labels-<sha>.h5`` named by the teachers' run folder names (which hold their config
@@ -444,9 +452,8 @@ def distill(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Path:
     from .distill import distill_labels, make_job
 
     data = cfg.data
-    name = hashlib.sha256("\n".join(t.run_dir.name for t in teachers).encode()).hexdigest()[:10]
     job = make_job(
-        dataset=data.path, energy_key=data.energy_key, out=store / f"labels-{name}.h5",
+        dataset=data.path, energy_key=data.energy_key, out=teacher_keyed_path(store, "labels", teachers),
         teachers=member_checkpoints(teachers), file_format=data.file_format,
         elements=list(data.elements), batch_size=data.batch_size,
     )
@@ -484,11 +491,10 @@ def hessian_labels(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Pat
     spec = OmegaConf.to_container(cfg.pipeline.hessian, resolve=True)
     settings = {"directions": int(spec.get("directions", 4)), "kind": spec.get("kind", "rows"),
                 "seed": int(spec.get("seed", 0))}
-    text = "\n".join([*(t.run_dir.name for t in teachers), json.dumps(settings, sort_keys=True)])
     data = cfg.data
     return label_teachers(
         member_checkpoints(teachers), data.path, data.energy_key,
-        store / f"hvp-{hashlib.sha256(text.encode()).hexdigest()[:10]}.h5", settings["directions"],
+        teacher_keyed_path(store, "hvp", teachers, json.dumps(settings, sort_keys=True)), settings["directions"],
         settings["seed"], settings["kind"], data.file_format, list(data.elements), data.batch_size)
 
 
