@@ -7,7 +7,8 @@ GFN2-xTB (tblite). A model whose curve turns over has a spurious dissociation ba
 (mean and lowest barrier over bonds). The MD benchmark's failure criterion (a bond 0.5 Å off
 its initial length) sits at these barriers.
 
-    python benchmarks/bond_stretch_scan.py --checkpoints student=A.ckpt baseline=B.ckpt
+    python benchmarks/bond_stretch_scan.py --checkpoints student=A.ckpt baseline=B.ckpt \
+        teachers=T1.ckpt,T2.ckpt,T3.ckpt   # comma-separated: the ensemble mean
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from tblite.ase import TBLite
 
-    calcs = {name: EKDCalculator.from_checkpoint(path) for name, path in parse_named(args.checkpoints).items()}
+    calcs = {name: EKDCalculator.from_checkpoints(paths.split(","))  # a,b,...: their ensemble mean
+             for name, paths in parse_named(args.checkpoints).items()}
     calcs["GFN2-xTB"] = TBLite(method="GFN2-xTB", verbosity=0)
     stretches = np.round(np.arange(0.0, args.max_stretch + 1e-9, args.step), 6)
     curves: dict[str, list[np.ndarray]] = {name: [] for name in calcs}
