@@ -2,7 +2,7 @@
 # Set up (scripts/setup.sh) and run the whole EKD pipeline on the bundled GFN2-xTB data:
 # teachers -> distillation -> student / energy-only baseline / true-force oracle -> evaluation
 # on held-out conformations and the COMP6-like test set -> MD stability -> report.
-# The best recipe measured that fits 15 minutes on 2 CPU cores (824 s in a fresh clone): the
+# The best recipe measured that fits 15 minutes on 2 CPU cores (824-843 s in fresh clones): the
 # default four ANI teachers and two small equivariant ViSNets (conf/ensemble/ani_visnet.yaml),
 # every model under the one stopping rule with a cap of 30 epochs (README, "Budget-matched").
 # The report is runs/ekd/report/summary.md; extra arguments are Hydra overrides and win over
