@@ -7,7 +7,7 @@ python distill.py teachers=torchani_ani1ccx out=labels.h5            # needs tor
 python distill.py teachers=[...] trainer=ddp trainer.devices=4        # several GPUs / CPU processes
 
 Every conformation gets each teacher's energy and forces (F = -dE/dx), the ensemble mean force
-(the label) and the spreads, in an HDF5 label file (format: ekd_lightning.labels). A killed run
+(the label) and the spreads, in an HDF5 label file (format: ekd_lightning.data.labels). A killed run
 restarted with the same arguments resumes from its shards (<out>.shards/).
 """
 

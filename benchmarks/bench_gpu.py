@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "src"))
 def save_teachers(folder: Path, n: int, data: str, energy_key: str) -> list[str]:
     """``n`` ani2x-sized (arch ``ani``) checkpoints with random weights (labelling costs the same as trained ones)."""
     from ekd_lightning.data import EKDDataModule
-    from ekd_lightning.module import PotentialModule
+    from ekd_lightning.task.module import PotentialModule
 
     dm = EKDDataModule(data, energy_key)
     dm.setup()

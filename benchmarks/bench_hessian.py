@@ -21,7 +21,7 @@ from benchlib import alternate, machine_line, median, table
 from ekd_lightning.bundled import DATA_DIR
 from ekd_lightning.data import EKDDataModule
 from ekd_lightning.distill.hessian import hvp_labels, write_hvp_labels
-from ekd_lightning.module import ENERGY_ONLY, PotentialModule
+from ekd_lightning.task.module import ENERGY_ONLY, PotentialModule
 
 ANI2X = {"_target_": "ekd_lightning.models.ani.ANIModel", "name": "ani2x"}
 FORCES = {"_target_": "ekd_lightning.losses.ForceLoss", "target": "reference", "weight": 0.1}

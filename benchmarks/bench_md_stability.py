@@ -1,9 +1,9 @@
 """MD stability benchmark (Fu et al., "Forces are not enough", TMLR 2023) of trained checkpoints.
 
-Batched Langevin MD (:mod:`ekd_lightning.batched_md`: every replica of every molecule in one
+Batched Langevin MD (:mod:`ekd_lightning.analysis.batched_md`: every replica of every molecule in one
 model call per step) of each model at each temperature, ``--replicas`` trajectories per
 molecule and temperature; failure when a bond leaves its initial length by more than 0.5 Å (or
-the project's other criteria, :class:`ekd_lightning.md.StabilityCriteria`). Writes to ``--out``:
+the project's other criteria, :class:`ekd_lightning.analysis.md.StabilityCriteria`). Writes to ``--out``:
 ``survival.csv`` / ``survival.png`` (Kaplan-Meier curves with 95% intervals per model and
 temperature, and each model against ``--reference`` with the log-rank p-value and the
 difference in survival at the end with its 95% interval), ``stability.csv`` / ``.json`` (every
@@ -29,9 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-from ekd_lightning.batched_md import batched_stability_table
-from ekd_lightning.evaluate import format_table, parse_named
-from ekd_lightning.md import default_molecules, molecules_from_file
+from ekd_lightning.analysis.batched_md import batched_stability_table
+from ekd_lightning.analysis.evaluate import format_table, parse_named
+from ekd_lightning.analysis.md import default_molecules, molecules_from_file
 
 MOLECULES = ("CH3OH", "CH3CH2OH", "CH3CHO", "CH3CONH2")
 

@@ -76,7 +76,7 @@ def setup(args) -> dict:
 def loading(args) -> dict:
     import pytorch_lightning as pl
 
-    from ekd_lightning.training import build_datamodule, build_module
+    from ekd_lightning.train.training import build_datamodule, build_module
 
     cfg = compose(args.data, ["feature_cache_mb=0"])
     dm = build_datamodule(cfg)
@@ -98,14 +98,14 @@ def loading(args) -> dict:
 
 
 def hash_cost(args) -> dict:
-    from ekd_lightning.checkpoint import file_sha256
+    from ekd_lightning.task.checkpoint import file_sha256
 
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "EKD_HASH_CACHE": cache}
         start = time.perf_counter()
         file_sha256(args.data)
         full_s = time.perf_counter() - start
-        code = ("import time; from ekd_lightning.labels import cached_sha256; t = time.perf_counter(); "
+        code = ("import time; from ekd_lightning.data.labels import cached_sha256; t = time.perf_counter(); "
                 f"cached_sha256({args.data!r}); print(time.perf_counter() - t)")
         timings = [  # in a new process each: the first records the hash, the second reads it back
             float(subprocess.run([sys.executable, "-c", code], check=True, env=env,
@@ -117,8 +117,8 @@ def hash_cost(args) -> dict:
 
 
 def comp6(args) -> dict:
+    from ekd_lightning.analysis.evaluate import read_benchmark
     from ekd_lightning.data.packed import PackedConformations
-    from ekd_lightning.evaluate import read_benchmark
 
     start = time.perf_counter()
     records, _ = read_benchmark(args.data, "energies", "forces", "comp6", ["H", "C", "N", "O"])

@@ -21,11 +21,11 @@ import numpy as np
 from ase.build import molecule
 from ase.neighborlist import NeighborList, natural_cutoffs
 
+from ekd_lightning.analysis.evaluate import parse_named
 from ekd_lightning.bundled import DATA_DIR
-from ekd_lightning.calculator import EKDCalculator
+from ekd_lightning.core.units import HARTREE_TO_EV, HARTREE_TO_KCALMOL
 from ekd_lightning.data.readers import read_molecules
-from ekd_lightning.evaluate import parse_named
-from ekd_lightning.units import HARTREE_TO_EV, HARTREE_TO_KCALMOL
+from ekd_lightning.inference.calculator import EKDCalculator
 
 EV_TO_KCAL_MOL = HARTREE_TO_KCALMOL / HARTREE_TO_EV
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from ekd_lightning.bundled import DATA_DIR
 from ekd_lightning.bundled.build import FORCE_KEY, xtb_energy_forces
-from ekd_lightning.units import HARTREE_TO_KCALMOL as KCAL
+from ekd_lightning.core.units import HARTREE_TO_KCALMOL as KCAL
 
 
 def check(path: str, sample: int, seed: int, labels: str | None, dataset: str) -> str:

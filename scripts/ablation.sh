@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# EKD ablation on the bundled data: each variant (src/ekd_lightning/conf/ablation/*.yaml) is a full pipeline
+# EKD ablation on the bundled data: each variant (conf/ablation/*.yaml) is a full pipeline
 # (python train.py experiment=ekd +ablation=NAME); runs they share (teachers, baselines, the
 # oracle) are trained once, in runs/store. Table: runs/ablation/ablation.md.
 set -euo pipefail

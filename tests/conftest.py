@@ -120,7 +120,7 @@ def train_tiny(data: Path, run_dir: Path, *overrides: str) -> Path:
     2 epochs unless overridden; seconds for tiny models); returns the run's ``best.ckpt``."""
     from hydra import compose, initialize_config_module
 
-    from ekd_lightning.training import register_resolvers, run_training
+    from ekd_lightning.train.training import register_resolvers, run_training
 
     register_resolvers()
     with initialize_config_module(config_module="ekd_lightning.conf", version_base="1.3"):

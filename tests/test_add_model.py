@@ -13,13 +13,13 @@ import pytest
 import torch
 from ase.build import molecule
 
-from ekd_lightning.checkpoint import load_potential
-from ekd_lightning.errors import ConfigError
-from ekd_lightning.losses import LossTerm
+from ekd_lightning.core.errors import ConfigError
+from ekd_lightning.core.units import HARTREE_TO_KCALMOL as KCAL
 from ekd_lightning.models import instantiate_model
 from ekd_lightning.models.base import energy_and_forces
-from ekd_lightning.training import build_datamodule, build_module
-from ekd_lightning.units import HARTREE_TO_KCALMOL as KCAL
+from ekd_lightning.models.losses import LossTerm
+from ekd_lightning.task.checkpoint import load_potential
+from ekd_lightning.train.training import build_datamodule, build_module
 from test_training import SMALL_ANI, make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from ase.build import molecule
 
 from conftest import ANI, SCHNET
 from ekd_lightning import batched_md
-from ekd_lightning.batched_md import (
+from ekd_lightning.analysis.batched_md import (
     baoab_step,
     batched_stability_table,
     hr_counts,
@@ -23,12 +23,12 @@ from ekd_lightning.batched_md import (
     run_replicas,
     stability_runs_cached,
 )
-from ekd_lightning.errors import DataError
-from ekd_lightning.md import default_molecules, molecules_from_file
-from ekd_lightning.md import main as md_main
+from ekd_lightning.analysis.md import default_molecules, molecules_from_file
+from ekd_lightning.analysis.md import main as md_main
+from ekd_lightning.core.errors import DataError
+from ekd_lightning.core.units import HARTREE_TO_EV
 from ekd_lightning.models.base import energy_and_forces
-from ekd_lightning.module import PotentialModule
-from ekd_lightning.units import HARTREE_TO_EV
+from ekd_lightning.task.module import PotentialModule
 
 ELEMENTS = ["H", "C", "N", "O"]
 SAE = [-0.6, -38.1, -54.7, -75.2]

@@ -19,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from conftest import write_label_file
-from ekd_lightning.training import run_training
+from ekd_lightning.train.training import run_training
 from test_pipeline import pipeline_cfg
 from test_training import SMALL_ANI, make_cfg
 
@@ -275,7 +275,7 @@ def test_pipeline_with_submitit_jobs_reports_as_the_local_runner(ani1x_file, com
                          "pipeline.workers=1")
     jobs = pipeline_cfg(ani1x_file, comp6_file, tmp_path / "store", *SMALL_PIPELINE,
                         "pipeline.runner=submitit", "pipeline.submitit.cluster=local")
-    from ekd_lightning.pipeline import run_pipeline
+    from ekd_lightning.workflow.pipeline import run_pipeline
 
     expected = run_pipeline(local[0], tmp_path / "local", local[1])
     report = run_pipeline(jobs[0], tmp_path / "jobs", jobs[1])
@@ -298,8 +298,8 @@ class _WhereItRan(pl.Callback):
 def test_trainer_config_trains_on_its_device(ani1x_file, tmp_path, device):
     """trainer=cpu trains on the CPU, trainer=gpu on the visible GPU; the checkpoint gives the
     same energies and forces on the CPU (float32 tolerance)."""
-    from ekd_lightning.checkpoint import load_potential
     from ekd_lightning.data import EKDDataModule
+    from ekd_lightning.task.checkpoint import load_potential
 
     trainer = {"cpu": "trainer=cpu", "cuda": "trainer=gpu"}[device]
     cfg = make_cfg(ani1x_file, trainer, "stage=teacher", "trainer.max_epochs=1", SMALL_ANI)

@@ -15,8 +15,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ANI, SCHNET, write_ani1x_file
-from ekd_lightning.checkpoint import load_potential
+from ekd_lightning.core.errors import CheckpointError, ConfigError, DataError, LabelMismatchError
 from ekd_lightning.data import EKDDataModule, read_molecules
+from ekd_lightning.data.labels import read_label_metadata, read_labels
 from ekd_lightning.distill import (
     DistillInterrupted,
     StackedANI,
@@ -29,14 +30,13 @@ from ekd_lightning.distill import (
     teachers_override_argv,
 )
 from ekd_lightning.distill.ensemble import aev_vjp, aev_with_jacobian
-from ekd_lightning.distill.teachers import verify_teachers
-from ekd_lightning.errors import CheckpointError, ConfigError, DataError, LabelMismatchError
-from ekd_lightning.labels import read_label_metadata, read_labels
+from ekd_lightning.inference.teachers import verify_teachers
 from ekd_lightning.models.aev import ANIAEV
 from ekd_lightning.models.ani import ANIModel
 from ekd_lightning.models.base import energy_and_forces
-from ekd_lightning.module import PotentialModule
-from ekd_lightning.training import build_datamodule, build_module, run_training
+from ekd_lightning.task.checkpoint import load_potential
+from ekd_lightning.task.module import PotentialModule
+from ekd_lightning.train.training import build_datamodule, build_module, run_training
 from test_training import SMALL_ANI, make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,10 +13,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from conftest import ANI, SCHNET, SHARED_S66X8, train_tiny, write_label_file
-from ekd_lightning.checkpoint import load_potential
-from ekd_lightning.data import read_molecules
-from ekd_lightning.errors import DataError
-from ekd_lightning.evaluate import (
+from ekd_lightning.analysis.evaluate import (
     ROW_COLUMNS,
     Prediction,
     compute_metrics,
@@ -31,9 +28,12 @@ from ekd_lightning.evaluate import (
     parse_named,
     predict,
 )
-from ekd_lightning.module import PotentialModule
-from ekd_lightning.training import register_resolvers
-from ekd_lightning.units import HARTREE_TO_KCALMOL as KCAL
+from ekd_lightning.core.errors import DataError
+from ekd_lightning.core.units import HARTREE_TO_KCALMOL as KCAL
+from ekd_lightning.data import read_molecules
+from ekd_lightning.task.checkpoint import load_potential
+from ekd_lightning.task.module import PotentialModule
+from ekd_lightning.train.training import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 ELEMENTS = ["H", "C", "N", "O"]
@@ -318,7 +318,7 @@ def test_several_files_pool_into_one_benchmark(checkpoint, comp6_file, tmp_path)
     """Two COMP6-layout files (one given as a folder) give one table: a row per subset of
     both and an ``all`` row over every conformation, equal to evaluating the files' molecules
     together; the shift columns use offsets fitted on everything."""
-    import ekd_lightning.evaluate as ev
+    import ekd_lightning.analysis.evaluate as ev
     from conftest import write_comp6_file
 
     other = tmp_path / "more"

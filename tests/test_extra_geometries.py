@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import train_tiny, write_label_file
-from ekd_lightning.checkpoint import load_potential
+from ekd_lightning.core.errors import DataError
+from ekd_lightning.core.units import HARTREE_TO_KCALMOL as KCAL
 from ekd_lightning.data import EKDDataModule
 from ekd_lightning.distill.augment import agreement_weights, make_extra_geometries
-from ekd_lightning.errors import DataError
 from ekd_lightning.models.base import energy_and_forces
-from ekd_lightning.units import HARTREE_TO_KCALMOL as KCAL
+from ekd_lightning.task.checkpoint import load_potential
 
 DATA = {"energy_key": "emt.energy", "force_key": "emt.forces", "file_format": "ani1x",
         "elements": ["H", "C", "N", "O"], "val_fraction": 0.1, "test_fraction": 0.1,
@@ -165,7 +165,7 @@ def test_losses_multiply_by_per_conformation_weights():
     """Mutation caught: the energy or force loss term ignoring ``batch.weight``."""
     from torch_geometric.data import Batch
 
-    from ekd_lightning.losses import EnergyLoss, ForceLoss
+    from ekd_lightning.models.losses import EnergyLoss, ForceLoss
 
     energy_loss, force_loss = EnergyLoss(), ForceLoss("labels")
     z = torch.tensor([1, 1, 8, 1, 1, 8])
@@ -203,7 +203,7 @@ def test_pipeline_block_reaches_the_students_only(ani1x_file, comp6_file, tmp_pa
     """``+ablation=extra_geometries`` gives the students ``data.extra_geometries`` and leaves
     every other run's config (so its folder in the store) as without it. Mutation caught: the
     block reaching the baseline or the teachers (they would retrain), or not the student."""
-    from ekd_lightning.pipeline import teacher_jobs, variant_jobs
+    from ekd_lightning.workflow.pipeline import teacher_jobs, variant_jobs
     from test_pipeline import pipeline_cfg
 
     plain, plain_command = pipeline_cfg(ani1x_file, comp6_file, tmp_path)

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_hex
 
-from ekd_lightning.data import read_molecules
-from ekd_lightning.evaluate import Prediction
-from ekd_lightning.pipeline import RunSpec, gap_verdict, seed_summary
-from ekd_lightning.plots import (
+from ekd_lightning.analysis.evaluate import Prediction
+from ekd_lightning.analysis.plots import (
     ROLE_COLOURS,
     plot_energy_parity,
     plot_force_errors,
     plot_force_parity,
     plot_learning_curves,
 )
-from ekd_lightning.training import run_training
+from ekd_lightning.data import read_molecules
+from ekd_lightning.train.training import run_training
+from ekd_lightning.workflow.pipeline import RunSpec, gap_verdict, seed_summary
 from test_training import SMALL_ANI, make_cfg
 
 STOP = ("callbacks=early_stopping", "callbacks.early_stopping.patience=2", SMALL_ANI)
@@ -139,7 +139,7 @@ def test_report_calls_a_comparison_with_capped_runs_budget_matched():
     """The gap line says "converged" only when early stopping ended every run; a run that
     reached the epoch cap makes it "budget-matched", naming the run (mutation: reading
     stopped_early=True as capped calls a converged comparison budget-matched, and vice versa)."""
-    from ekd_lightning.pipeline import convergence_note
+    from ekd_lightning.workflow.pipeline import convergence_note
 
     done = {"epochs": 74, "stopped_early": True, "max_epochs": 200}
     assert convergence_note({"baseline-seed0": done, "student-seed0": done}).startswith("converged")

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from conftest import write_ani1x_file, write_label_file
+from ekd_lightning.core.errors import ConfigError, DataError
 from ekd_lightning.data import EKDDataModule
+from ekd_lightning.data.labels import cached_sha256
 from ekd_lightning.distill import TeacherEnsemble
 from ekd_lightning.distill.hessian import (
     HessianLoss,
@@ -23,10 +25,13 @@ from ekd_lightning.distill.hessian import (
     label_teachers,
     write_hvp_labels,
 )
-from ekd_lightning.errors import ConfigError, DataError
-from ekd_lightning.labels import cached_sha256
 from ekd_lightning.models import instantiate_model
-from ekd_lightning.training import build_datamodule, build_module, finished_metrics, run_training
+from ekd_lightning.train.training import (
+    build_datamodule,
+    build_module,
+    finished_metrics,
+    run_training,
+)
 from test_training import make_cfg
 
 ENERGY = "emt.energy"
@@ -151,7 +156,7 @@ def test_term_trains_only_rebuilds_from_checkpoints_and_bad_inputs(data, dm, tmp
     (mutation caught: ``validated = True``, the term in validation: val/loss changes); a
     checkpoint rebuilds the term from its config; a changed HVP file is an input change (the
     finished run is not reused); bad files and configs give one-line errors."""
-    from ekd_lightning.checkpoint import load_potential
+    from ekd_lightning.task.checkpoint import load_potential
 
     labels = write_label_file(tmp_path / "labels.h5", data, ENERGY, "emt.forces")
     path = hvp_file(tmp_path / "hvp.h5", [tiny_ani(0, dm, torch.float32)], dm)
@@ -213,8 +218,8 @@ def test_hessian_ablation_changes_the_students_only(tmp_path):
     comparison in place (same folder in the store) and gives the students ``loss.hessian`` with
     the HVP file, so a student's hash follows the file. Mutation caught: the pipeline not
     passing the HVP file to the students (their loss.hessian lacks ``labels``)."""
-    from ekd_lightning.compose import compose_train
-    from ekd_lightning.pipeline import hessian_labels, teacher_jobs, variant_jobs
+    from ekd_lightning.workflow.compose import compose_train
+    from ekd_lightning.workflow.pipeline import hessian_labels, teacher_jobs, variant_jobs
 
     runs, hvp = {}, tmp_path / "hvp.h5"
     for name in ("converged", "hessian"):

@@ -11,8 +11,8 @@ from ase.build import molecule
 from ase.calculators.emt import EMT
 
 from conftest import ANI, SCHNET
-from ekd_lightning.evaluate import json_safe
-from ekd_lightning.md import (
+from ekd_lightning.analysis.evaluate import json_safe
+from ekd_lightning.analysis.md import (
     FAILURE_REASONS,
     EKDCalculator,
     StabilityCriteria,
@@ -25,7 +25,7 @@ from ekd_lightning.md import (
     stability_table,
     summarize_stability,
 )
-from ekd_lightning.module import PotentialModule
+from ekd_lightning.task.module import PotentialModule
 
 ELEMENTS = ["H", "C", "N", "O"]
 SAE = [-0.6, -38.1, -54.7, -75.2]
@@ -177,7 +177,7 @@ def test_stability_table_side_by_side(comp6_file, tmp_path):
 
 
 def test_stability_of_a_checkpoint_is_cached_beside_it(tmp_path, monkeypatch):
-    import ekd_lightning.md as md
+    import ekd_lightning.analysis.md as md
 
     module = make_module("ani2x")
     checkpoint = tmp_path / "run" / "best.ckpt"

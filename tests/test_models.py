@@ -1,5 +1,5 @@
 """One suite every model passes (after nequip's ``BaseModelTests`` and torchani's device-expanded
-cases): each model config found in ``src/ekd_lightning/conf/model/*.yaml`` (a new YAML file is
+cases): each model config found in ``conf/model/*.yaml`` (a new YAML file is
 picked up with no edit here), on every device of the conftest ``device`` fixture, is checked for
 
 - forces: F = -dE/dx equal central finite differences of the energy (float64);
@@ -21,11 +21,11 @@ from ase import Atoms
 from ase.build import molecule
 from omegaconf import OmegaConf
 
-import ekd_lightning
+import ekd_lightning.conf
 from ekd_lightning.models import instantiate_model
 from ekd_lightning.models.base import AtomisticModel, energy_and_forces
 
-MODEL_CONFIGS = sorted((Path(ekd_lightning.__file__).parent / "conf" / "model").glob("*.yaml"))
+MODEL_CONFIGS = sorted((Path(ekd_lightning.conf.__file__).parent / "model").glob("*.yaml"))
 ELEMENTS = ("H", "C", "N", "O")
 SELF_ENERGIES = (-0.6, -38.1, -54.7, -75.2)  # Hartree, about the real ones: large totals
 ENERGY_SCALE = 0.05  # Hartree per unit of network output

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ekd_lightning.compose import compose_train
-from ekd_lightning.errors import ConfigError
-from ekd_lightning.pipeline import (
+from ekd_lightning.core.errors import ConfigError
+from ekd_lightning.train.training import config_sha256
+from ekd_lightning.workflow.compose import compose_train
+from ekd_lightning.workflow.pipeline import (
     RunSpec,
     ablation_row,
     ablation_table,
@@ -23,7 +24,6 @@ from ekd_lightning.pipeline import (
     seed_summary,
     variant_jobs,
 )
-from ekd_lightning.training import config_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,21 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from ekd_lightning.conf import __file__ as conf_init
 from hydra import compose, initialize_config_module
 
 from conftest import ANI
-from ekd_lightning.checkpoint import AtomicCheckpointIO, load_potential
-from ekd_lightning.compose import compose_train
-from ekd_lightning.conf import __file__ as conf_init
-from ekd_lightning.errors import CheckpointError
-from ekd_lightning.losses import ForceLoss
+from ekd_lightning.core.errors import CheckpointError
 from ekd_lightning.models import instantiate_model
 from ekd_lightning.models.ani import ANIModel
+from ekd_lightning.models.losses import ForceLoss
 from ekd_lightning.models.schnet import SchNetModel
 from ekd_lightning.models.visnet import ViSNetModel
-from ekd_lightning.module import PotentialModule
-from ekd_lightning.pipeline import teacher_jobs
-from ekd_lightning.training import config_sha256, register_resolvers, run_training
+from ekd_lightning.task.checkpoint import AtomicCheckpointIO, load_potential
+from ekd_lightning.task.module import PotentialModule
+from ekd_lightning.train.training import config_sha256, register_resolvers, run_training
+from ekd_lightning.workflow.compose import compose_train
+from ekd_lightning.workflow.pipeline import teacher_jobs
 
 MODEL_CONFIGS = sorted(p.stem for p in (Path(conf_init).parent / "model").glob("*.yaml"))
 

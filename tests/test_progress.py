@@ -6,7 +6,7 @@ from concurrent.futures import Future
 from rich.console import Console
 
 from ekd_lightning import progress as progress_module
-from ekd_lightning.progress import PipelineProgress
+from ekd_lightning.workflow.progress import PipelineProgress
 
 
 def finished(value) -> Future:

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_S66X8, write_ani1x_file
+from ekd_lightning.core.errors import DataError
 from ekd_lightning.data import detect_format, read_molecules
-from ekd_lightning.errors import DataError
 
 
 def test_ani1x_layout(ani1x_file):
@@ -223,7 +223,7 @@ def test_shipped_comp6_file_holds_true_forces():
 @pytest.mark.skipif(not SHARED_S66X8.exists(), reason="shared S66x8 file not present")
 def test_real_comp6_forces_become_minus_gradient():
     """COMP6 v1 stores dE/dx under 'forces': read with the default, work = -ΔE (slope +1)."""
-    from ekd_lightning.evaluate import force_energy_consistency
+    from ekd_lightning.analysis.evaluate import force_energy_consistency
 
     with h5py.File(SHARED_S66X8, "r") as f:
         assert "forces_convention" not in f.attrs

@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ABLATIONS = ROOT / "src" / "ekd_lightning" / "conf" / "ablation"
+ABLATIONS = ROOT / "conf" / "ablation"
 
 
 def test_ablation_script_and_config_table_list_every_variant():
@@ -23,7 +23,7 @@ def test_ablation_script_and_config_table_list_every_variant():
 def test_ekd_script_runs_the_recipe_the_readme_and_configs_name():
     """scripts/ekd.sh's command is the one the README's quick start quotes, and it composes to
     the measured recipe: the four ANI teachers plus two ViSNets, every model capped at 30 epochs."""
-    from ekd_lightning.compose import compose_train
+    from ekd_lightning.workflow.compose import compose_train
 
     script = (ROOT / "scripts" / "ekd.sh").read_text()
     (command,) = re.findall(r"^python train\.py (.*) \"\$@\"$", script, flags=re.M)

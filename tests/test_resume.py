@@ -11,8 +11,8 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from conftest import write_ani1x_file, write_label_file
-from ekd_lightning.errors import ConfigError
-from ekd_lightning.training import computed_config, register_resolvers, run_training
+from ekd_lightning.core.errors import ConfigError
+from ekd_lightning.train.training import computed_config, register_resolvers, run_training
 
 TINY = [
     "data.energy_key=emt.energy", "data.force_key=emt.forces", "data.batch_size=8", "logger=csv",

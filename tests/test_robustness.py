@@ -27,18 +27,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ANI, write_ani1x_file
-from ekd_lightning.callbacks import KILL_ENV
-from ekd_lightning.data import read_molecules
-from ekd_lightning.data.readers import check_elements, detect_format
-from ekd_lightning.errors import (
+from ekd_lightning.core.errors import (
     CheckpointError,
     ConfigError,
     DataError,
     EKDError,
     NonFiniteLossError,
 )
-from ekd_lightning.module import PotentialModule
-from ekd_lightning.training import computed_config, register_resolvers, run_training
+from ekd_lightning.data import read_molecules
+from ekd_lightning.data.readers import check_elements, detect_format
+from ekd_lightning.task.module import PotentialModule
+from ekd_lightning.train.callbacks import KILL_ENV
+from ekd_lightning.train.training import computed_config, register_resolvers, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = [
@@ -357,7 +357,7 @@ def test_sigkill_mid_epoch_then_restart_resumes_exactly(tiny_file, reference, tm
     """train.py (multirun) SIGKILLed in the middle of epoch 1, restarted with the same command:
     resumes from last.ckpt (end of epoch 0) and ends with the uninterrupted run's exact test
     metrics; a third identical command skips the finished job. Exact because last.ckpt also
-    holds the random generators' state (ekd_lightning.callbacks.ResumableRNG)."""
+    holds the random generators' state (ekd_lightning.train.callbacks.ResumableRNG)."""
     sweep = tmp_path / "sweep"
     command = [sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={sweep}",
                f"data.path={tiny_file}", *TINY]

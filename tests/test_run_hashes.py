@@ -20,14 +20,14 @@ from hydra import initialize_config_module
 from omegaconf import OmegaConf
 
 from ekd_lightning.bundled import DATA_DIR
-from ekd_lightning.compose import CONFIG_MODULE, compose_train
-from ekd_lightning.pipeline import (
+from ekd_lightning.train.training import config_sha256
+from ekd_lightning.workflow.compose import CONFIG_MODULE, compose_train
+from ekd_lightning.workflow.pipeline import (
     default_teacher_jobs,
     make_jobs,
     teacher_specs,
     variant_specs,
 )
-from ekd_lightning.training import config_sha256
 
 FROZEN = Path(__file__).resolve().parent / "data" / "run_hashes.json"
 STORE = Path("runs/store")
@@ -88,7 +88,7 @@ def test_pipeline_jobs_keep_their_store_hashes():
 
 
 if __name__ == "__main__":  # refresh tests/data/run_hashes.json
-    from ekd_lightning.training import register_resolvers
+    from ekd_lightning.train.training import register_resolvers
 
     register_resolvers()
     FROZEN.write_text(json.dumps(run_hashes(), indent=1, sort_keys=True) + "\n")

@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from conftest import train_tiny
-from ekd_lightning.compose import compose_train
-from ekd_lightning.pipeline import Run, RunSpec, member_checkpoints, named_models, teacher_specs
+from ekd_lightning.workflow.compose import compose_train
+from ekd_lightning.workflow.pipeline import (
+    Run,
+    RunSpec,
+    member_checkpoints,
+    named_models,
+    teacher_specs,
+)
 
 TINY_ANI = "model.hidden={H:[16,16],C:[16,16],N:[16,16],O:[16,16]}"
 CYCLE, CYCLES = 2, 3

@@ -6,7 +6,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from ekd_lightning.survival import kaplan_meier, logrank, survival_at, survival_difference
+from ekd_lightning.analysis.survival import kaplan_meier, logrank, survival_at, survival_difference
 
 # six trajectories: failures at 1, 2, 3, 5; censored (intact at their end) at 2 and 4
 TIMES = [1, 2, 2, 3, 4, 5]

@@ -14,13 +14,13 @@ import yaml
 from hydra import compose, initialize_config_module
 
 from conftest import SCHNET, write_label_file
-from ekd_lightning.checkpoint import load_potential
+from ekd_lightning.core.errors import CheckpointError, ConfigError
 from ekd_lightning.data import EKDDataModule
-from ekd_lightning.distill.teachers import verify_teachers
-from ekd_lightning.errors import CheckpointError, ConfigError
+from ekd_lightning.inference.teachers import verify_teachers
 from ekd_lightning.models.ani import ANIModel
-from ekd_lightning.module import FeatureCache
-from ekd_lightning.training import (
+from ekd_lightning.task.checkpoint import load_potential
+from ekd_lightning.task.module import FeatureCache
+from ekd_lightning.train.training import (
     build_datamodule,
     build_module,
     register_resolvers,

@@ -21,12 +21,12 @@ from ase.optimize import BFGS
 
 from conftest import ANI, train_tiny
 from ekd_lightning import EKDCalculator
-from ekd_lightning.checkpoint import load_potential
-from ekd_lightning.export import main as export_main
+from ekd_lightning.core.units import HARTREE_TO_EV
+from ekd_lightning.inference.export import main as export_main
+from ekd_lightning.inference.predict import main as predict_main
 from ekd_lightning.models.base import energy_and_forces
-from ekd_lightning.module import PotentialModule
-from ekd_lightning.predict import main as predict_main
-from ekd_lightning.units import HARTREE_TO_EV
+from ekd_lightning.task.checkpoint import load_potential
+from ekd_lightning.task.module import PotentialModule
 from test_md import make_module
 
 ORACLE = ("trainer.max_epochs=3", "stage=oracle", "loss.forces.weight=1.0")  # true EMT forces

@@ -44,8 +44,9 @@ def venv(tmp_path_factory) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "src", source / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for folder in ("src", "conf"):  # conf/: the Hydra configs, installed as ekd_lightning.conf
+        shutil.copytree(ROOT / folder, source / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
         "-w", root / "dist", source, cwd=root)
     (wheel,) = (root / "dist").glob("ekd_lightning-*.whl")
@@ -93,3 +94,15 @@ def test_wheel_commands_run_outside_the_checkout(venv, tmp_path):
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["config"]["model"]["hidden"]["H"] == [8]  # the user's config was used
     assert list(tmp_path.glob("*.egg-info")) == [] and not (ROOT / "build").exists()
+
+
+def test_pyproject_lists_every_package():
+    """pyproject.toml lists the packages by hand (its package-dir maps ekd_lightning.conf to the
+    top-level conf/, which packages.find cannot): a package missing from the list would be missing
+    from the wheel."""
+    import tomllib
+    from setuptools import find_packages
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set(find_packages(ROOT / "src")) | {"ekd_lightning.conf"}
+    assert listed == found

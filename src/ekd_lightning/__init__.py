@@ -2,13 +2,17 @@
 
 __version__ = "0.1.0"
 
+from .core import moved
+
+moved.install()  # old module paths (ekd_lightning.evaluate, ...) keep working
+
 __all__ = ["EKDCalculator"]
 
 
 def __getattr__(name: str):
     """``EKDCalculator`` on first use, so that ``import ekd_lightning`` stays light (no torch)."""
     if name == "EKDCalculator":
-        from .calculator import EKDCalculator
+        from .inference.calculator import EKDCalculator
 
         return EKDCalculator
     raise AttributeError(f"module 'ekd_lightning' has no attribute {name!r}")

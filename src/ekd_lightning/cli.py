@@ -17,9 +17,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .compose import CONFIG_MODULE, command_overrides, train_command
-from .errors import EKDError
-from .training import register_resolvers
+from .core.errors import EKDError
+from .train.training import register_resolvers
+from .workflow.compose import CONFIG_MODULE, command_overrides, train_command
 
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 
@@ -36,12 +36,12 @@ def _exit_on_ekd_error(fn, *args):
 def _train_or_pipeline(cfg: DictConfig) -> float:
     out_dir = HydraConfig.get().runtime.output_dir
     if cfg.get("pipeline") is not None:
-        from .pipeline import run_pipeline
+        from .workflow.pipeline import run_pipeline
 
         # each run composed from this command's overrides; returns the held-out gap closed
         report = run_pipeline(cfg, out_dir)
         return report.get("heldout", {}).get("force_gap_closed", float("nan"))
-    from .training import run_training
+    from .train.training import run_training
 
     command = train_command([*command_overrides(), f"hydra.run.dir={out_dir}"])
     metrics = run_training(cfg, out_dir, command=command)
@@ -64,7 +64,7 @@ def refuse_renamed_keys(argv: list[str]) -> None:
     """Exit (code 2) with one line for an override of a key that was renamed when configs
     became ``_target_`` entries (``loss.force_weight=1`` -> ``loss.forces.weight=1``), which
     Hydra would refuse without saying what replaced it."""
-    from .losses import renamed_key
+    from .models.losses import renamed_key
 
     for arg in argv[1:]:
         if "=" in arg and (renamed := renamed_key(arg.split("=", 1)[0].lstrip("+~"))):

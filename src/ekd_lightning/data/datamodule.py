@@ -22,8 +22,8 @@ import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from ..errors import DataError
-from ..units import symbol_to_number
+from ..core.errors import DataError
+from ..core.units import symbol_to_number
 from .packed import PackedConformations, PackedSplit
 from .readers import MoleculeRecord, read_molecules
 
@@ -208,7 +208,7 @@ class EKDDataModule(pl.LightningDataModule):
     def _read_labels(self) -> list[dict] | None:
         if self.labels_path is None:
             return None
-        from ..labels import read_labels
+        from .labels import read_labels
 
         return read_labels(self.labels_path, self.records, dataset_path=self.path)
 
@@ -265,7 +265,7 @@ class EKDDataModule(pl.LightningDataModule):
     def split_records(self, split: str) -> list[MoleculeRecord]:
         """The molecules of one split (``train``, ``val``, ``test``), each holding only its
         conformations of that split (``conf_index`` still points into the file), e.g. to
-        evaluate on the held-out conformations with :mod:`ekd_lightning.evaluate`."""
+        evaluate on the held-out conformations with :mod:`ekd_lightning.analysis.evaluate`."""
         rows = self.splits[split]
         records = []
         for m in np.unique(rows[:, 0]):

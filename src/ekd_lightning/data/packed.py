@@ -46,7 +46,7 @@ class PackedConformations:
     Args:
         records: the molecules, as :func:`~ekd_lightning.data.read_molecules` returns them.
         labels: optional, per record ``{"forces": (n_conf, n_atoms, 3), "force_var":
-            (n_conf, n_atoms)}`` as :func:`~ekd_lightning.labels.read_labels` returns them.
+            (n_conf, n_atoms)}`` as :func:`~ekd_lightning.data.labels.read_labels` returns them.
         weights: optional (N,) loss weight per conformation (batches then carry ``weight``).
     """
 

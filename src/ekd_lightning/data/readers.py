@@ -38,8 +38,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import DataError, EKDError
-from ..units import number_to_symbol, symbol_to_number
+from ..core.errors import DataError, EKDError
+from ..core.units import number_to_symbol, symbol_to_number
 
 log = logging.getLogger(__name__)
 

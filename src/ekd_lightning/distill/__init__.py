@@ -7,9 +7,10 @@
 - :class:`TeacherEnsemble`: same-architecture ANI teachers evaluated as one batched module.
 - :func:`resolve_teachers`: checkpoints, folders of checkpoints, published torchani ensembles.
 
-The label file format and its checks live in :mod:`ekd_lightning.labels`.
+The label file format and its checks live in :mod:`ekd_lightning.data.labels`.
 """
 
+from ..inference.teachers import TeacherSource, load_teachers, resolve_teachers
 from .config import (
     job_from_config,
     labels_for_training,
@@ -25,7 +26,6 @@ from .run import (
     make_job,
     merge_shards,
 )
-from .teachers import TeacherSource, load_teachers, resolve_teachers
 
 __all__ = [
     "DistillInterrupted", "DistillJob", "LabelShardWriter", "StackedANI", "TeacherEnsemble",

@@ -44,10 +44,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..core.errors import DataError, LabelMismatchError
+from ..core.units import HARTREE_TO_KCALMOL as KCAL
+from ..data.labels import UNITS, cached_sha256
 from ..data.readers import MoleculeRecord, open_h5
-from ..errors import DataError, LabelMismatchError
-from ..labels import UNITS, cached_sha256
-from ..units import HARTREE_TO_KCALMOL as KCAL
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class ExtraGeometries:
             ``conf_index`` 0..n-1 (the rows of the group).
         labels: per record ``{"forces": (n, n_atoms, 3) Hartree/Å, "force_var": (n, n_atoms)
             (Hartree/Å)²}``, the teacher mean and per-atom variance, as
-            :func:`~ekd_lightning.labels.read_labels` gives them.
+            :func:`~ekd_lightning.data.labels.read_labels` gives them.
         sources: per record, (n,) the dataset conformation each geometry was displaced from.
         force_var: (N,) mean teacher force variance per geometry over atoms and x, y, z,
             (kcal/mol/Å)², in the order of the records.
@@ -142,16 +142,16 @@ def md_geometries(records: Sequence[MoleculeRecord], train_rows: np.ndarray, cop
 
     Each of ``copies`` replicas per training conformation starts there with Maxwell-Boltzmann
     velocities at ``temperature`` (K) and runs ``steps`` BAOAB steps of 0.5 fs (friction
-    0.01/fs, :func:`ekd_lightning.batched_md.baoab_step`); its last frame is the new geometry.
+    0.01/fs, :func:`ekd_lightning.analysis.batched_md.baoab_step`); its last frame is the new geometry.
     Replicas run ``batch_molecules`` at a time. Arguments and return value as
     :func:`displaced_geometries` (``teachers``: a teacher specification).
     """
     import torch
     from ase import Atoms, units
 
-    from ..batched_md import baoab_step, load_members, make_replicas, potential
+    from ..analysis.batched_md import baoab_step, load_members, make_replicas, potential
+    from ..inference.teachers import load_teachers, resolve_teachers
     from .run import _is_sources
-    from .teachers import load_teachers, resolve_teachers
 
     if copies < 1 or steps < 1 or temperature <= 0:
         raise ValueError(f"copies {copies} and steps {steps} must be >= 1, temperature "
@@ -198,9 +198,9 @@ def label_geometries(records: Sequence[MoleculeRecord], teachers, batch_size: in
     import pytorch_lightning as pl
 
     from ..data.packed import PackedConformations, PackedSplit
+    from ..inference.teachers import load_teachers
     from .ensemble import TeacherEnsemble
     from .run import DistillModule
-    from .teachers import load_teachers
 
     packed = PackedConformations(records)
     index = np.arange(len(packed))
@@ -236,7 +236,7 @@ def make_extra_geometries(data: Mapping, teachers, out_dir: str | Path, method: 
 
     Args:
         data: the data config (``cfg.data`` as a dict: path, energy_key, split settings, ...).
-        teachers: teacher specification (:func:`~ekd_lightning.distill.teachers.resolve_teachers`).
+        teachers: teacher specification (:func:`~ekd_lightning.inference.teachers.resolve_teachers`).
         out_dir: where the file is cached, named ``extra-<fingerprint[:10]>.h5``.
         method: ``cartesian`` (:func:`displaced_geometries`; setting ``displacement``, Å) or
             ``md`` (:func:`md_geometries`; settings ``temperature``, K, and ``steps``).
@@ -246,8 +246,8 @@ def make_extra_geometries(data: Mapping, teachers, out_dir: str | Path, method: 
         The file's path.
     """
     from ..data import EKDDataModule
+    from ..inference.teachers import resolve_teachers, teacher_identities
     from .run import code_version, creation_time
-    from .teachers import resolve_teachers, teacher_identities
 
     if method not in METHODS or any(k not in settings for k in METHODS[method]):
         raise ValueError(f"extra_geometries.method '{method}': use one of "

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ..losses import loss_targets
+from ..inference.teachers import verify_teachers
+from ..models.losses import loss_targets
 from .run import DistillJob, distill_labels, make_job
-from .teachers import verify_teachers
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def labels_for_training(cfg: DictConfig, run_dir: str | Path) -> DictConfig:
       restarted run reuses (or resumes) them.
     - neither: the default teacher ensemble's labels (``distill.default_teachers``, found in or
       trained into the run store ``distill.store``:
-      :func:`ekd_lightning.pipeline.default_teacher_labels`); without that key ``cfg`` is
+      :func:`ekd_lightning.workflow.pipeline.default_teacher_labels`); without that key ``cfg`` is
       unchanged (the data module then asks for labels).
     """
     distill = cfg.get("distill") or {}
@@ -68,7 +68,7 @@ def labels_for_training(cfg: DictConfig, run_dir: str | Path) -> DictConfig:
     if teachers is None:
         if distill.get("default_teachers") is None:
             return cfg
-        from ..pipeline import default_teacher_labels
+        from ..workflow.pipeline import default_teacher_labels
 
         out = default_teacher_labels(cfg)
         cfg = cfg.copy()

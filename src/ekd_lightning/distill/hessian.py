@@ -10,7 +10,7 @@ energy Hessians", ICLR 2025).
    (:func:`ensemble_hvp`: autograd double backward through every teacher; H v of the mean is the
    mean of the teachers' H v), Hartree/Å², stored with the directions in an HDF5 file
    (:func:`write_hvp_labels`, atomic; layout below), cached in the run store by a hash of the
-   teachers' runs and the settings (:func:`ekd_lightning.pipeline.distill`'s naming).
+   teachers' runs and the settings (:func:`ekd_lightning.workflow.pipeline.distill`'s naming).
 3. **Student term** (:class:`HessianLoss`, a loss term: ``loss.hessian``): in each training
    step a random fraction of the batch's molecules, each with one of its K directions, and the
    squared error of the student's own H v (double backward with ``create_graph``) against the
@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.errors import ConfigError, DataError
+from ..core.units import HARTREE_TO_KCALMOL as KCAL
 from ..data.packed import PackedConformations, PackedSplit
 from ..data.readers import MoleculeRecord, open_h5
-from ..errors import ConfigError, DataError
-from ..losses import LossTerm
-from ..units import HARTREE_TO_KCALMOL as KCAL
+from ..models.losses import LossTerm
 
 HVP_FORMAT = "ekd-hvp"
 HVP_VERSION = 1
@@ -115,7 +115,7 @@ def hvp_labels(models: Sequence[torch.nn.Module], records: Sequence[MoleculeReco
 def write_hvp_labels(path: str | Path, groups: Mapping[str, Mapping[str, np.ndarray]],
                      metadata: Mapping) -> Path:
     """Write :func:`hvp_labels`' arrays and ``metadata`` (JSON for lists/dicts) atomically."""
-    from ..evaluate import _write_atomic
+    from ..analysis.evaluate import _write_atomic
 
     def write(handle) -> None:
         with h5py.File(handle, "w") as f:
@@ -138,8 +138,8 @@ def label_teachers(checkpoints: Sequence[str | Path], dataset: str | Path, energ
                    elements: Sequence[str] | None = None, batch_size: int = 64) -> Path:
     """The HVP label file of the teachers ``checkpoints`` for ``dataset`` (kept when ``out``
     already exists: its name is a hash of the teachers and the settings)."""
+    from ..inference.teachers import load_teachers, teacher_identities
     from .run import make_job
-    from .teachers import load_teachers, teacher_identities
 
     out = Path(out)
     if out.is_file():
@@ -168,7 +168,7 @@ class HessianLoss(LossTerm):
     Args:
         labels: the HVP label file (:func:`write_hvp_labels`; the pipeline's ``pipeline.hessian``
             step passes ``<store>/hvp-<sha>.h5``).
-        weight, warmup_epochs: see :class:`~ekd_lightning.losses.LossTerm`.
+        weight, warmup_epochs: see :class:`~ekd_lightning.models.losses.LossTerm`.
         fraction: share of each batch's molecules whose H v is matched (at least one).
         seed: of the term's own random generator (molecules and directions drawn per step), so
             that the data order stays the plain student's; its state is saved in checkpoints
@@ -204,7 +204,7 @@ class HessianLoss(LossTerm):
         if datamodule is None or getattr(datamodule, "packed", None) is None:
             raise ConfigError("loss.hessian: the term reads its labels from the run's data module "
                               "(trainer.fit(module, datamodule=...))")
-        from ..labels import cached_sha256
+        from ..data.labels import cached_sha256
 
         path, records, packed = Path(self.labels), datamodule.records, datamodule.packed
         dirs, hvp = [], []

@@ -15,7 +15,7 @@ How a run goes:
   on each batch; :class:`LabelShardWriter` (a ``BasePredictionWriter``) gathers the predictions
   of a chunk and writes ``chunk-NNNNNN.h5`` atomically as soon as the chunk is complete.
 - After the loop (barrier), rank 0 merges the shards into the label file
-  (:func:`~ekd_lightning.labels.write_labels`, atomic) and removes the shards.
+  (:func:`~ekd_lightning.data.labels.write_labels`, atomic) and removes the shards.
 
 A killed run restarted with the same arguments recomputes only the missing chunks and writes the
 same file. Shards, and an existing label file, made with other arguments are refused
@@ -44,12 +44,12 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from .. import __version__
+from ..core.errors import DataError, LabelMismatchError
+from ..data.labels import LABEL_VERSION, cached_sha256, read_label_metadata, write_labels
 from ..data.packed import PackedConformations, PackedSplit
 from ..data.readers import MoleculeRecord, detect_format, open_h5, read_molecules
-from ..errors import DataError, LabelMismatchError
-from ..labels import LABEL_VERSION, cached_sha256, read_label_metadata, write_labels
+from ..inference.teachers import TeacherSource, load_teachers, resolve_teachers, teacher_identities
 from .ensemble import TeacherEnsemble
-from .teachers import TeacherSource, load_teachers, resolve_teachers, teacher_identities
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def make_job(
         dataset: dataset HDF5 file (ANI-1x or COMP6 layout).
         energy_key: its energy dataset; conformations with a non-finite energy are not labelled.
         out: label file to write.
-        teachers: teacher specification (see :mod:`ekd_lightning.distill.teachers`).
+        teachers: teacher specification (see :mod:`ekd_lightning.inference.teachers`).
         file_format, elements: as the data config (``data.file_format``, ``data.elements``).
         batch_size: conformations per batch; ``chunk_size``: per shard (None: about 4096).
         overwrite: replace an existing label file (or shards) made with other arguments.

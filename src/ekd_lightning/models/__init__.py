@@ -10,7 +10,7 @@ adding one is a module and a YAML file (README, "Add a model").
 
 from collections.abc import Mapping, Sequence
 
-from ..errors import CheckpointError, ConfigError
+from ..core.errors import CheckpointError, ConfigError
 from .base import AtomisticModel, energy_and_forces
 
 NOT_ARGUMENTS = ("name",)
@@ -30,8 +30,8 @@ def instantiate_model(model_cfg: Mapping, elements: Sequence[str]) -> AtomisticM
     """The model of a model config (``{_target_: an AtomisticModel class, **its kwargs}``;
     ``name`` is ignored) for ``elements``, built with :func:`hydra.utils.instantiate`
     (ConfigError for a ``_target_`` that is not a model class)."""
-    from ..instantiate import instantiate_checked
-    from ..losses import renamed_key
+    from ..core.instantiate import instantiate_checked
+    from .losses import renamed_key
 
     arguments = model_arguments(model_cfg)
     for key in ("arch", "kwargs"):  # a model config of the layout before _target_

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import DataError
-from ..units import number_to_symbol, symbol_to_number
+from ..core.errors import DataError
+from ..core.units import number_to_symbol, symbol_to_number
 
 
 class AtomisticModel(nn.Module):

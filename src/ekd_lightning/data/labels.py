@@ -17,7 +17,7 @@ Root attributes: ``format``, ``version``, ``dataset_path``, ``dataset_sha256``, 
 Standard deviations are over the teachers with ddof=0 (zero for a single teacher); arrays of a
 conformation that was not labelled hold NaN. :func:`write_labels` writes such a file atomically,
 :func:`read_labels` reads it back for a dataset (checking the dataset's SHA-256 when given the
-dataset path), :func:`verify_dataset` and :func:`~ekd_lightning.distill.teachers.verify_teachers`
+dataset path), :func:`verify_dataset` and :func:`~ekd_lightning.inference.teachers.verify_teachers`
 refuse a label file made for another dataset or another teacher ensemble.
 """
 
@@ -35,8 +35,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .data.readers import MoleculeRecord, open_h5
-from .errors import DataError, LabelMismatchError
+from ..core.errors import DataError, LabelMismatchError
+from .readers import MoleculeRecord, open_h5
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _cache_entry(path: str) -> Path:
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     """The SHA-256 of ``path`` at this (size, mtime): from the persistent cache when its entry
     records the same path, size and mtime, else computed (streamed) and recorded."""
-    from . import checkpoint
+    from ..task import checkpoint
 
     entry, key = _cache_entry(path), {"path": path, "size": size, "mtime_ns": mtime_ns}
     try:

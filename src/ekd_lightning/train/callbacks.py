@@ -2,7 +2,7 @@
 weights or a checkpoint, make a resumed run continue exactly as an uninterrupted one would, and
 (tests only) kill the process at a chosen batch.
 
-:func:`robustness_callbacks` returns the set :func:`ekd_lightning.training.run_training` adds to
+:func:`robustness_callbacks` returns the set :func:`ekd_lightning.train.training.run_training` adds to
 every trainer.
 """
 
@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from .errors import NonFiniteLossError
+from ..core.errors import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ batch (0-based epoch and batch index), as a crash or an out-of-memory kill would
 
 
 class NonFiniteLossGuard(Callback):
-    """Raise :class:`~ekd_lightning.errors.NonFiniteLossError` as soon as a loss is NaN/inf.
+    """Raise :class:`~ekd_lightning.core.errors.NonFiniteLossError` as soon as a loss is NaN/inf.
 
     The training loss is checked before its backward pass, so the optimiser never applies a
     non-finite gradient; the validation loss is checked before

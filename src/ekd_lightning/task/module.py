@@ -1,6 +1,6 @@
 """The Lightning module shared by every stage (teacher, baseline, student, oracle).
 
-Stages differ only in their loss terms (:mod:`ekd_lightning.losses`, ``conf/stage/*.yaml``):
+Stages differ only in their loss terms (:mod:`ekd_lightning.models.losses`, ``conf/stage/*.yaml``):
 the energy term alone (teacher, baseline), plus a force term on distilled labels (student) or
 on reference forces (oracle). Losses are in kcal/mol units: the energy term is the mean of
 ((E_pred - E_ref) / sqrt(n_atoms))², the force term the mean squared error per force
@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
-from .losses import build_loss_terms
-from .models import instantiate_model, legacy_model_config, model_arguments
-from .units import HARTREE_TO_KCALMOL as KCAL
+from ..core.units import HARTREE_TO_KCALMOL as KCAL
+from ..models import instantiate_model, legacy_model_config, model_arguments
+from ..models.losses import build_loss_terms
 
 ENERGY_ONLY = {"_target_": "ekd_lightning.losses.EnergyLoss", "weight": 1.0}
 """The energy term of every stage (``conf/stage/*.yaml``: ``loss.energy``)."""
@@ -133,7 +133,7 @@ class PotentialModule(pl.LightningModule):
         energy_scale: residual energy spread per atom (Hartree).
         stage: ``teacher``, ``baseline``, ``student`` or ``oracle`` (recorded for provenance).
         loss: the loss terms, ``{name: {_target_: a LossTerm class, **kwargs}}``
-            (:mod:`ekd_lightning.losses`; null entries skipped); default: the energy term alone.
+            (:mod:`ekd_lightning.models.losses`; null entries skipped); default: the energy term alone.
         lr, weight_decay, lr_factor, lr_patience: AdamW and ReduceLROnPlateau on ``val/loss``.
         lr_cycle_epochs: instead of ReduceLROnPlateau, cosine annealing from ``lr`` to 0 over
             cycles of this many epochs, restarted at ``lr`` after each (Loshchilov & Hutter's
@@ -202,7 +202,7 @@ class PotentialModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse (CheckpointError) to resume from a checkpoint of another model; restore the
         loss terms' state."""
-        from .errors import CheckpointError
+        from ..core.errors import CheckpointError
 
         saved = upgrade_hparams(checkpoint.get("hyper_parameters", {}))
         if (model_arguments(saved.get("model") or {}), saved.get("elements")) != (

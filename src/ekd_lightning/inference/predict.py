@@ -23,8 +23,8 @@ from pathlib import Path
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from .errors import DataError, EKDError
-from .units import HARTREE_TO_EV
+from ..core.errors import DataError, EKDError
+from ..core.units import HARTREE_TO_EV
 
 
 def read_structures(path: str | Path, index: str = ":", fmt: str | None = None) -> list[Atoms]:
@@ -81,7 +81,7 @@ def write_structures(frames: Sequence[Atoms], path: str | Path, fmt: str | None 
     import ase.io
     from ase.io.formats import filetype, ioformats
 
-    from .evaluate import _write_atomic
+    from ..analysis.evaluate import _write_atomic
 
     path = Path(path)
     fmt = fmt or filetype(path, read=False)

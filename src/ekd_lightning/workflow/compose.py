@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 CONFIG_MODULE = "ekd_lightning.conf"
 """The packaged config tree of ``train.py`` / ``ekd-train`` (``pkg://ekd_lightning.conf``)."""
@@ -35,7 +35,7 @@ def compose_train(overrides: Sequence[str]) -> DictConfig:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from .training import register_resolvers
+    from ..train.training import register_resolvers
 
     register_resolvers()
     if GlobalHydra.instance().is_initialized():

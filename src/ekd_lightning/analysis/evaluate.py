@@ -30,7 +30,7 @@ The metric functions (:func:`error_stats`, :func:`conformer_pair_differences`,
 :func:`compute_metrics`, :func:`metrics_by_subset`) are pure functions of arrays in Hartree and
 Hartree/Å. :func:`evaluate_models` runs named models on a file and writes ``metrics.csv``,
 ``metrics.json``, ``energy_parity.png``, ``force_parity.png`` and ``force_errors.png``
-(:mod:`ekd_lightning.plots`: one colour and panel per role, panels in a grid). CLI::
+(:mod:`ekd_lightning.analysis.plots`: one colour and panel per role, panels in a grid). CLI::
 
     python -m ekd_lightning.evaluate --checkpoints t0=a.ckpt t1=b.ckpt student=s.ckpt \\
         --ensemble ensemble=t0,t1 --data s66x8_wb97x6-31gd.h5 --out eval/
@@ -55,12 +55,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .data.packed import records_loader
-from .data.readers import MoleculeRecord, read_molecules
-from .errors import DataError, EKDError
+from ..core.errors import DataError, EKDError
+from ..core.units import HARTREE_TO_KCALMOL as KCAL
+from ..data.packed import records_loader
+from ..data.readers import MoleculeRecord, read_molecules
+from ..train.training import write_json_atomic
 from .plots import plot_energy_parity, plot_force_errors, plot_force_parity
-from .training import write_json_atomic
-from .units import HARTREE_TO_KCALMOL as KCAL
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def predict(models, records: Sequence[MoleculeRecord], batch_size: int = 64,
     """Energies (Hartree) and forces (Hartree/Å) for every kept conformation of ``records``.
 
     Args:
-        models: a :class:`~ekd_lightning.module.PotentialModule` or a sequence of them (an
+        models: a :class:`~ekd_lightning.task.module.PotentialModule` or a sequence of them (an
             ensemble, possibly of different architectures): the mean energy and force over members.
         records: molecules from :func:`~ekd_lightning.data.read_molecules`.
         batch_size: conformations per forward pass.
@@ -432,7 +432,7 @@ def evaluate_models(
         forces_are_gradients: as :func:`~ekd_lightning.data.read_molecules` (None: each file's
             attribute, else gradients for the COMP6 layout).
         roles: ``{name: role}`` of the models in the plots (None: read from the names,
-            :func:`ekd_lightning.plots.role_of`).
+            :func:`ekd_lightning.analysis.plots.role_of`).
 
     Returns:
         Rows (dicts with :data:`ROW_COLUMNS` and :data:`SHIFTED_COLUMNS`): for each model,
@@ -500,7 +500,7 @@ def label_quality(
     """How close distilled force labels are to the dataset's true forces.
 
     Args:
-        label_file: an ``ekd-labels`` file (:mod:`ekd_lightning.labels`) made for ``dataset_path``.
+        label_file: an ``ekd-labels`` file (:mod:`ekd_lightning.data.labels`) made for ``dataset_path``.
         dataset_path, energy_key, force_key, file_format, elements: the dataset as read for
             distillation (``force_key`` must name the true forces, Hartree/Å).
 
@@ -509,7 +509,7 @@ def label_quality(
         ``force_rmse`` (kcal/mol/Å, per component), ``label_std_rms`` (kcal/mol/Å, RMS of the
         teachers' per-component spread), and ``by_subset`` with the same keys per subset.
     """
-    from .labels import read_labels
+    from ..data.labels import read_labels
 
     if not force_key:
         raise DataError(f"{dataset_path}: label_quality needs the dataset's true forces (force_key)")
@@ -560,7 +560,7 @@ def parse_named(items: Sequence[str]) -> dict[str, str]:
 
 def load_named_models(checkpoints: Sequence[str], ensembles: Sequence[str] = ()) -> dict[str, object]:
     """Load ``--checkpoints`` and ``--ensemble NAME=a,b`` items (a member is a name or a path)."""
-    from .checkpoint import load_potential
+    from ..task.checkpoint import load_potential
 
     loaded: dict[str, object] = {}
     by_path: dict[str, object] = {}

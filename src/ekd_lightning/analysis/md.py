@@ -1,7 +1,7 @@
 """Molecular dynamics with trained potentials: an MD stability test.
 
-The ASE calculator, :class:`~ekd_lightning.calculator.EKDCalculator`, lives in
-:mod:`ekd_lightning.calculator` (imported here for the runs).
+The ASE calculator, :class:`~ekd_lightning.inference.calculator.EKDCalculator`, lives in
+:mod:`ekd_lightning.inference.calculator` (imported here for the runs).
 
 Stability test (:func:`stability_table`): for each molecule, Langevin MD (0.5 fs, friction
 0.01/fs) at 300 K and 600 K with several seeds; each trajectory is checked by
@@ -16,7 +16,7 @@ Stability test (:func:`stability_table`): for each molecule, Langevin MD (0.5 fs
   C–H 1.09 Å -> 2.18 Å; thermal amplitudes at 600 K are ~0.1 Å, so only a dissociation or an
   H hop reaches it.
 - ``bond_deviation`` (off unless ``max_bond_deviation`` is set; the batched test of
-  :mod:`ekd_lightning.batched_md` sets 0.5 Å, Fu et al., "Forces are not enough", TMLR 2023): a
+  :mod:`ekd_lightning.analysis.batched_md` sets 0.5 Å, Fu et al., "Forces are not enough", TMLR 2023): a
   pair bonded at the start whose length differs from its initial length by more than that.
 - ``energy_explosion`` / ``energy_hole``: the potential energy rose / fell by more than 1.0 eV per
   atom from its start (≈ 23 kcal/mol/atom, ~13× the mean potential energy 3/2 k_B T per atom
@@ -53,11 +53,11 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
-from .calculator import EKDCalculator, torch_threads
-from .checkpoint import file_sha256
-from .errors import DataError, EKDError
+from ..core.errors import DataError, EKDError
+from ..inference.calculator import EKDCalculator, torch_threads
+from ..task.checkpoint import file_sha256
+from ..train.training import write_json_atomic
 from .evaluate import format_table, json_safe, parse_named, write_csv_atomic
-from .training import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .units import HARTREE_TO_KCALMOL as KCAL
+from ..core.units import HARTREE_TO_KCALMOL as KCAL
 
 ROLES = ("teacher", "ensemble", "baseline", "student", "oracle")
 ROLE_COLOURS = {"teacher": "#7f7f7f", "ensemble": "#9467bd", "baseline": "#d62728",

@@ -55,18 +55,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import load_potential
-from .compose import (
-    as_overrides,
-    command_overrides,
-    compose_train,
-    override_value,
-    parse,
-    train_command,
-)
-from .data import EKDDataModule
-from .errors import ConfigError
-from .evaluate import (
+from ..analysis.evaluate import (
     ALL,
     evaluate_models,
     evaluate_records,
@@ -75,8 +64,19 @@ from .evaluate import (
     label_quality,
     write_text_atomic,
 )
+from ..core.errors import ConfigError
+from ..data import EKDDataModule
+from ..task.checkpoint import load_potential
+from ..train.training import config_sha256, differences, run_training, write_json_atomic
+from .compose import (
+    as_overrides,
+    command_overrides,
+    compose_train,
+    override_value,
+    parse,
+    train_command,
+)
 from .progress import PipelineProgress
-from .training import config_sha256, differences, run_training, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class SubmititRunner:
     ``AutoExecutor`` (SLURM where ``sbatch`` is found, else local processes; or
     ``pipeline.submitit.cluster=local|slurm|debug``), with the pipeline's run store and config
     hashes: a run already finished in the store is not submitted again, and two jobs wanting
-    the same run share it (the run folder's lock, :func:`ekd_lightning.training.run_lock`).
+    the same run share it (the run folder's lock, :func:`ekd_lightning.train.training.run_lock`).
     The pipeline waits for the jobs; its other steps (labelling, evaluation, MD) run in this
     process. Job logs go to ``pipeline.submitit.folder`` (default ``<store>/submitit``).
 
@@ -449,7 +449,7 @@ def distill(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Path:
     """Step 2: label every conformation of ``cfg.data`` with the teacher ensemble, into
     ``<store>/labels-<sha>.h5`` named by the teachers' run folder names (which hold their config
     hashes), so shared like the runs, wherever the store is."""
-    from .distill import distill_labels, make_job
+    from ..distill import distill_labels, make_job
 
     data = cfg.data
     job = make_job(
@@ -466,7 +466,7 @@ def extra_geometries(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> d
     (:func:`ekd_lightning.distill.augment.make_extra_geometries`, named by their settings and
     the teachers' hashes); returns the students' ``data.extra_geometries``: ``{path, weight,
     variance_floor}``."""
-    from .distill.augment import make_extra_geometries
+    from ..distill.augment import make_extra_geometries
 
     spec = OmegaConf.to_container(cfg.pipeline.extra_geometries, resolve=True)
     weights = {"weight": float(spec.pop("weight", 1.0)),
@@ -483,7 +483,7 @@ def hessian_labels(cfg: DictConfig, teachers: Sequence[Run], store: Path) -> Pat
     (``kind``: rows or gaussian, ``seed``; :mod:`ekd_lightning.distill.hessian`), into
     ``<store>/hvp-<sha>.h5`` named by the teachers' run folders and those settings, so shared
     and reused like the labels; the students' ``loss.hessian`` term trains on them."""
-    from .distill.hessian import label_teachers
+    from ..distill.hessian import label_teachers
 
     if "hessian" not in ((cfg.pipeline.get("student_overrides") or {}).get("loss") or {}):
         raise ConfigError("pipeline.hessian labels the students' loss.hessian term: add "
@@ -590,13 +590,13 @@ def evaluate(cfg: DictConfig, models: Mapping[str, object], labels: Path, out: P
 
 
 def md_stability(cfg: DictConfig, runs: Sequence[Run], out: Path, runner: Runner) -> list[dict]:
-    """Step 5: batched Langevin MD stability (:mod:`ekd_lightning.batched_md`: Kaplan-Meier
+    """Step 5: batched Langevin MD stability (:mod:`ekd_lightning.analysis.batched_md`: Kaplan-Meier
     survival per model and temperature, log-rank test against the baseline, h(r) error against
     cached GFN2-xTB MD) and NVE drift of baseline vs student (vs oracle), one (model,
     temperature) task per worker process; the rows of a checkpoint already run with the same
     settings (a baseline shared by ablation variants) are reused."""
-    from .batched_md import batched_stability_table
-    from .md import default_molecules
+    from ..analysis.batched_md import batched_stability_table
+    from ..analysis.md import default_molecules
 
     md = cfg.pipeline.md
     chosen = {run.name: str(run.checkpoint) for run in runs
@@ -722,7 +722,7 @@ def inference_cost(models: Mapping[str, object], records, names: Sequence[str],
     """Seconds per conformation to predict energies and forces of ``records`` (best of
     ``repeats`` passes after a warm-up), for each of ``names`` (a model or an ensemble), all
     measured in this process with its threads, so the figures compare."""
-    from .evaluate import predict
+    from ..analysis.evaluate import predict
 
     n_conf = sum(r.num_conformations for r in records)
     cost = {}
@@ -817,7 +817,7 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
     ``results`` and ``md_rows``), ``training`` is :func:`training_record` of every run; returns
     the summary (with ``runs``: ``{name: record}``, less the variant's overrides, which name
     files: they are in each run's ``run_info.json``)."""
-    from .plots import plot_learning_curves
+    from ..analysis.plots import plot_learning_curves
 
     training = dict(training or {})
     inference = dict(results.get("inference_s_per_conformation", {}))

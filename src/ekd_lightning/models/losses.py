@@ -23,8 +23,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
-from .units import HARTREE_TO_KCALMOL as KCAL
+from ..core.errors import ConfigError
+from ..core.units import HARTREE_TO_KCALMOL as KCAL
 
 
 class LossTerm:
@@ -158,7 +158,7 @@ def build_loss_terms(spec: Mapping | None) -> dict[str, LossTerm]:
     entries skipped), built with :func:`hydra.utils.instantiate`; ConfigError for an entry that
     is not a term (a key of the flat layout before terms, such as ``loss.force_weight``, names
     its replacement)."""
-    from .instantiate import instantiate_checked
+    from ..core.instantiate import instantiate_checked
 
     terms = {}
     for name, entry in (spec or {}).items():

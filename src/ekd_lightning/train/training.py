@@ -18,15 +18,15 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from . import __version__
+from .. import __version__
+from ..core.errors import ConfigError
+from ..data import EKDDataModule
+from ..data.labels import cached_sha256
+from ..distill import labels_for_training
+from ..models.losses import loss_file, loss_targets, renamed_key
+from ..task.checkpoint import AtomicCheckpointIO
+from ..task.module import PotentialModule
 from .callbacks import TrainingHistory, robustness_callbacks
-from .checkpoint import AtomicCheckpointIO
-from .data import EKDDataModule
-from .distill import labels_for_training
-from .errors import ConfigError
-from .labels import cached_sha256
-from .losses import loss_file, loss_targets, renamed_key
-from .module import PotentialModule
 
 # Lightning 2.6 with torch >= 2.10 warns once per process from its own internals (not from a call
 # of ours); in the pipeline every worker process printed it. Only that message is silenced.
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def register_resolvers() -> None:
     """``${bundled:NAME}``: path of a file shipped in ``ekd_lightning/bundled/data``."""
     if not OmegaConf.has_resolver("bundled"):
-        from .bundled import DATA_DIR
+        from ..bundled import DATA_DIR
 
         OmegaConf.register_new_resolver("bundled", lambda name: str(DATA_DIR / name))
 

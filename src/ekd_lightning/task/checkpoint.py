@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from .errors import CheckpointError, ConfigError
+from ..core.errors import CheckpointError, ConfigError
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -55,7 +55,7 @@ def safe_load(path: str | Path, map_location="cpu"):
     """``torch.load`` that unpickles data only: tensors, plain containers and the classes torch
     allows by default (``weights_only=True``). A checkpoint of this project holds nothing else
     (its pickle names only torch storages, ``_rebuild_tensor_v2`` and ``OrderedDict``: the RNG
-    states of :class:`~ekd_lightning.callbacks.ResumableRNG` are stored as tensors and lists for
+    states of :class:`~ekd_lightning.train.callbacks.ResumableRNG` are stored as tensors and lists for
     this), so the allow-list needs no extra entry. A planted file whose pickle would call
     anything else (``os.system``, ...) raises ``pickle.UnpicklingError`` before any call."""
     return torch.load(path, map_location=map_location, weights_only=True)
@@ -90,14 +90,14 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def load_potential(path: str | Path, expected_model: str | type | None = None, map_location="cpu"):
-    """Rebuild a :class:`~ekd_lightning.module.PotentialModule` from a checkpoint alone, in eval
+    """Rebuild a :class:`~ekd_lightning.task.module.PotentialModule` from a checkpoint alone, in eval
     mode: its hyperparameters hold the model config (``_target_`` and arguments) and the loss
     terms, built with :func:`hydra.utils.instantiate`.
 
     Args:
         path: a ``.ckpt`` written by ``train.py``. Checkpoints of the previous layout
             (``model_name``/``model_kwargs``, 0.1.0's ``ani2x`` included) load too
-            (:func:`~ekd_lightning.module.upgrade_hparams`).
+            (:func:`~ekd_lightning.task.module.upgrade_hparams`).
         expected_model: if given, refuse a checkpoint of another model class (the class, or its
             ``_target_`` path).
     """

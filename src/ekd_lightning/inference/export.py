@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import file_sha256, load_potential
-from .errors import CheckpointError, EKDError
-from .evaluate import _write_atomic
-from .models.aev import angular_triples, cosine_cutoff
-from .models.ani import ANIModel
-from .models.base import AtomisticModel
-from .models.schnet import SchNetModel
+from ..analysis.evaluate import _write_atomic
+from ..core.errors import CheckpointError, EKDError
+from ..models.aev import angular_triples, cosine_cutoff
+from ..models.ani import ANIModel
+from ..models.base import AtomisticModel
+from ..models.schnet import SchNetModel
+from ..task.checkpoint import file_sha256, load_potential
 
 
 class _Exported(nn.Module):
@@ -232,7 +232,7 @@ def script_model(model: AtomisticModel, name: str, source_sha256: str = ""):
 def probe_molecules(elements: Sequence[str], seed: int = 0) -> list[tuple[Tensor, Tensor]]:
     """Made-up molecules (numbers (n,), positions (n, 3) Å) to compare an export with its model:
     one per element alone and mixtures of all of them, 1 to 40 atoms (atoms >= 0.9 Å apart)."""
-    from .units import symbol_to_number
+    from ..core.units import symbol_to_number
 
     rng = torch.Generator().manual_seed(seed)
     numbers = torch.tensor([symbol_to_number(e) for e in elements])
@@ -254,7 +254,7 @@ def check_export(model: AtomisticModel, scripted, rtol: float = 1e-4) -> float:
     :func:`probe_molecules`; CheckpointError if a force differs by more than ``rtol`` of the
     largest force or an energy by more than ``rtol`` of the atomic contributions' scale
     (``energy_scale`` × n_atoms): float32 rounding is about 1e-6 of them."""
-    from .models.base import energy_and_forces
+    from ..models.base import energy_and_forces
 
     worst, dtype = 0.0, next(model.parameters()).dtype
     for z, pos in probe_molecules(model.elements):

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from .errors import DataError
-from .models.base import energy_and_forces
-from .units import HARTREE_TO_EV
+from ..core.errors import DataError
+from ..core.units import HARTREE_TO_EV
+from ..models.base import energy_and_forces
 
 
 @contextlib.contextmanager
@@ -38,8 +38,8 @@ def torch_threads(n: int | None):
 
 
 def _load_members(model) -> list:
-    from .checkpoint import load_potential
-    from .module import PotentialModule
+    from ..task.checkpoint import load_potential
+    from ..task.module import PotentialModule
 
     items = [model] if isinstance(model, str | Path | torch.nn.Module) else list(model)
     if not items:
@@ -57,7 +57,7 @@ class EKDCalculator(Calculator):
     """ASE calculator for a trained potential (energy in eV, forces in eV/Å).
 
     Args:
-        model: a checkpoint path, a :class:`~ekd_lightning.module.PotentialModule` (or its
+        model: a checkpoint path, a :class:`~ekd_lightning.task.module.PotentialModule` (or its
             ``.model``), or a sequence of them (an ensemble: mean energy and forces, and with
             two or more members ``energy_std`` and ``forces_std`` in ``results``).
         device: torch device of the computation.
@@ -92,8 +92,8 @@ class EKDCalculator(Calculator):
         """The calculator of an ensemble, given as distillation takes its teachers: checkpoint
         files, folders (every run's ``best.ckpt`` under them) or published ensembles
         (``torchani_ani2x``, needs the ``[ani]`` extra); see
-        :mod:`ekd_lightning.distill.teachers`. ``kwargs`` as in the constructor."""
-        from .distill.teachers import load_teachers, resolve_teachers
+        :mod:`ekd_lightning.inference.teachers`. ``kwargs`` as in the constructor."""
+        from .teachers import load_teachers, resolve_teachers
 
         spec = [str(s) for s in sources] if isinstance(sources, Sequence) and not isinstance(
             sources, str) else str(sources)

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_potential
-from ..errors import CheckpointError, LabelMismatchError
-from ..labels import cached_sha256, read_label_metadata
+from ..core.errors import CheckpointError, LabelMismatchError
+from ..data.labels import cached_sha256, read_label_metadata
 from ..models.ani import ANIModel
 from ..models.base import AtomisticModel
+from ..task.checkpoint import load_potential
 
 DEFAULT_PATTERN = "**/*.ckpt"
 

@@ -10,7 +10,7 @@ evaluates all of them in one forward/backward pass per step.
   velocities, in ASE units (Å, eV, amu; time in ASE units, ``units.fs`` per fs); friction 0 is
   velocity Verlet (NVE). Each replica has its own temperature.
 - Failure (:func:`run_replicas`): every ``check_every`` steps each running replica's recorded
-  frames (every ``record_every`` steps) are checked by :func:`ekd_lightning.md.detect_failure`
+  frames (every ``record_every`` steps) are checked by :func:`ekd_lightning.analysis.md.detect_failure`
   with :data:`FU_CRITERIA` (the project's criteria plus Fu et al.'s bond-length deviation of
   0.5 Å); a failed replica is dropped from the batch (the others run on) and its time to failure
   is the step of its first failing frame × the time step.
@@ -21,7 +21,7 @@ evaluates all of them in one forward/backward pass per step.
   2: disjoint).
 - Survival (:func:`survival_table`): Kaplan-Meier curves with 95% intervals per model and
   temperature and the log-rank test of each model against a reference model
-  (:mod:`ekd_lightning.survival`).
+  (:mod:`ekd_lightning.analysis.survival`).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ import torch
 from ase import Atoms, units
 from torch import Tensor
 
+from ..core.units import HARTREE_TO_EV
+from ..models.base import energy_and_forces
 from .md import StabilityCriteria, detect_failure, energy_drift, molecule_name
-from .models.base import energy_and_forces
 from .survival import kaplan_meier, logrank, survival_at, survival_difference
-from .units import HARTREE_TO_EV
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def load_members(model, dtype: torch.dtype = torch.float64, device: str | torch.
     ``dtype`` on ``device``, in eval mode, without parameter gradients."""
     import copy
 
-    from .calculator import _load_members
+    from ..inference.calculator import _load_members
 
     return [copy.deepcopy(m).to(device, dtype).eval().requires_grad_(False)
             for m in _load_members(model)]
@@ -219,7 +219,7 @@ def run_replicas(
         molecules: starting geometries (each replica starts there; velocities differ).
         n_replicas: replicas per molecule and temperature.
         steps, timestep_fs, friction_per_fs: run length, time step (fs), friction (1/fs).
-        criteria: failure criteria (:func:`~ekd_lightning.md.detect_failure`).
+        criteria: failure criteria (:func:`~ekd_lightning.analysis.md.detect_failure`).
         seed: seeds the velocities and the thermostat noise of the whole batch.
         check_every: steps between failure checks (``check_every`` and ``steps`` are multiples
             of ``record_every``).
@@ -307,7 +307,7 @@ def nve_rows(model, molecules: Sequence[Atoms], temperature_K: float, steps: int
              timestep_fs: float = 0.5, criteria: StabilityCriteria = FU_CRITERIA, seed: int = 0,
              dtype: torch.dtype = torch.float64) -> list[dict]:
     """Total-energy drift of one velocity-Verlet (friction 0) replica per molecule, started at
-    ``temperature_K``: rows as :func:`ekd_lightning.md.nve_drift` (``drift_meV_atom_ps``,
+    ``temperature_K``: rows as :func:`ekd_lightning.analysis.md.nve_drift` (``drift_meV_atom_ps``,
     ``drift_fit_meV_atom_ps``; NaN when the run failed)."""
     check = math.gcd(steps, 50)
     out = run_replicas(model, molecules, [temperature_K], 1, steps, timestep_fs, 0.0, criteria, seed,
@@ -385,7 +385,7 @@ def stability_runs(model, molecules: Sequence[Atoms], temperatures: Sequence[flo
 
     ``dtype`` names the model's precision (float32 is about 1.5× faster on CPU than float64 and
     enough under a thermostat; the NVE runs always use float64)."""
-    from .calculator import torch_threads
+    from ..inference.calculator import torch_threads
 
     with torch_threads(num_threads):
         out = run_replicas(model, molecules, temperatures, replicas, steps, timestep_fs,
@@ -398,12 +398,12 @@ def stability_runs(model, molecules: Sequence[Atoms], temperatures: Sequence[flo
 
 def stability_runs_cached(checkpoint: str | Path, molecules: Sequence[Atoms], **settings) -> dict:
     """:func:`stability_runs` of a checkpoint, kept beside it (``md-batched-<key>.json``, see
-    :func:`ekd_lightning.md.cache_path`) and reused for the same checkpoint, molecules and settings."""
+    :func:`ekd_lightning.analysis.md.cache_path`) and reused for the same checkpoint, molecules and settings."""
     import json
 
+    from ..train.training import write_json_atomic
     from .evaluate import json_safe
     from .md import cache_path
-    from .training import write_json_atomic
 
     path = cache_path(checkpoint, molecules, {**settings, "criteria": settings.get("criteria", FU_CRITERIA)},
                       prefix="md-batched")
@@ -534,15 +534,15 @@ def batched_stability_table(
         cache: reuse the runs of checkpoint paths run before with the same settings.
 
     Returns:
-        (one :func:`ekd_lightning.md.summarize_stability` row per model, with ``survival_<T>K``
+        (one :func:`ekd_lightning.analysis.md.summarize_stability` row per model, with ``survival_<T>K``
         (KM at the end, "S [low, high]"), ``p_logrank`` against ``reference`` and
         ``hr_error_<T>K`` (mean over molecules) added; the :func:`survival_table` rows).
     """
     import functools
 
+    from ..train.training import write_json_atomic
     from .evaluate import json_safe, write_csv_atomic
     from .md import summarize_stability
-    from .training import write_json_atomic
 
     molecules, temperatures = list(molecules), [float(t) for t in temperatures]
     tasks = [(model, molecules, t, nve_steps if t == min(temperatures) else 0)
