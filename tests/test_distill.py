@@ -125,8 +125,8 @@ def test_labels_are_the_mean_of_independent_teacher_forces(data, teachers, refer
     assert [g.num_teachers for g in ensemble.groups] == [3, 1]
 
     per_teacher = [independent_predictions(data, t) for t in teachers["mixed"]]
-    with h5py.File(reference, "r") as f:
-        assert len(f) == 8 and all(f[k]["labelled"][()].all() for k in f)
+    with h5py.File(reference, "r") as f:  # every conformation labelled: row = conformation
+        assert len(f) == 8 and all(np.array_equal(f[k]["conf_index"][()], np.arange(12)) for k in f)
         for key, conf in per_teacher[0]:
             group = f[key]
             energies = np.array([p[(key, conf)][0] for p in per_teacher])
@@ -233,6 +233,58 @@ def test_batched_ani2x_teachers_equal_the_loop_with_and_without_absent_elements(
         torch.testing.assert_close(forces, expected_forces, rtol=0, atol=1e-9)
     # the H, C, N, O batch used only the features of those four elements
     assert [key[0] for key in batched.groups[0]._restricted] == [(0, 1, 2, 3)]
+
+
+def test_unlabelled_conformations_take_no_rows(data, teachers, tmp_path):
+    """Conformations with a NaN energy are not labelled and get no row; the others' rows hold
+    the teachers' mean, found through conf_index."""
+    partial = tmp_path / "partial.h5"
+    shutil.copy(data, partial)
+    with h5py.File(partial, "a") as f:
+        for key, missing in {"CH4": [0, 5], "H2O": [11], "NH3": list(range(12))}.items():
+            energy = f[key][ENERGY][()]
+            energy[missing] = np.nan
+            f[key][ENERGY][...] = energy
+    out = distill_labels(make_job(partial, ENERGY, tmp_path / "labels.h5", teachers["other"], **SIZES))
+    per_teacher = [independent_predictions(partial, t) for t in teachers["other"]]
+    with h5py.File(out, "r") as f:
+        assert "NH3" not in f and f["CH4"].attrs["n_conformations"] == 12
+        np.testing.assert_array_equal(f["CH4"]["conf_index"][()], [1, 2, 3, 4, 6, 7, 8, 9, 10, 11])
+        np.testing.assert_array_equal(f["H2O"]["conf_index"][()], np.arange(11))
+        assert f["CH4"]["forces"].shape == (10, 5, 3) and f["CH4"]["teacher_energy"].shape == (2, 10)
+        for key, conf in per_teacher[0]:
+            row = int(np.searchsorted(f[key]["conf_index"][()], conf))
+            energies = [p[(key, conf)][0] for p in per_teacher]
+            np.testing.assert_allclose(f[key]["energy"][row], np.mean(energies), rtol=0, atol=1e-7)
+
+
+def test_dense_file_of_the_same_run_is_read_not_relabelled(data, teachers, reference, tmp_path,
+                                                           caplog):
+    """A version-1 (dense) file left by the old code for the same run is current: a rerun keeps
+    it, with a warning, and it reads to the very bytes of the compact file."""
+    import logging
+
+    from labels_v1 import write_labels_v1
+
+    blocks, layout = [], []
+    with h5py.File(reference, "r") as f:
+        for key in f:
+            group = f[key]
+            layout.append((key, int(group.attrs["n_conformations"]), group["forces"].shape[1]))
+            blocks.append((key, group["conf_index"][()],
+                           {name: group[name][()] for name in group if name != "conf_index"}))
+        attrs = dict(f.attrs)
+    dense = write_labels_v1(tmp_path / "dense.h5", layout, 4, blocks, {})
+    with h5py.File(dense, "a") as f:  # the old code's root attributes
+        f.attrs.update({k: v for k, v in attrs.items() if k not in ("version", "identity_version")})
+    stamp = dense.stat().st_mtime_ns
+    with caplog.at_level(logging.WARNING, logger="ekd_lightning.distill.run"):
+        assert distill_labels(make_job(data, ENERGY, dense, teachers["mixed"], **SIZES)) == dense
+    assert dense.stat().st_mtime_ns == stamp and "dense version-1 layout" in caplog.text
+    records, _ = read_molecules(data, ENERGY)
+    for old, new in zip(read_labels(dense, records, dataset_path=data),
+                        read_labels(reference, records, dataset_path=data), strict=True):
+        assert all(old[k].tobytes() == new[k].tobytes() for k in ("forces", "force_var"))
 
 
 # ----------------------------------------------------------------------------- resume and DDP

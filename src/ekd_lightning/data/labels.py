@@ -1,24 +1,29 @@
-"""Distilled label files (HDF5): the teacher ensemble's forces for every conformation.
+"""Distilled label files (HDF5): the teacher ensemble's forces for the labelled conformations.
 
-Layout (format ``ekd-labels``, version 1). The file mirrors the dataset: one group per dataset
-molecule group, same path (``C2H6O``, ``s66x8/mol00``), with arrays over the group's
-conformations *as stored in the dataset file* (index = conformation index in the file):
+Layout (format ``ekd-labels``, version 2, compact; ``docs/label-files.md``). One group per
+dataset molecule group, same path (``C2H6O``, ``s66x8/mol00``), holding one row per *labelled*
+conformation, rows in increasing conformation order:
 
-- ``forces`` (n_conf, n_atoms, 3) float32, Hartree/Å: ensemble mean of F = -dE/dx (the label)
-- ``forces_std`` (n_conf, n_atoms, 3) float32, Hartree/Å: standard deviation over teachers
-- ``energy`` (n_conf,) float64, Hartree: ensemble mean energy; ``energy_std`` (n_conf,)
-- ``teacher_forces`` (n_teachers, n_conf, n_atoms, 3) float32 and ``teacher_energy``
-  (n_teachers, n_conf) float64: each teacher's prediction
-- ``labelled`` (n_conf,) bool: False where the conformation was not labelled (NaN energy)
+- ``conf_index`` (n_rows,) int64: the index in the dataset group of each row's conformation
+- ``forces`` (n_rows, n_atoms, 3) float32, Hartree/Å: ensemble mean of F = -dE/dx (the label)
+- ``forces_std`` (n_rows, n_atoms, 3) float32, Hartree/Å: standard deviation over teachers
+- ``energy`` (n_rows,) float64, Hartree: ensemble mean energy; ``energy_std`` (n_rows,)
+- ``teacher_forces`` (n_teachers, n_rows, n_atoms, 3) float32 and ``teacher_energy``
+  (n_teachers, n_rows) float64: each teacher's prediction
+- group attribute ``n_conformations``: the conformations of the dataset group
+
+Version 1 (dense, written before 2026-12-07) had the same arrays over *every* conformation of
+the group (row = conformation index), NaN where not labelled, and ``labelled`` (n_conf,) bool
+instead of ``conf_index``; :func:`read_labels` reads both to the same values.
 
 Root attributes: ``format``, ``version``, ``dataset_path``, ``dataset_sha256``, ``energy_key``,
 ``teachers`` (JSON list of {path, sha256, model}), units, ``created``, ``code_version``.
 
-Standard deviations are over the teachers with ddof=0 (zero for a single teacher); arrays of a
-conformation that was not labelled hold NaN. :func:`write_labels` writes such a file atomically,
-:func:`read_labels` reads it back for a dataset (checking the dataset's SHA-256 when given the
-dataset path), :func:`verify_dataset` and :func:`~ekd_lightning.inference.teachers.verify_teachers`
-refuse a label file made for another dataset or another teacher ensemble.
+Standard deviations are over the teachers with ddof=0 (zero for a single teacher).
+:func:`write_labels` writes such a file atomically, :func:`read_labels` reads it back for a
+dataset (checking the dataset's SHA-256 when given the dataset path), :func:`verify_dataset` and
+:func:`~ekd_lightning.inference.teachers.verify_teachers` refuse a label file made for another
+dataset or another teacher ensemble.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ from .readers import MoleculeRecord, open_h5
 log = logging.getLogger(__name__)
 
 LABEL_FORMAT = "ekd-labels"
-LABEL_VERSION = 1
+LABEL_VERSION = 2
+"""Layout version written: 2, compact (labelled rows only); version 1 (dense) is still read."""
+COMPACT_VERSION = 2
+"""The first version that stores only labelled rows (with ``conf_index``)."""
 UNITS = {"units_energy": "Hartree", "units_forces": "Hartree/Angstrom", "units_length": "Angstrom"}
 """Unit attributes every label file carries."""
 JSON_ATTRS = ("teachers", "elements")
@@ -55,7 +63,7 @@ LABEL_ARRAYS = {
     "teacher_forces": (np.float32, True, True),
     "teacher_energy": (np.float64, True, False),
 }
-"""The float arrays of every molecule group (besides the boolean ``labelled``)."""
+"""The float arrays of every molecule group (besides its ``conf_index``)."""
 
 
 # ----------------------------------------------------------------------------- hashes
@@ -182,7 +190,25 @@ def verify_dataset(path: str | Path, dataset_path: str | Path, metadata: Mapping
         )
 
 
-# ----------------------------------------------------------------------------- writing
+# ----------------------------------------------------------------------------- rows
+def row_positions(stored: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where conformations sit among a group's rows.
+
+    Args:
+        stored: (n_rows,) strictly increasing conformation indices of the rows (``conf_index``).
+        wanted: (k,) conformation indices to look up.
+
+    Returns:
+        ``positions`` (k,) int64, the row of each wanted conformation (valid where found), and
+        ``found`` (k,) bool, False for a conformation that has no row (not labelled).
+    """
+    stored, wanted = np.asarray(stored, dtype=np.int64), np.asarray(wanted, dtype=np.int64)
+    positions = np.searchsorted(stored, wanted)
+    found = positions < len(stored)
+    found[found] = stored[positions[found]] == wanted[found]
+    return positions, found
+
+
 def _rows(index: np.ndarray):
     """A slice when ``index`` (increasing ints) is contiguous (fast HDF5 writes), else itself."""
     if len(index) and index[-1] - index[0] + 1 == len(index):
@@ -190,43 +216,48 @@ def _rows(index: np.ndarray):
     return index
 
 
-def create_label_groups(f: h5py.File, layout: Iterable[tuple[str, int, int]], n_teachers: int) -> None:
-    """Empty molecule groups: NaN arrays and ``labelled`` False for every conformation.
+# ----------------------------------------------------------------------------- writing
+def create_label_groups(
+    f: h5py.File, layout: Iterable[tuple[str, int, np.ndarray, int]], n_teachers: int
+) -> None:
+    """Empty molecule groups with one row per conformation to be labelled (NaN until written).
 
     Args:
         f: an open, writable label file.
-        layout: ``(group key, conformations in the dataset group, atoms)`` per molecule.
+        layout: ``(group key, conformations in the dataset group, (n_rows,) strictly increasing
+            conformation indices to label, atoms)`` per molecule.
         n_teachers: ensemble size.
     """
-    for key, n_conf, n_atoms in layout:
+    for key, n_conf, conf_index, n_atoms in layout:
         group = f.create_group(key)
+        group.attrs["n_conformations"] = int(n_conf)
+        group.create_dataset("conf_index", data=np.asarray(conf_index, dtype=np.int64))
+        n_rows = len(conf_index)
         for name, (dtype, per_teacher, per_atom) in LABEL_ARRAYS.items():
-            shape = ((n_teachers,) if per_teacher else ()) + (n_conf,) + ((n_atoms, 3) if per_atom else ())
+            shape = ((n_teachers,) if per_teacher else ()) + (n_rows,) + ((n_atoms, 3) if per_atom else ())
             group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=np.nan)
-        group.create_dataset("labelled", shape=(n_conf,), dtype=bool, fillvalue=False)
 
 
-def write_label_rows(f: h5py.File, key: str, conf_index: np.ndarray, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write the labels of some conformations of group ``key``.
+def write_label_rows(f: h5py.File, key: str, rows: np.ndarray, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write the labels of some rows of group ``key``.
 
     Args:
-        conf_index: (k,) increasing conformation indices in the dataset group.
-        arrays: every name of :data:`LABEL_ARRAYS`, shaped as in the file with k conformations
+        rows: (k,) increasing row positions in the group (see :func:`row_positions`).
+        arrays: every name of :data:`LABEL_ARRAYS`, shaped as in the file with k rows
             (per-teacher arrays have the teacher axis first).
     """
     group = f[key]
-    rows = _rows(np.asarray(conf_index))
+    rows = _rows(np.asarray(rows))
     for name, (_, per_teacher, _) in LABEL_ARRAYS.items():
         if per_teacher:
             group[name][:, rows] = arrays[name]
         else:
             group[name][rows] = arrays[name]
-    group["labelled"][rows] = True
 
 
 def write_labels(
     path: str | Path,
-    layout: Sequence[tuple[str, int, int]],
+    layout: Sequence[tuple[str, int, np.ndarray, int]],
     n_teachers: int,
     blocks: Iterable[tuple[str, np.ndarray, Mapping[str, np.ndarray]]],
     metadata: Mapping,
@@ -235,14 +266,20 @@ def write_labels(
 
     Args:
         path: the label file to create or replace.
-        layout: ``(group key, conformations in the dataset group, atoms)`` per molecule.
+        layout: as :func:`create_label_groups` takes it: the conformations that get rows.
         n_teachers: ensemble size.
-        blocks: ``(group key, conformation indices, arrays)`` as :func:`write_label_rows` takes.
+        blocks: ``(group key, (k,) increasing conformation indices, arrays)``, arrays as
+            :func:`write_label_rows` takes them; together they must fill every row of ``layout``.
         metadata: root attributes (dataset_path, dataset_sha256, energy_key, teachers, created,
             code_version, ...); ``format``, ``version`` and units are added.
+
+    Raises:
+        ValueError: a block names a conformation without a row, or a row was never written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    stored = {key: np.asarray(conf_index, dtype=np.int64) for key, _, conf_index, _ in layout}
+    written = {key: np.zeros(len(conf_index), bool) for key, conf_index in stored.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -250,7 +287,15 @@ def write_labels(
             write_metadata(f, metadata)
             create_label_groups(f, layout, n_teachers)
             for key, conf_index, arrays in blocks:
-                write_label_rows(f, key, conf_index, arrays)
+                rows, found = row_positions(stored[key], conf_index)
+                if not found.all():
+                    raise ValueError(f"{path}: group '{key}' has no row for conformations "
+                                     f"{np.asarray(conf_index)[~found][:5].tolist()}")
+                write_label_rows(f, key, rows, arrays)
+                written[key][rows] = True
+            unwritten = [key for key, done in written.items() if not done.all()]
+            if unwritten:
+                raise ValueError(f"{path}: rows of groups {unwritten[:5]} were never written")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -259,10 +304,69 @@ def write_labels(
 
 
 # ----------------------------------------------------------------------------- reading
+def _dense_rows(group: h5py.Group, record: MoleculeRecord) -> tuple[np.ndarray, np.ndarray]:
+    """Version 1: ``forces`` and ``forces_std`` of the record's conformations (rows = index)."""
+    return group["forces"][()][record.conf_index], group["forces_std"][()][record.conf_index]
+
+
+def _conf_index(group: h5py.Group, path: Path) -> tuple[np.ndarray, int]:
+    """A version-2 group's ``conf_index`` (checked: strictly increasing, one per row, within the
+    dataset group) and its ``n_conformations``."""
+    stored, n_conf = group["conf_index"][()], int(group.attrs["n_conformations"])
+    ordered = not len(stored) or (stored[0] >= 0 and stored[-1] < n_conf and np.all(np.diff(stored) > 0))
+    if not ordered or any(len(group[name]) != len(stored) for name in ("forces", "forces_std")):
+        raise DataError(f"{path}: group '{group.name.lstrip('/')}' has a conf_index that is not "
+                        f"strictly increasing within its {n_conf} conformations or not one per "
+                        "row: the file is corrupt; delete it and re-run distill.py")
+    return stored, n_conf
+
+
+def _compact_rows(group: h5py.Group, record: MoleculeRecord, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Version 2: ``forces`` and ``forces_std`` of the record's conformations, NaN for those
+    without a row, as version 1 gives them."""
+    stored, n_conf = _conf_index(group, path)
+    wanted = np.asarray(record.conf_index, dtype=np.int64)
+    if len(wanted) and wanted.max() >= n_conf:
+        raise DataError(f"{path}: group '{group.name.lstrip('/')}' labels {n_conf} conformations, "
+                        f"the dataset has conformation {int(wanted.max())}: the label file was "
+                        "made for another dataset; re-run distill.py on this dataset")
+    rows, found = row_positions(stored, wanted)
+    out = []
+    for name in ("forces", "forces_std"):
+        values = group[name][()]
+        array = np.full((len(wanted), *values.shape[1:]), np.nan, values.dtype)
+        array[found] = values[rows[found]]
+        out.append(array)
+    return out[0], out[1]
+
+
+def _group_forces(f: h5py.File, record: MoleculeRecord, path: Path, compact: bool,
+                  dataset_path) -> tuple[np.ndarray, np.ndarray]:
+    """``forces`` and ``forces_std`` (n_conf, n_atoms, 3) of one record, checked."""
+    if record.key not in f:
+        raise DataError(
+            f"{path}: no labels for dataset group '{record.key}'"
+            + (f" of {dataset_path}" if dataset_path else "")
+            + ": the label file was made for another dataset"
+        )
+    group = f[record.key]
+    try:
+        forces, std = _compact_rows(group, record, path) if compact else _dense_rows(group, record)
+    except (KeyError, IndexError, OSError, RuntimeError) as exc:
+        raise DataError(f"{path}: group '{record.key}' is incomplete or corrupt: {exc}") from exc
+    expected = (record.num_conformations, len(record.atomic_numbers), 3)
+    if forces.shape != expected or std.shape != expected:
+        raise DataError(
+            f"{path}: group '{record.key}' forces have shape {forces.shape}, the dataset "
+            f"needs {expected}: the label file was made for another dataset"
+        )
+    return forces, std
+
+
 def read_labels(
     path: str | Path, records: Sequence[MoleculeRecord], dataset_path: str | Path | None = None
 ) -> list[dict[str, np.ndarray]]:
-    """Label arrays aligned with each record's kept conformations.
+    """Label arrays aligned with each record's kept conformations, from a file of either layout.
 
     Returns one dict per record: ``forces`` (n_conf, n_atoms, 3) Hartree/Å and ``force_var``
     (n_conf, n_atoms) (Hartree/Å)², the per-atom teacher variance averaged over x, y, z; NaN
@@ -274,26 +378,10 @@ def read_labels(
     metadata = read_label_metadata(path)
     if dataset_path is not None:
         verify_dataset(path, dataset_path, metadata)
+    compact = int(metadata.get("version", 0)) >= COMPACT_VERSION
     out = []
     with open_h5(path) as f:
         for record in records:
-            if record.key not in f:
-                raise DataError(
-                    f"{path}: no labels for dataset group '{record.key}'"
-                    + (f" of {dataset_path}" if dataset_path else "")
-                    + ": the label file was made for another dataset"
-                )
-            group = f[record.key]
-            try:
-                forces = group["forces"][()][record.conf_index]
-                std = group["forces_std"][()][record.conf_index]
-            except (KeyError, IndexError, OSError, RuntimeError) as exc:
-                raise DataError(f"{path}: group '{record.key}' is incomplete or corrupt: {exc}") from exc
-            expected = (record.num_conformations, len(record.atomic_numbers), 3)
-            if forces.shape != expected or std.shape != expected:
-                raise DataError(
-                    f"{path}: group '{record.key}' forces have shape {forces.shape}, the dataset "
-                    f"needs {expected}: the label file was made for another dataset"
-                )
+            forces, std = _group_forces(f, record, path, compact, dataset_path)
             out.append({"forces": forces, "force_var": (std.astype(np.float64) ** 2).mean(-1)})
     return out

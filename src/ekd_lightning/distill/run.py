@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from .. import __version__
 from ..core.errors import DataError, LabelMismatchError
-from ..data.labels import LABEL_VERSION, cached_sha256, read_label_metadata, write_labels
+from ..data.labels import COMPACT_VERSION, cached_sha256, read_label_metadata, write_labels
 from ..data.packed import PackedConformations, PackedSplit
 from ..data.readers import MoleculeRecord, detect_format, open_h5, read_molecules
 from ..inference.teachers import TeacherSource, load_teachers, resolve_teachers, teacher_identities
@@ -57,6 +57,12 @@ TARGET_CHUNK = 4096
 """Conformations per chunk when none is given (rounded to a multiple of the batch size)."""
 STOP_ENV = "EKD_DISTILL_STOP_AFTER_CHUNKS"
 """Test hook: a process raises DistillInterrupted after writing this many shards."""
+IDENTITY_VERSION = 1
+"""Version of how the label *values* are made (a run's ``format_version`` identity key, which
+was also the file layout's version while both were 1). The compact layout (label files version
+2) holds the same values as the dense version 1, so this stays 1: a dense file of the same run
+is current and read as it is, and shards of an unfinished run still resume. Bump it when the
+values change."""
 TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "enable_progress_bar")
 """Keys of a trainer config used by the predict loop (precision, epochs, ... do not apply)."""
 
@@ -152,7 +158,7 @@ class DistillJob:
     def identity(self) -> dict:
         """What makes two runs produce the same labels (not paths: files may move)."""
         return {
-            "format_version": LABEL_VERSION, "dataset_sha256": self.dataset_sha256,
+            "format_version": IDENTITY_VERSION, "dataset_sha256": self.dataset_sha256,
             "energy_key": self.energy_key, "selection": self.selection(),
             "teachers": [t["sha256"] for t in self.teachers],
             "chunk_size": self.chunk_size, "batch_size": self.batch_size,
@@ -235,7 +241,7 @@ def _recorded_identity(metadata: Mapping) -> dict:
     identity = {k: metadata.get(k) for k in ("dataset_sha256", "energy_key", "selection",
                                              "chunk_size", "batch_size")}
     identity["teachers"] = [t.get("sha256") for t in metadata.get("teachers") or []]
-    identity["format_version"] = metadata.get("version")
+    identity["format_version"] = metadata.get("identity_version", metadata.get("version"))
     return identity
 
 
@@ -253,6 +259,10 @@ def output_is_current(job: DistillJob) -> bool:
             return False
         raise DataError(f"{exc}; delete it or pass overwrite=true to replace it") from exc
     if metadata.get("fingerprint") == job.fingerprint:
+        if int(metadata.get("version", 0)) < COMPACT_VERSION:
+            log.warning("%s holds these labels in the dense version-%s layout (every conformation, NaN "
+                        "where unlabelled), read as they are; delete the file to label again into the "
+                        "compact layout (labelled rows only)", job.out, metadata.get("version"))
         return True
     if job.overwrite:
         return False
@@ -396,7 +406,8 @@ def _shard_blocks(job: DistillJob) -> Iterator[tuple[str, np.ndarray, dict]]:
 
 def merge_shards(job: DistillJob, created: str) -> Path:
     """Write the label file from the complete shards (atomic), then remove the shards."""
-    layout = [(r.key, job.file_conformations[r.key], len(r.atomic_numbers)) for r in job.records]
+    layout = [(r.key, job.file_conformations[r.key], r.conf_index, len(r.atomic_numbers))
+              for r in job.records]
     metadata = {
         "dataset_path": str(job.dataset.resolve()), "dataset_sha256": job.dataset_sha256,
         "energy_key": job.energy_key, "file_format": job.file_format,
@@ -405,7 +416,7 @@ def merge_shards(job: DistillJob, created: str) -> Path:
         "n_conformations": job.n_conformations, "created": created,
         "code_version": code_version(), "torch_version": str(torch.__version__),
         "chunk_size": job.chunk_size, "batch_size": job.batch_size, "std_ddof": 0,
-        "fingerprint": job.fingerprint,
+        "fingerprint": job.fingerprint, "identity_version": IDENTITY_VERSION,
     }
     write_labels(job.out, layout, len(job.teachers), _shard_blocks(job), metadata)
     if not job.keep_shards:
