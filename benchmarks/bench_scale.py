@@ -19,7 +19,13 @@ Each measurement runs in a fresh process (peak memory = that process's max RSS):
         reads) and packing them for prediction: seconds, peak RSS
     python benchmarks/bench_scale.py distill --data FILE --teachers a.ckpt b.ckpt [--out DIR]
         distillation throughput over every CC conformation (conformations/s, end to end:
-        read, pack, predict loop, shards, merged label file)
+        read, pack, predict loop, shards, merged label file), and the label file's size
+    python benchmarks/bench_scale.py labels --data FILE [--n-teachers 1] [--rounds 2] [--out DIR]
+        the label file of every CC conformation (random teacher predictions, cut into blocks as
+        the chunks of 4,096 cut them): size, write time (``write_labels``) and read time
+        (``read_labels``, what a student's data module reads) of today's compact layout against
+        the dense version-1 code (``tests/labels_v1.py``, a frozen copy), alternating in this
+        process; the two read back to the same bytes (checked)
 
 Prints one JSON line per measurement, and the machine.
 """
@@ -145,22 +151,98 @@ def distill(args) -> dict:
     return {"measure": "distill", "teachers": len(args.teachers), "conformations": job.n_conformations,
             "prepare_s": prepare_s, "total_s": total_s,
             "conformations_per_s": job.n_conformations / total_s, "peak_rss_gib": peak_rss_gib(),
-            "labels_gib": out.stat().st_size / 2**30}
+            "labels_gib": out.stat().st_size / 2**30, "labels_gb": out.stat().st_size / 1e9}
+
+
+def label_blocks(records, n_teachers: int, chunk: int = 4096, seed: int = 0) -> list:
+    """``(group key, conformation indices, arrays)`` blocks of random teacher predictions for
+    every kept conformation, cut at multiples of ``chunk`` global conformations as
+    ``distill.run`` merges its shards."""
+    import numpy as np
+
+    rng, blocks, g = np.random.default_rng(seed), [], 0
+    for record in records:
+        n_atoms, start = len(record.atomic_numbers), 0
+        while start < record.num_conformations:
+            n = min(record.num_conformations - start, chunk - (g + start) % chunk)
+            forces = rng.standard_normal((n_teachers, n, n_atoms, 3), dtype=np.float32) * 0.02
+            energy = rng.standard_normal((n_teachers, n)) - 40.0
+            wide = forces.astype(np.float64)
+            blocks.append((record.key, np.asarray(record.conf_index[start:start + n]), {
+                "forces": wide.mean(0).astype(np.float32), "forces_std": wide.std(0).astype(np.float32),
+                "energy": energy.mean(0), "energy_std": energy.std(0),
+                "teacher_forces": forces, "teacher_energy": energy}))
+            start += n
+        g += record.num_conformations
+    return blocks
+
+
+def label_files(args) -> dict:
+    """Size, write and read time of the compact label file against the dense version 1."""
+    import h5py
+    import numpy as np
+
+    from ekd_lightning.data import read_molecules
+    from ekd_lightning.labels import read_labels, write_labels
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from labels_v1 import read_labels_v1, write_labels_v1
+
+    records, _ = read_molecules(args.data, "ccsd(t)_cbs.energy", None, "ani1x", ["H", "C", "N", "O"])
+    with h5py.File(args.data, "r") as f:
+        sizes = {r.key: int(f[r.key]["coordinates"].shape[0]) for r in records}
+    blocks = label_blocks(records, args.n_teachers)
+    folder = Path(args.out or tempfile.mkdtemp())
+    dense, compact = folder / "labels_v1.h5", folder / "labels_v2.h5"
+    old_layout = [(r.key, sizes[r.key], len(r.atomic_numbers)) for r in records]
+    new_layout = [(r.key, sizes[r.key], np.asarray(r.conf_index), len(r.atomic_numbers)) for r in records]
+    times = {k: [] for k in ("write_v1", "write_v2", "read_v1", "read_v2")}
+
+    def timed(name, fn, *fn_args):
+        start = time.perf_counter()
+        result = fn(*fn_args)
+        times[name].append(time.perf_counter() - start)
+        return result
+
+    same = True
+    for _ in range(args.rounds):  # alternating: old code, then today's
+        timed("write_v1", write_labels_v1, dense, old_layout, args.n_teachers, blocks, {})
+        timed("write_v2", write_labels, compact, new_layout, args.n_teachers, blocks, {})
+        old = timed("read_v1", read_labels_v1, dense, records)
+        new = timed("read_v2", read_labels, compact, records)
+        same &= all(a[k].tobytes() == b[k].tobytes() for a, b in zip(old, new, strict=True)
+                   for k in ("forces", "force_var"))
+        del old, new
+    median = {k: float(np.median(v)) for k, v in times.items()}
+    result = {"measure": "labels", "conformations": sum(r.num_conformations for r in records),
+              "file_conformations": sum(sizes.values()), "n_teachers": args.n_teachers,
+              "rounds": args.rounds, "dense_gb": dense.stat().st_size / 1e9,
+              "compact_gb": compact.stat().st_size / 1e9, "same_values": same,
+              **{f"{k}_s": v for k, v in median.items()},
+              "write_new_over_old": median["write_v2"] / median["write_v1"],
+              "read_new_over_old": median["read_v2"] / median["read_v1"],
+              "times_s": times, "peak_rss_gib": peak_rss_gib()}
+    if not args.out:
+        dense.unlink()
+        compact.unlink()
+    return result
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["setup", "loading", "hash", "comp6", "distill"])
+    parser.add_argument("what", choices=["setup", "loading", "hash", "comp6", "distill", "labels"])
     parser.add_argument("--data", required=True)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--teachers", nargs="*", default=[])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--n-teachers", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
     from benchlib import machine_line
 
     result = {"setup": setup, "loading": loading, "hash": hash_cost, "comp6": comp6,
-              "distill": distill}[args.what](args)
+              "distill": distill, "labels": label_files}[args.what](args)
     print(json.dumps({**result, "machine": machine_line()}))
 
 

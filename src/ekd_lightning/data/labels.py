@@ -309,31 +309,30 @@ def _dense_rows(group: h5py.Group, record: MoleculeRecord) -> tuple[np.ndarray, 
     return group["forces"][()][record.conf_index], group["forces_std"][()][record.conf_index]
 
 
-def _conf_index(group: h5py.Group, path: Path) -> tuple[np.ndarray, int]:
-    """A version-2 group's ``conf_index`` (checked: strictly increasing, one per row, within the
-    dataset group) and its ``n_conformations``."""
-    stored, n_conf = group["conf_index"][()], int(group.attrs["n_conformations"])
+def _check_rows(stored: np.ndarray, n_conf: int, n_rows: Sequence[int], key: str, path: Path) -> None:
+    """Refuse (DataError) a version-2 group whose ``conf_index`` is not strictly increasing
+    within its ``n_conformations`` or whose arrays do not have one row per entry."""
     ordered = not len(stored) or (stored[0] >= 0 and stored[-1] < n_conf and np.all(np.diff(stored) > 0))
-    if not ordered or any(len(group[name]) != len(stored) for name in ("forces", "forces_std")):
-        raise DataError(f"{path}: group '{group.name.lstrip('/')}' has a conf_index that is not "
-                        f"strictly increasing within its {n_conf} conformations or not one per "
-                        "row: the file is corrupt; delete it and re-run distill.py")
-    return stored, n_conf
+    if not ordered or any(n != len(stored) for n in n_rows):
+        raise DataError(f"{path}: group '{key}' has a conf_index that is not strictly increasing "
+                        f"within its {n_conf} conformations or not one per row: the file is "
+                        "corrupt; delete it and re-run distill.py")
 
 
 def _compact_rows(group: h5py.Group, record: MoleculeRecord, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Version 2: ``forces`` and ``forces_std`` of the record's conformations, NaN for those
     without a row, as version 1 gives them."""
-    stored, n_conf = _conf_index(group, path)
+    stored, forces, std = (group[name][()] for name in ("conf_index", "forces", "forces_std"))
+    n_conf = int(group.attrs["n_conformations"])
+    _check_rows(stored, n_conf, (len(forces), len(std)), record.key, path)
     wanted = np.asarray(record.conf_index, dtype=np.int64)
     if len(wanted) and wanted.max() >= n_conf:
-        raise DataError(f"{path}: group '{group.name.lstrip('/')}' labels {n_conf} conformations, "
-                        f"the dataset has conformation {int(wanted.max())}: the label file was "
-                        "made for another dataset; re-run distill.py on this dataset")
+        raise DataError(f"{path}: group '{record.key}' labels {n_conf} conformations, the dataset "
+                        f"has conformation {int(wanted.max())}: the label file was made for "
+                        "another dataset; re-run distill.py on this dataset")
     rows, found = row_positions(stored, wanted)
     out = []
-    for name in ("forces", "forces_std"):
-        values = group[name][()]
+    for values in (forces, std):
         array = np.full((len(wanted), *values.shape[1:]), np.nan, values.dtype)
         array[found] = values[rows[found]]
         out.append(array)
