@@ -106,3 +106,15 @@ def read_labels_v1(path: str | Path, records) -> list[dict[str, np.ndarray]]:
             std = group["forces_std"][()][record.conf_index]
             out.append({"forces": forces, "force_var": (std.astype(np.float64) ** 2).mean(-1)})
     return out
+
+
+def fingerprint_v1(metadata: Mapping) -> str:
+    """The ``fingerprint`` 75321d8's ``DistillJob`` gave a labelling run (SHA-256 of its identity,
+    ``format_version`` 1), from a label file's root attributes (``read_label_metadata``)."""
+    import hashlib
+
+    identity = {"format_version": 1, "dataset_sha256": metadata["dataset_sha256"],
+                "energy_key": metadata["energy_key"], "selection": metadata["selection"],
+                "teachers": [t["sha256"] for t in metadata["teachers"]],
+                "chunk_size": int(metadata["chunk_size"]), "batch_size": int(metadata["batch_size"])}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

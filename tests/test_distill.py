@@ -264,7 +264,7 @@ def test_dense_file_of_the_same_run_is_read_not_relabelled(data, teachers, refer
     it, with a warning, and it reads to the very bytes of the compact file."""
     import logging
 
-    from labels_v1 import write_labels_v1
+    from labels_v1 import fingerprint_v1, write_labels_v1
 
     blocks, layout = [], []
     with h5py.File(reference, "r") as f:
@@ -275,8 +275,9 @@ def test_dense_file_of_the_same_run_is_read_not_relabelled(data, teachers, refer
                            {name: group[name][()] for name in group if name != "conf_index"}))
         attrs = dict(f.attrs)
     dense = write_labels_v1(tmp_path / "dense.h5", layout, 4, blocks, {})
-    with h5py.File(dense, "a") as f:  # the old code's root attributes
+    with h5py.File(dense, "a") as f:  # the old code's root attributes and run fingerprint
         f.attrs.update({k: v for k, v in attrs.items() if k not in ("version", "identity_version")})
+        f.attrs["fingerprint"] = fingerprint_v1(read_label_metadata(reference))
     stamp = dense.stat().st_mtime_ns
     with caplog.at_level(logging.WARNING, logger="ekd_lightning.distill.run"):
         assert distill_labels(make_job(data, ENERGY, dense, teachers["mixed"], **SIZES)) == dense
