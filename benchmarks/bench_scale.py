@@ -183,7 +183,7 @@ def label_files(args) -> dict:
     import numpy as np
 
     from ekd_lightning.data import read_molecules
-    from ekd_lightning.labels import read_labels, write_labels
+    from ekd_lightning.labels import read_label_metadata, read_labels, write_labels
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from labels_v1 import read_labels_v1, write_labels_v1
@@ -198,6 +198,10 @@ def label_files(args) -> dict:
     new_layout = [(r.key, sizes[r.key], np.asarray(r.conf_index), len(r.atomic_numbers)) for r in records]
     times = {k: [] for k in ("write_v1", "write_v2", "read_v1", "read_v2")}
 
+    def read_dense(path, records):  # version 1's read_labels: the metadata check, then the rows
+        read_label_metadata(path)
+        return read_labels_v1(path, records)
+
     def timed(name, fn, *fn_args):
         start = time.perf_counter()
         result = fn(*fn_args)
@@ -208,7 +212,7 @@ def label_files(args) -> dict:
     for _ in range(args.rounds):  # alternating: old code, then today's
         timed("write_v1", write_labels_v1, dense, old_layout, args.n_teachers, blocks, {})
         timed("write_v2", write_labels, compact, new_layout, args.n_teachers, blocks, {})
-        old = timed("read_v1", read_labels_v1, dense, records)
+        old = timed("read_v1", read_dense, dense, records)
         new = timed("read_v2", read_labels, compact, records)
         same &= all(a[k].tobytes() == b[k].tobytes() for a, b in zip(old, new, strict=True)
                    for k in ("forces", "force_var"))

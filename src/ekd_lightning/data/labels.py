@@ -330,6 +330,8 @@ def _compact_rows(group: h5py.Group, record: MoleculeRecord, path: Path) -> tupl
         raise DataError(f"{path}: group '{record.key}' labels {n_conf} conformations, the dataset "
                         f"has conformation {int(wanted.max())}: the label file was made for "
                         "another dataset; re-run distill.py on this dataset")
+    if np.array_equal(stored, wanted):  # the usual case: the rows are the record's conformations
+        return forces, std
     rows, found = row_positions(stored, wanted)
     out = []
     for values in (forces, std):
