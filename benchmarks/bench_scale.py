@@ -183,7 +183,7 @@ def label_files(args) -> dict:
     import numpy as np
 
     from ekd_lightning.data import read_molecules
-    from ekd_lightning.labels import read_label_metadata, read_labels, write_labels
+    from ekd_lightning.data.labels import read_label_metadata, read_labels, write_labels
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from labels_v1 import read_labels_v1, write_labels_v1

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from batch_digest import loader_digest
-from ekd_lightning import labels as labels_module
 from ekd_lightning.bundled import TRAIN_FILE
+from ekd_lightning.core.errors import DataError
 from ekd_lightning.data import EKDDataModule, read_molecules
-from ekd_lightning.errors import DataError
-from ekd_lightning.labels import read_label_metadata, read_labels, write_labels
+from ekd_lightning.data import labels as labels_module
+from ekd_lightning.data.labels import read_label_metadata, read_labels, write_labels
 from labels_v1 import read_labels_v1, write_labels_v1
 
 ENERGY = "gfn2_xtb.energy"
