@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from .core.errors import EKDError
 from .train.training import register_resolvers
 from .workflow.compose import CONFIG_MODULE, command_overrides, train_command
+from .workflow.wandb_runs import cli_identity, fill_identity
 
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 
@@ -35,6 +36,7 @@ def _exit_on_ekd_error(fn, *args):
 
 def _train_or_pipeline(cfg: DictConfig) -> float:
     out_dir = HydraConfig.get().runtime.output_dir
+    fill_identity(cfg, cli_identity(cfg, HydraConfig.get()))  # W&B group, job type, tags, name
     if cfg.get("pipeline") is not None:
         from .workflow.pipeline import run_pipeline
 

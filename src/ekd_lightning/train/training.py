@@ -108,10 +108,23 @@ def stopping_summary(trainer: pl.Trainer, history: TrainingHistory) -> dict:
     return summary
 
 
+def logger_arguments(logger_cfg: dict, run_name: str) -> dict:
+    """The keyword arguments of the logger class from its config (``conf/logger/*.yaml``, a
+    plain dict without ``name``): W&B's ``display_name`` becomes its ``name`` (default
+    ``run_name``), a null key is dropped; another logger gets ``name=run_name``."""
+    spec = dict(logger_cfg)
+    spec["name"] = spec.pop("display_name", None) or run_name
+    for key in ("group", "job_type", "tags"):
+        if key in spec and spec[key] is None:
+            del spec[key]
+    return spec
+
+
 def build_logger(cfg: DictConfig, run_dir: Path):
     """The ``logger`` group's logger (``conf/logger/*.yaml``: ``_target_`` and its arguments;
     ``name`` says which logger it is and is not one), built with :func:`hydra.utils.instantiate`
-    and the run-time values ``save_dir`` (the run folder) and ``name`` (``run_name``); a logger
+    and the run-time values ``save_dir`` (the run folder) and ``name`` (``run_name``, or W&B's
+    ``display_name``: :mod:`ekd_lightning.workflow.wandb_runs`); a logger
     class that takes extra keywords (W&B: passed to ``wandb.init``) also gets the run's resolved
     config as ``config``."""
     import inspect
@@ -120,7 +133,8 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
     os.environ.setdefault("WANDB_SILENT", "true")
     spec = {k: v for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items() if k != "name"}
-    spec.update(save_dir=str(run_dir), name=cfg.run_name)
+    spec = logger_arguments(spec, cfg.run_name)  # W&B: group, job_type, tags, display name
+    spec.update(save_dir=str(run_dir))
     parameters = inspect.signature(get_class(spec["_target_"])).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         spec["config"] = OmegaConf.to_container(cfg, resolve=True)
@@ -134,6 +148,13 @@ def finish_logger(logger) -> None:
     logging into this one."""
     if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
         logger.experiment.finish()
+
+
+def wandb_run_id(logger) -> str | None:
+    """The W&B run id of a W&B logger's run, else None."""
+    if type(logger).__name__ != "WandbLogger" or getattr(logger, "_experiment", None) is None:
+        return None
+    return logger.experiment.id
 
 
 def provenance(cfg: DictConfig, datamodule: EKDDataModule) -> dict:
@@ -396,6 +417,8 @@ def _fit(cfg: DictConfig, run_dir: Path, callbacks, command: str | None) -> dict
     metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     metrics["best_checkpoint"] = checkpointing.best_model_path
     metrics["config_sha256"] = fingerprint
+    if (wandb_id := wandb_run_id(trainer.logger)) is not None:
+        metrics["wandb_run_id"] = wandb_id  # the pipeline's report run lists its members'
     if trainer.is_global_zero:
         write_json_atomic(metrics, run_dir / "metrics.json")
     finish_logger(trainer.logger)

@@ -67,7 +67,13 @@ from ..analysis.evaluate import (
 from ..core.errors import ConfigError
 from ..data import EKDDataModule
 from ..task.checkpoint import load_potential
-from ..train.training import config_sha256, differences, run_training, write_json_atomic
+from ..train.training import (
+    config_sha256,
+    differences,
+    logger_arguments,
+    run_training,
+    write_json_atomic,
+)
 from .compose import (
     as_overrides,
     command_overrides,
@@ -77,6 +83,7 @@ from .compose import (
     train_command,
 )
 from .progress import PipelineProgress
+from .wandb_runs import IDENTITY_KEYS, fill_identity, pipeline_run_identity
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +176,8 @@ def checked_command(cfg: DictConfig, overrides: Sequence[str] | None = None) -> 
     given = OmegaConf.to_container(cfg, resolve=True)
     changes = differences({k: v for k, v in composed.items() if k != "hydra"},
                           {k: v for k, v in given.items() if k != "hydra"})
+    for key in IDENTITY_KEYS:  # how W&B shows the runs, filled in by ekd-train
+        changes.pop(f"logger.{key}", None)
     if changes:
         shown = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in list(changes.items())[:4])
         raise ConfigError(f"the config differs from the one its overrides {command} compose "
@@ -203,7 +212,8 @@ def make_jobs(cfg: DictConfig, specs: Sequence[RunSpec], store: Path,
     jobs = []
     for spec in specs:
         composing = run_overrides(command, spec, cfg)
-        sub = compose_train(composing)
+        sub = fill_identity(compose_train(composing), pipeline_run_identity(
+            cfg, spec.name, spec.stage, spec.variant))
         run_dir = Path(store) / f"{sub.run_name}-{config_sha256(sub)[:10]}"
         jobs.append(Job(spec, OmegaConf.to_container(sub, resolve=True), run_dir,
                         train_command([*composing, f"hydra.run.dir={run_dir}"])))
@@ -879,14 +889,21 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
     return report
 
 
-def log_to_wandb(cfg: DictConfig, report: Mapping, out: Path) -> None:
-    """The report's tables as one W&B run (offline unless ``logger.mode=online``)."""
+def log_to_wandb(cfg: DictConfig, report: Mapping, out: Path, trained: Sequence[Run] = ()) -> None:
+    """The report's tables as one W&B run (offline unless ``logger.mode=online``), in the
+    pipeline's group (:mod:`ekd_lightning.wandb_runs`), job type ``report``, with a ``members``
+    table linking the ``trained`` runs: name, stage, W&B run id, folder."""
     if cfg.logger.name != "wandb":
         return
     import wandb
 
+    shown = logger_arguments({k: cfg.logger.get(k) for k in IDENTITY_KEYS}, cfg.run_name)
+    shown["name"] = f"{cfg.run_name}-report"
     run = wandb.init(project=cfg.logger.project, mode=cfg.logger.mode, dir=str(out),
-                     name=f"{cfg.run_name}-report", config=OmegaConf.to_container(cfg, resolve=True))
+                     config=OmegaConf.to_container(cfg, resolve=True),
+                     **{"job_type": "report", **shown})
+    run.log({"members": wandb.Table(columns=["run", "stage", "wandb_run_id", "folder"], data=[
+        [r.name, r.spec.stage, r.metrics.get("wandb_run_id"), str(r.run_dir)] for r in trained])})
     for split in ("heldout", "test"):
         if split in report:
             rows = report[split]["summary"]
@@ -973,7 +990,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] 
     trained = [*teachers, *(run for stage_runs in variants.values() for run in stage_runs)]
     report = write_report(cfg, results, md_rows, timings, out / "report", specs,
                           training_record(trained))
-    log_to_wandb(cfg, report, out / "report")
+    log_to_wandb(cfg, report, out / "report", trained)
     print((out / "report" / "summary.md").read_text())
     return report
 
