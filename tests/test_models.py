@@ -7,13 +7,19 @@ picked up with no edit here), on every device of the conftest ``device`` fixture
 - invariances: energies invariant and forces equivariant under translation, rotation and
   permutation of the atoms;
 - double backward: the parameter gradient of a force loss equals finite differences of the loss;
-- precision: float32 energies and forces agree with float64 ones (same weights).
+- precision: float32 energies and forces agree with float64 ones (same weights);
+- periodic systems (pairs with their cell shifts given from outside, vesin's neighbour list): a
+  molecule in a large periodic box has its gas-phase energy and forces; a water box is invariant
+  under translation and wrapping of atoms across the cell; forces equal finite differences with
+  periodic images; a cell narrower than the cutoff (an atom sees its own images) gives the
+  energy of a supercell divided by its size (ViSNet refuses it with a clear error).
 
 Models are built by :func:`build` alone, at tiny sizes where the config has the size keys.
 """
 
 from pathlib import Path
 
+import ekd_lightning.conf
 import numpy as np
 import pytest
 import torch
@@ -21,9 +27,10 @@ from ase import Atoms
 from ase.build import molecule
 from omegaconf import OmegaConf
 
-import ekd_lightning.conf
+from ekd_lightning.core.errors import DataError
 from ekd_lightning.models import instantiate_model
 from ekd_lightning.models.base import AtomisticModel, energy_and_forces
+from ekd_lightning.models.neighbors import Pairs, periodic_pairs
 
 MODEL_CONFIGS = sorted((Path(ekd_lightning.conf.__file__).parent / "model").glob("*.yaml"))
 ELEMENTS = ("H", "C", "N", "O")
@@ -226,3 +233,112 @@ def test_float32_agrees_with_float64(config, device):
     torch.testing.assert_close(energies32, energies64, rtol=0, atol=1e-5 * ENERGY_SCALE)
     torch.testing.assert_close(forces32.double(), forces64, rtol=0,
                                atol=1e-4 * float(forces64.abs().max()))
+
+
+def water_box(seed: int = 0, repeats=(2, 2, 2), spacing: float = 3.3) -> Atoms:
+    """Water molecules on a grid ``spacing`` Å apart, turned and displaced at random, in a
+    periodic cell of ``repeats * spacing`` Å (2 x 2 x 2: 24 atoms, 6.6 Å, near liquid density)."""
+    rng = np.random.default_rng(seed)
+    box = Atoms(cell=np.diag(np.array(repeats) * spacing), pbc=True)
+    for point in np.ndindex(*repeats):
+        water = molecule("H2O")
+        water.rotate(rng.uniform(0, 360), "z")
+        water.rotate(rng.uniform(0, 360), "x")
+        water.positions += np.array(point) * spacing + rng.normal(0.0, 0.05, (3, 3))
+        box += water
+    return box
+
+
+def periodic(model, atoms: Atoms, device: str, dtype=torch.float64, **kwargs):
+    """Energy (1,) Hartree and forces (n_atoms, 3) of a periodic ``atoms``, its pairs from
+    vesin's neighbour list (with cell shifts) within the model's cutoff."""
+    z, pos, batch = flat([atoms], device, dtype)
+    cell = torch.tensor(atoms.cell.array, dtype=dtype, device=device)[None]
+    pbc = torch.tensor(atoms.pbc, device=device)[None]
+    pairs = periodic_pairs(pos, batch, cell, pbc, model.cutoff)
+    return evaluate(model, z, pos, batch, 1, pairs=pairs, **kwargs)
+
+
+def test_molecule_in_a_large_periodic_box_gives_its_gas_phase_energy(config, device):
+    model = build(config, device=device)
+    (mol,) = molecules("dimer")
+    gas_energy, gas_forces = evaluate(model, *flat([mol], device), 1)
+    mol.cell, mol.pbc = np.diag([30.0, 31.0, 32.0]), True
+    before = mol.positions.copy()
+    mol.wrap()  # atoms on both sides of the cell: their pairs cross its faces
+    assert (mol.positions - before).max() > 25.0
+    energy, forces = periodic(model, mol, device)
+    torch.testing.assert_close(energy, gas_energy, rtol=0, atol=1e-10)
+    torch.testing.assert_close(forces, gas_forces, rtol=0, atol=1e-10)
+
+
+def test_water_box_invariant_under_translation_and_wrapping(config, device):
+    model = build(config, device=device)
+    box = water_box()
+    energy, forces = periodic(model, box, device)
+    moved = box.copy()
+    moved.positions += [2.9, -1.3, 0.7]
+    moved.wrap()
+    moved.positions[5] += box.cell[1] - 2 * box.cell[2]  # an atom two images away
+    moved_energy, moved_forces = periodic(model, moved, device)
+    assert not np.allclose(moved.positions, box.positions)
+    torch.testing.assert_close(moved_energy, energy, rtol=0, atol=1e-10)
+    torch.testing.assert_close(moved_forces, forces, rtol=0, atol=1e-10)
+
+
+def test_periodic_forces_equal_finite_differences(config, device):
+    """Central differences of the energy of the water box along 8 of its coordinates, each
+    evaluated with the neighbour list of the displaced box (Richardson-extrapolated, as in
+    :func:`test_force_loss_gradient_equals_finite_differences`)."""
+    model = build(config, device=device)
+    box = water_box(seed=1)
+    _, forces = periodic(model, box, device)
+    assert forces.abs().max() > 1e-3
+
+    def central_difference(atom: int, axis: int, h: float) -> float:
+        energies = []
+        for step in (h, -h):
+            displaced = box.copy()
+            displaced.positions[atom, axis] += step
+            energies.append(float(periodic(model, displaced, device)[0][0].detach()))
+        return -(energies[0] - energies[1]) / (2 * h)
+
+    for flat_index in np.random.default_rng(2).choice(len(box) * 3, 8, replace=False):
+        atom, axis = divmod(int(flat_index), 3)
+        h = 1e-4
+        numerical = (4 * central_difference(atom, axis, h / 2) - central_difference(atom, axis, h)) / 3
+        assert float(forces[atom, axis]) == pytest.approx(
+            numerical, rel=1e-5, abs=1e-6 * float(forces.abs().max()))
+
+
+def test_cell_narrower_than_the_cutoff_equals_a_supercell(config, device):
+    """Two waters in a cell 3.3 Å wide along x: each atom sees its own periodic images. The
+    energy is half that of the cell doubled along x, and the forces repeat; ViSNet (whose
+    torch-geometric layers take an atom's own image for a self loop) refuses with DataError."""
+    model = build(config, device=device)
+    cell = water_box(seed=3, repeats=(1, 2, 1))
+    if "visnet" in OmegaConf.load(config)["_target_"].lower():
+        with pytest.raises(DataError, match="own periodic image"):
+            periodic(model, cell, device)
+        return
+    energy, forces = periodic(model, cell, device)
+    double_energy, double_forces = periodic(model, cell.repeat((2, 1, 1)), device)
+    torch.testing.assert_close(double_energy, 2 * energy, rtol=0, atol=1e-9)
+    torch.testing.assert_close(double_forces, forces.repeat(2, 1), rtol=0, atol=1e-10)
+
+
+def test_given_pairs_of_a_molecule_equal_its_own(config, device):
+    """A molecule's own pairs given as a neighbour list in another order (reversed, zero
+    shifts, plus pairs beyond the cutoff) give the energy and forces the model finds alone."""
+    model = build(config, device=device)
+    mols = molecules("CH3CONH2", "dimer")
+    z, pos, batch = flat(mols, device)
+    energies, forces = evaluate(model, z, pos, batch, len(mols))
+    i, j = torch.triu_indices(len(z), len(z), 1, device=device)
+    same = batch[i] == batch[j]
+    edge_index = torch.cat([torch.stack([i, j]), torch.stack([j, i])], 1)[:, torch.cat([same, same])]
+    pairs = Pairs(edge_index.flip(1), torch.zeros(edge_index.shape[1], 3, dtype=pos.dtype,
+                                                  device=device))
+    given_energies, given_forces = evaluate(model, z, pos, batch, len(mols), pairs=pairs)
+    torch.testing.assert_close(given_energies, energies, rtol=0, atol=1e-10)
+    torch.testing.assert_close(given_forces, forces, rtol=0, atol=1e-10)

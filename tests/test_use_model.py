@@ -28,6 +28,7 @@ from ekd_lightning.models.base import energy_and_forces
 from ekd_lightning.task.checkpoint import load_potential
 from ekd_lightning.task.module import PotentialModule
 from test_md import make_module
+from test_models import water_box
 
 ORACLE = ("trainer.max_epochs=3", "stage=oracle", "loss.forces.weight=1.0")  # true EMT forces
 ANI1X_AEV = {"radial_cutoff": 5.2, "radial_eta": 16.0, "radial_start": 0.9, "radial_num_shifts": 16,
@@ -110,11 +111,28 @@ def test_calculator_units_and_caller_module_untouched(tmp_path):
     assert "energy_std" not in atoms.calc.results  # one model: no spread
 
 
-def test_calculator_refuses_periodic_cells():
-    atoms = molecule("H2O", cell=[5, 5, 5], pbc=True)
-    atoms.calc = EKDCalculator(make_module("ani2x"))
-    with pytest.raises(ValueError, match="periodic"):
-        atoms.get_potential_energy()
+def test_calculator_on_a_periodic_box(checkpoints):
+    """pbc=True: a molecule in a large box has its gas-phase energy and forces, and a water box
+    (every atom within the cutoff of periodic images) its periodic energy, not the open one;
+    an ensemble's spread comes with it."""
+    calc = EKDCalculator.from_checkpoints([checkpoints["ani"], checkpoints["schnet"]])
+    gas = rattled("CH3CHO")
+    gas.calc = calc
+    energy, forces = gas.get_potential_energy(), gas.get_forces()
+    boxed = gas.copy()
+    boxed.cell, boxed.pbc = [25.0, 25.0, 25.0], True
+    boxed.wrap()
+    boxed.calc = calc
+    assert boxed.get_potential_energy() == pytest.approx(energy, abs=1e-9)
+    np.testing.assert_allclose(boxed.get_forces(), forces, atol=1e-9)
+    water = water_box()
+    water.calc = calc
+    periodic_energy = water.get_potential_energy()
+    assert water.calc.results["forces_std"].shape == (len(water), 3)
+    open_box = water.copy()
+    open_box.pbc = False
+    open_box.calc = calc
+    assert abs(periodic_energy - open_box.get_potential_energy()) > 1e-3
 
 
 def test_ensemble_mean_and_spread_equal_the_members(checkpoints, tmp_path):

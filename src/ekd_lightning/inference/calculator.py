@@ -3,7 +3,9 @@
 >>> calc = EKDCalculator.from_checkpoint("runs/student-ani2x-seed0/checkpoints/best.ckpt")
 >>> calc = EKDCalculator.from_checkpoints(["a.ckpt", "b.ckpt"])  # mean, plus the spread
 
-ASE units: energies in eV, forces in eV/Å (the models work in Hartree and Å). An ensemble gives
+ASE units: energies in eV, forces in eV/Å (the models work in Hartree and Å). Periodic cells
+(``atoms.pbc`` along any axis) get their pairs with periodic images from vesin's neighbour list
+(:func:`~ekd_lightning.models.neighbors.periodic_pairs`). An ensemble gives
 the members' mean energy and forces, and their spread in ``calc.results``: ``energy_std`` (eV)
 and ``forces_std`` (n_atoms, 3) eV/Å, standard deviations over the members (ddof=0, as the
 distilled label files store them).
@@ -19,9 +21,9 @@ from pathlib import Path
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from ..core.errors import DataError
 from ..core.units import HARTREE_TO_EV
 from ..models.base import energy_and_forces
+from ..models.neighbors import periodic_pairs
 
 
 @contextlib.contextmanager
@@ -67,7 +69,8 @@ class EKDCalculator(Calculator):
         num_threads: torch threads during each calculation (None: leave torch's setting); one
             thread is fastest for a single small molecule on CPU.
 
-    Periodic cells are not supported (the models are molecular).
+    Periodic cells: the pairs come with their periodic images (vesin); energies and forces of
+    the whole cell.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "energy_std", "forces_std"]
@@ -106,17 +109,24 @@ class EKDCalculator(Calculator):
                  if all(e in m.elements for m in self.members[1:])]
         return known
 
+    def periodic_pairs(self, pos: torch.Tensor, batch: torch.Tensor):
+        """The neighbour list with periodic images of ``self.atoms`` within the largest
+        member's cutoff (Å)."""
+        cell = torch.tensor(self.atoms.cell.array, dtype=self.dtype, device=self.device)
+        pbc = torch.tensor(self.atoms.pbc, device=self.device)
+        cutoff = max(float(m.cutoff) for m in self.members)
+        return periodic_pairs(pos, batch, cell[None], pbc[None], cutoff)
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        if self.atoms.pbc.any():
-            raise DataError("EKDCalculator: periodic cells are not supported (molecular models)")
         z = torch.as_tensor(self.atoms.numbers, dtype=torch.long, device=self.device)
         pos = torch.tensor(self.atoms.positions, dtype=self.dtype, device=self.device)
         batch = torch.zeros(len(z), dtype=torch.long, device=self.device)
+        pairs = self.periodic_pairs(pos, batch) if self.atoms.pbc.any() else None
         energies, forces = [], []
         with torch_threads(self.num_threads):
             for member in self.members:
-                e, f = energy_and_forces(member, z, pos, batch, 1)
+                e, f = energy_and_forces(member, z, pos, batch, 1, pairs=pairs)
                 energies.append(e[0].detach().double())
                 forces.append(f.detach().double())
         energies = torch.stack(energies) * HARTREE_TO_EV  # (members,) eV

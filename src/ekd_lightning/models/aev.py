@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .neighbors import neighbor_pairs, pair_vectors
+from .neighbors import Pairs, first_of_pair, model_pairs, pair_vectors
 
 
 def _linspace(start: float, stop: float, steps: int) -> list[float]:
@@ -548,7 +548,7 @@ class ANIAEV(nn.Module):
         )
 
     def neighbourhood(self, species: Tensor, pos: Tensor, batch: Tensor,
-                      rank: Tensor | None = None) -> Neighbourhood:
+                      rank: Tensor | None = None, pairs: Pairs | None = None) -> Neighbourhood:
         """The pairs and triples of a batch, their geometry (differentiable in ``pos``) and
         where their terms go in the AEV (arguments as :meth:`forward`)."""
         n_atoms = species.shape[0]
@@ -556,10 +556,11 @@ class ANIAEV(nn.Module):
         # radial part: each pair i < j adds its terms to block species[j] of atom i and to
         # block species[i] of atom j (the pairs come in both directions; half the work)
         # (gathers by index_select: faster than boolean / advanced indexing, both ways)
-        edge_index = neighbor_pairs(pos.detach(), batch, self.radial_cutoff)
-        vec, dist = pair_vectors(pos, edge_index)
+        # (periodic images: pair (i, j, S) is kept, (j, i, -S) dropped; see first_of_pair)
+        edge_index, shifts = model_pairs(pos.detach(), batch, self.radial_cutoff, pairs)
+        vec, dist = pair_vectors(pos, edge_index, shifts)
         centre, neighbour = edge_index[0], edge_index[1]
-        half = torch.nonzero(centre < neighbour).squeeze(1)
+        half = torch.nonzero(first_of_pair(edge_index, shifts)).squeeze(1)
         first, second = centre.index_select(0, half), neighbour.index_select(0, half)
 
         # angular part: unordered pairs {j, k} of neighbours within the angular cutoff; the
@@ -585,7 +586,8 @@ class ANIAEV(nn.Module):
         )
 
     def forward(
-        self, species: Tensor, pos: Tensor, batch: Tensor, rank: Tensor | None = None
+        self, species: Tensor, pos: Tensor, batch: Tensor, rank: Tensor | None = None,
+        pairs: Pairs | None = None,
     ) -> Tensor:
         """AEVs (n_atoms, out_dim), dimensionless, in the dtype of ``pos``.
 
@@ -596,11 +598,13 @@ class ANIAEV(nn.Module):
             rank: optional (n_atoms,) permutation: the AEV of atom i is written to row
                 ``rank[i]`` (e.g. atoms grouped by species for the element networks, without a
                 copy); default: row i.
+            pairs: a full neighbour list with periodic shifts (:class:`Pairs`); None: every
+                pair within each molecule.
 
         Entries below the smallest normal number of the dtype (subnormals) are zero (see
         :func:`flush_subnormal` and :func:`gaussian`).
         """
-        hood = self.neighbourhood(species, pos, batch, rank)
+        hood = self.neighbourhood(species, pos, batch, rank, pairs)
         radial_terms = self.radial_terms(hood.dist)
         args = (hood.vec_j, hood.vec_k, hood.d_j, hood.d_k)
         if hood.vec_j.requires_grad or hood.d_j.numel() <= _FACTOR_CHUNK:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .aev import ANIAEV
 from .base import AtomisticModel
+from .neighbors import Pairs
 
 ANI2X_HIDDEN: dict[str, list[int]] = {
     "H": [256, 192, 160],
@@ -105,6 +106,7 @@ class ANIModel(AtomisticModel):
     ):
         super().__init__(elements)
         self.aev = ANIAEV(self.num_species, **dict(aev or {}))
+        self.cutoff = self.aev.radial_cutoff
         hidden = dict(hidden or {})
         unknown = set(hidden) - set(self.elements)
         if unknown:
@@ -136,11 +138,11 @@ class ANIModel(AtomisticModel):
         """Energies (num_molecules,) Hartree, float64, from :meth:`features` of these atoms: the
         same values as ``forward`` on their positions (no forces: features are constants)."""
         species = self.species(z)
-        return self.sum_energies(species, self.atomic_contributions(species, None, batch, features),
+        return self.sum_energies(species, self.atomic_contributions(species, None, batch, features=features),
                                  batch, num_molecules)
 
     def atomic_contributions(self, species: Tensor, pos: Tensor | None, batch: Tensor,
-                             features: Tensor | None = None) -> Tensor:
+                             pairs: Pairs | None = None, features: Tensor | None = None) -> Tensor:
         """Dimensionless per-atom outputs (n_atoms,) in the dtype of the network weights.
 
         Only the AEV features of the species in the batch are computed and multiplied
@@ -151,6 +153,7 @@ class ANIModel(AtomisticModel):
             species: (n_atoms,) species index into ``elements``.
             pos: (n_atoms, 3) coordinates in Å (cast to the weights' dtype).
             batch: (n_atoms,) molecule index of each atom, sorted ascending.
+            pairs: a given neighbour list with periodic shifts (None: each molecule's pairs).
             features: optional (n_atoms, aev.out_dim) AEVs from :meth:`features` (then ``pos``
                 is not used).
         """
@@ -166,7 +169,7 @@ class ANIModel(AtomisticModel):
                 features = features.index_select(1, columns)
         else:
             species_of_aev = species if compact is None else compact[species]
-            features = aev(species_of_aev, pos.to(self.dtype), batch, rank)
+            features = aev(species_of_aev, pos.to(self.dtype), batch, rank, pairs)
         grouped = features.split(sizes)
         outputs = [
             network_on_columns(net, x, columns).squeeze(-1)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..core.errors import DataError
 from ..core.units import number_to_symbol, symbol_to_number
+from .neighbors import Pairs
 
 
 class AtomisticModel(nn.Module):
@@ -22,7 +23,12 @@ class AtomisticModel(nn.Module):
     Args:
         elements: element symbols the model knows, e.g. ``["H", "C", "N", "O"]``; their order
             fixes the species index used by the networks.
+
+    Subclasses set ``cutoff`` (Å), the largest pair distance they use: a neighbour list given
+    to :meth:`forward` must hold every pair within it.
     """
+
+    cutoff: float
 
     def __init__(self, elements: Sequence[str]):
         super().__init__()
@@ -54,22 +60,27 @@ class AtomisticModel(nn.Module):
             )
         return species
 
-    def atomic_contributions(self, species: Tensor, pos: Tensor, batch: Tensor) -> Tensor:
+    def atomic_contributions(self, species: Tensor, pos: Tensor, batch: Tensor,
+                             pairs: Pairs | None = None) -> Tensor:
         """Dimensionless per-atom outputs (n_atoms,); scaled and shifted by :meth:`forward`."""
         raise NotImplementedError
 
-    def forward(self, z: Tensor, pos: Tensor, batch: Tensor, num_molecules: int) -> Tensor:
+    def forward(self, z: Tensor, pos: Tensor, batch: Tensor, num_molecules: int,
+                pairs: Pairs | None = None) -> Tensor:
         """Energies (num_molecules,) in Hartree, float64.
 
         Args:
             z: (n_atoms,) atomic numbers.
             pos: (n_atoms, 3) coordinates in Å (float32 or float64).
-            batch: (n_atoms,) molecule index of each atom, sorted ascending.
+            batch: (n_atoms,) molecule (or periodic system) index of each atom, sorted ascending.
             num_molecules: number of molecules in the batch.
+            pairs: the neighbour list with periodic shifts (:class:`~.neighbors.Pairs`, e.g.
+                :func:`~.neighbors.periodic_pairs` or an engine's); None: all pairs within
+                each molecule, no periodic images.
         """
         species = self.species(z)
-        return self.sum_energies(species, self.atomic_contributions(species, pos, batch), batch,
-                                 num_molecules)
+        return self.sum_energies(species, self.atomic_contributions(species, pos, batch, pairs),
+                                 batch, num_molecules)
 
     def sum_energies(self, species: Tensor, contributions: Tensor, batch: Tensor,
                      num_molecules: int) -> Tensor:
@@ -82,15 +93,17 @@ class AtomisticModel(nn.Module):
 
 def energy_and_forces(
     model: nn.Module, z: Tensor, pos: Tensor, batch: Tensor, num_molecules: int,
-    create_graph: bool = False,
+    create_graph: bool = False, pairs: Pairs | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Energies (num_molecules,) in Hartree and forces F = -dE/dx (n_atoms, 3) in Hartree/Å.
 
-    ``create_graph=True`` keeps the graph so a force loss can be back-propagated.
+    ``create_graph=True`` keeps the graph so a force loss can be back-propagated; ``pairs``:
+    a neighbour list with periodic shifts (see :meth:`AtomisticModel.forward`).
     """
     if not pos.requires_grad:
         pos = pos.detach().requires_grad_(True)
     with torch.enable_grad():
-        energies = model(z, pos, batch, num_molecules)
+        energies = model(z, pos, batch, num_molecules) if pairs is None else model(
+            z, pos, batch, num_molecules, pairs)
         (grad,) = torch.autograd.grad(energies.sum(), pos, create_graph=create_graph)
     return energies, -grad

@@ -6,7 +6,7 @@ from torch import Tensor
 from torch_geometric.nn.models import SchNet
 
 from .base import AtomisticModel
-from .neighbors import neighbor_pairs, pair_vectors
+from .neighbors import Pairs, model_pairs, neighbor_pairs, pair_vectors
 
 
 class SchNetModel(AtomisticModel):
@@ -43,11 +43,16 @@ class SchNetModel(AtomisticModel):
         edge_index = neighbor_pairs(pos, batch, self.cutoff)
         return edge_index, pair_vectors(pos, edge_index)[1]
 
-    def atomic_contributions(self, species: Tensor, pos: Tensor, batch: Tensor) -> Tensor:
+    def atomic_contributions(self, species: Tensor, pos: Tensor, batch: Tensor,
+                             pairs: Pairs | None = None) -> Tensor:
         net = self.net
         # SchNet's embedding reserves index 0 for padding, so species are shifted by one.
         h = net.embedding(species + 1)
-        edge_index, distances = net.interaction_graph(pos, batch)
+        if pairs is None:
+            edge_index, distances = net.interaction_graph(pos, batch)
+        else:  # a given neighbour list, with periodic images
+            edge_index, shifts = model_pairs(pos, batch, self.cutoff, pairs)
+            distances = pair_vectors(pos, edge_index, shifts)[1]
         edge_attr = net.distance_expansion(distances)
         for interaction in net.interactions:
             h = h + interaction(h, edge_index, distances, edge_attr)

@@ -2,27 +2,47 @@
 torch-geometric, fed with the project's neighbour pairs."""
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 from torch import Tensor, nn
 from torch_geometric.nn.models.visnet import EquivariantScalar, ViSNetBlock
 
+from ..core.errors import DataError
 from .base import AtomisticModel
-from .neighbors import neighbor_pairs, pair_vectors
+from .neighbors import Pairs, model_pairs, neighbor_pairs, pair_vectors
 
 
 class _PairDistances(nn.Module):
     """Stands in for ViSNet's ``Distance`` (a radius graph from torch-cluster): the pairs of
-    :func:`neighbor_pairs` (no self loops), as ``(edge_index, distances, vectors)`` with
+    :func:`neighbor_pairs` (no self loops), or of the neighbour list :attr:`given` for the call
+    in progress (periodic images), as ``(edge_index, distances, vectors)`` with
     ``vectors = pos[edge_index[0]] - pos[edge_index[1]]`` (n_pairs, 3) in Å, ViSNet's convention."""
 
     def __init__(self, cutoff: float):
         super().__init__()
         self.cutoff = cutoff
+        self.given: Pairs | None = None
 
     def forward(self, pos: Tensor, batch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        edge_index = neighbor_pairs(pos, batch, self.cutoff)
-        vectors, distances = pair_vectors(pos, edge_index.flip(0))
-        return edge_index, distances, vectors.clone()  # ViSNet normalises them in place
+        if self.given is None:
+            edge_index = neighbor_pairs(pos, batch, self.cutoff)
+            vectors, distances = pair_vectors(pos, edge_index.flip(0))
+            return edge_index, distances, vectors.clone()  # ViSNet normalises them in place
+        edge_index, shifts = model_pairs(pos, batch, self.cutoff, self.given)
+        if bool((edge_index[0] == edge_index[1]).any()):  # PyG's ViSNet drops them as self loops
+            raise DataError(f"ViSNet: an atom's own periodic image lies within the {self.cutoff} Å "
+                            "cutoff; make the periodic cell wider than the cutoff along each axis")
+        vectors, distances = pair_vectors(pos, edge_index, shifts)
+        return edge_index, distances, -vectors
+
+    @contextmanager
+    def pairs(self, pairs: Pairs | None):
+        """Use ``pairs`` (a given neighbour list) within the block."""
+        self.given = pairs
+        try:
+            yield
+        finally:
+            self.given = None
 
 
 class ViSNetModel(AtomisticModel):
@@ -54,9 +74,12 @@ class ViSNetModel(AtomisticModel):
             hidden_channels=hidden_channels, num_rbf=num_rbf, max_z=len(self.elements),
             cutoff=cutoff,
         )
+        self.cutoff = float(cutoff)
         self.representation.distance = _PairDistances(cutoff)
         self.head = EquivariantScalar(hidden_channels)
 
-    def atomic_contributions(self, species: Tensor, pos: Tensor, batch: Tensor) -> Tensor:
-        scalars, vectors = self.representation(species, pos, batch)
+    def atomic_contributions(self, species: Tensor, pos: Tensor, batch: Tensor,
+                             pairs: Pairs | None = None) -> Tensor:
+        with self.representation.distance.pairs(pairs):
+            scalars, vectors = self.representation(species, pos, batch)
         return self.head.pre_reduce(scalars, vectors).squeeze(-1)
