@@ -323,7 +323,7 @@ def test_export_runs_in_plain_torch_for_any_composition(checkpoints, tmp_path):
     cases = []
     for name, path in checkpoints.items():
         out = tmp_path / f"{name}.pt"
-        assert export_main([str(path), str(out)]) == 0
+        assert export_main([str(path), str(out), "--format", "torchscript"]) == 0
         molecules = []
         for atoms in export_molecules():
             energy, forces = model_energy_forces(path, atoms, torch.float32)  # as trained
@@ -357,7 +357,7 @@ def test_calculator_and_export_on_a_gpu_match_the_cpu(checkpoints, tmp_path):
         cpu.get_potential_energy(atoms.copy()), rel=1e-10)
     np.testing.assert_allclose(gpu.get_forces(atoms.copy()), cpu.get_forces(atoms.copy()), atol=1e-9)
 
-    assert export_main([str(checkpoints["ani"]), str(tmp_path / "m.pt")]) == 0
+    assert export_main([str(checkpoints["ani"]), str(tmp_path / "m.pt"), "--format", "torchscript"]) == 0
     z, pos = torch.tensor(atoms.numbers), torch.tensor(atoms.positions, dtype=torch.float32)
     e_cpu, f_cpu = torch.jit.load(tmp_path / "m.pt").energy_and_forces(z, pos)
     e_gpu, f_gpu = torch.jit.load(tmp_path / "m.pt", map_location="cuda").energy_and_forces(

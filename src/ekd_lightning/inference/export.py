@@ -1,8 +1,15 @@
-"""``ekd-export model.ckpt model.pt``: a trained potential as a TorchScript file for plain torch.
+"""``ekd-export model.ckpt model.pt``: a trained potential for the engines users run MD in.
 
-The file loads with ``torch.jit.load`` alone (no ekd-lightning, Lightning or PyG) and holds a
-module scripted from the model's own weights, so it works for molecules of any size and any
-composition of the model's elements (no shapes or branches baked in by tracing):
+By default the file is a **metatomic model** (:mod:`ekd_lightning.inference.metatomic_model`; energy in
+eV, lengths in Å, periodic cells through the engine's neighbour list): ASE loads it with
+metatomic-ase, torch-sim with metatomic-torchsim, LAMMPS with ``pair_style metatomic``.
+``ekd-export a.ckpt b.ckpt c.ckpt ensemble.pt`` writes an ensemble (mean energy, and
+``energy_ensemble`` / ``energy_uncertainty``). See docs/using-a-trained-model.md.
+
+``--format torchscript`` writes the earlier plain TorchScript file, for a user with torch alone
+(no metatomic, e.g. C++ through libtorch): it loads with ``torch.jit.load`` alone (no
+ekd-lightning, Lightning or PyG) and holds a module scripted from the model's own weights, for
+molecules of any size and composition of the model's elements, no periodic cell:
 
 .. code-block:: python
 
@@ -11,10 +18,13 @@ composition of the model's elements (no shapes or branches baked in by tracing):
     energy, forces = model.energy_and_forces(numbers, positions)  # forces (n_atoms, 3) Hartree/Å
     model.elements                               # ["H", "C", "N", "O"]
 
-``numbers``: (n_atoms,) int64 atomic numbers; ``positions``: (n_atoms, 3) Å, one molecule, no
-periodic cell. ``forward`` is differentiable in ``positions`` (forces by autograd);
-``energy_and_forces`` returns F = -dE/dx. The model computes in the dtype it was trained in
-(float32): energies and forces agree with ekd-lightning's to float32 rounding.
+``numbers``: (n_atoms,) int64 atomic numbers; ``positions``: (n_atoms, 3) Å, one molecule.
+``forward`` is differentiable in ``positions``; ``energy_and_forces`` returns F = -dE/dx. The
+model computes in the dtype it was trained in (float32): energies and forces agree with
+ekd-lightning's to float32 rounding.
+
+Both formats share one scriptable port per architecture (:class:`ExportedANI`,
+:class:`ExportedSchNet`) working on a full neighbour list; ViSNet has none (a one-line error).
 """
 
 from __future__ import annotations
@@ -22,7 +32,9 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ..analysis.evaluate import _write_atomic
-from ..core.errors import CheckpointError, EKDError
+from ..core.errors import CheckpointError, ConfigError, EKDError
 from ..models.aev import angular_triples, cosine_cutoff
 from ..models.ani import ANIModel
 from ..models.base import AtomisticModel
@@ -42,7 +54,10 @@ from ..task.checkpoint import file_sha256, load_potential
 class _Exported(nn.Module):
     """What every exported model shares: element checks, the energy sum, forces by autograd.
 
-    Subclasses implement ``contributions(species, pos) -> (n_atoms,)`` dimensionless outputs.
+    Subclasses implement ``contributions(species, i, j, vec) -> (n_atoms,)``, the dimensionless
+    per-atom outputs from a full neighbour list: directed pairs (i, j) in both directions and
+    their vectors ``vec`` = r_j - r_i (+ the periodic image's shift) (n_pairs, 3) Å; pairs
+    beyond the model's ``cutoff`` (Å) are ignored, so an engine's list may reach farther.
     """
 
     def __init__(self, model: AtomisticModel, name: str, source_sha256: str):
@@ -52,6 +67,8 @@ class _Exported(nn.Module):
         self.source_sha256: str = source_sha256  # of the checkpoint
         self.energy_unit: str = "Hartree"
         self.length_unit: str = "Angstrom"
+        self.cutoff: float = float(model.cutoff)
+        self.interaction_range: float = float(model.cutoff)  # message passing: times the layers
         self.register_buffer("species_of_number", model.species_of_number.clone())
         self.register_buffer("self_energies", model.self_energies.clone())  # (S,) Hartree, f64
         self.register_buffer("energy_scale", model.energy_scale.clone())  # () Hartree, f64
@@ -70,15 +87,23 @@ class _Exported(nn.Module):
                              "elements " + str(self.elements))
         return species
 
-    def contributions(self, species: Tensor, pos: Tensor) -> Tensor:
+    def contributions(self, species: Tensor, i: Tensor, j: Tensor, vec: Tensor) -> Tensor:
         raise NotImplementedError
+
+    @torch.jit.export
+    def atomic_energies(self, species: Tensor, i: Tensor, j: Tensor, vec: Tensor) -> Tensor:
+        """Per-atom energies (n_atoms,) float64 Hartree from a full neighbour list (see the
+        class); their sum is the energy, differentiable in ``vec``."""
+        atomic = self.energy_scale * self.contributions(species, i, j, vec).to(torch.float64)
+        return atomic + self.self_energies[species]
 
     def forward(self, numbers: Tensor, positions: Tensor) -> Tensor:
         """Energy () float64 in Hartree of one molecule: numbers (n_atoms,), positions
         (n_atoms, 3) Å; differentiable in ``positions``."""
         species = self.species(numbers, positions)
-        atomic = self.energy_scale * self.contributions(species, positions).to(torch.float64)
-        return (atomic + self.self_energies[species]).sum()
+        i, j = _all_pairs(positions, self.cutoff)
+        vec = positions.index_select(0, j) - positions.index_select(0, i)
+        return self.atomic_energies(species, i, j, vec).sum()
 
     @torch.jit.export
     def energy_and_forces(self, numbers: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -93,20 +118,32 @@ class _Exported(nn.Module):
         return energy.detach(), -grad
 
 
-def _pairs(pos: Tensor, cutoff: float) -> tuple[Tensor, Tensor]:
-    """Atom pairs i < j closer than ``cutoff`` Å: ``first``, ``second`` (n_pairs,)."""
+def _all_pairs(pos: Tensor, cutoff: float) -> tuple[Tensor, Tensor]:
+    """Directed pairs (i, j), both directions, of a molecule's atoms closer than ``cutoff`` Å:
+    ``i``, ``j`` (n_pairs,)."""
     n = pos.shape[0]
     ij = torch.triu_indices(n, n, 1, device=pos.device)
     with torch.no_grad():
         close = (pos.index_select(0, ij[1]) - pos.index_select(0, ij[0])).norm(2, -1) < cutoff
     keep = torch.nonzero(close).squeeze(1)
-    return ij[0].index_select(0, keep), ij[1].index_select(0, keep)
+    first, second = ij[0].index_select(0, keep), ij[1].index_select(0, keep)
+    return torch.cat([first, second]), torch.cat([second, first])
+
+
+def _within(i: Tensor, j: Tensor, vec: Tensor, cutoff: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The pairs of a neighbour list closer than ``cutoff`` Å, sorted by i (stable): i, j,
+    their vectors (n, 3) and distances (n,) Å."""
+    dist = vec.norm(2, -1)
+    keep = torch.nonzero(dist.detach() < cutoff).squeeze(1)
+    order = keep.index_select(0, torch.sort(i.index_select(0, keep), stable=True)[1])
+    return (i.index_select(0, order), j.index_select(0, order), vec.index_select(0, order),
+            dist.index_select(0, order))
 
 
 class ExportedANI(_Exported):
-    """:class:`~ekd_lightning.models.ani.ANIModel` for one molecule in scriptable torch: the
-    same AEV (:class:`~ekd_lightning.models.aev.ANIAEV`, every species' features; those of
-    absent species are zero) and the same element networks, in the dtype of their weights."""
+    """:class:`~ekd_lightning.models.ani.ANIModel` in scriptable torch: the same AEV
+    (:class:`~ekd_lightning.models.aev.ANIAEV`, every species' features; those of absent
+    species are zero) and the same element networks, in the dtype of their weights."""
 
     def __init__(self, model: ANIModel, name: str = "ani2x", source_sha256: str = ""):
         super().__init__(model, name, source_sha256)
@@ -121,28 +158,20 @@ class ExportedANI(_Exported):
         self.radial_features, self.angular_features = aev.radial_features, aev.angular_features
         self.networks = nn.ModuleList([copy.deepcopy(model.networks[e]) for e in model.elements])
 
-    def aev(self, species: Tensor, pos: Tensor) -> Tensor:
-        """AEVs (n_atoms, out_dim) of one molecule, ``pos`` (n_atoms, 3) Å."""
+    def aev(self, species: Tensor, i: Tensor, j: Tensor, vec: Tensor) -> Tensor:
+        """AEVs (n_atoms, out_dim) from a full neighbour list (i, j, vec Å)."""
         n = species.shape[0]
-        i, j = _pairs(pos, self.radial_cutoff)
-        vec = pos.index_select(0, j) - pos.index_select(0, i)
-        dist = vec.norm(2, -1)
+        i, j, vec, dist = _within(i, j, vec, self.radial_cutoff)
         gauss = torch.exp(-self.radial_eta * (dist.unsqueeze(-1) - self.radial_shifts) ** 2)
         radial = 0.25 * gauss * cosine_cutoff(dist, self.radial_cutoff).unsqueeze(-1)
         s = self.num_species
-        radial_aev = pos.new_zeros(n * s, self.radial_features)
-        radial_aev = radial_aev.index_add(0, i * s + species[j], radial)
-        radial_aev = radial_aev.index_add(0, j * s + species[i], radial)
+        radial_aev = vec.new_zeros(n * s, self.radial_features)
+        radial_aev = radial_aev.index_add(0, i * s + species[j], radial)  # each direction once
 
-        # directed pairs within the angular cutoff, sorted by centre; triples {j, k} per centre
+        # pairs within the angular cutoff (sorted by centre); triples {j, k} per centre
         close = torch.nonzero(dist.detach() < self.angular_cutoff).squeeze(1)
-        ci, cj = i.index_select(0, close), j.index_select(0, close)
-        centre, other = torch.cat([ci, cj]), torch.cat([cj, ci])
-        cvec = vec.index_select(0, close)
-        cvec, cdist = torch.cat([cvec, -cvec]), dist.index_select(0, close).repeat(2)
-        order = torch.sort(centre, stable=True)[1]
-        centre, other = centre.index_select(0, order), other.index_select(0, order)
-        cvec, cdist = cvec.index_select(0, order), cdist.index_select(0, order)
+        centre, other = i.index_select(0, close), j.index_select(0, close)
+        cvec, cdist = vec.index_select(0, close), dist.index_select(0, close)
         p, q = angular_triples(centre, n)
         vec_j, vec_k = cvec.index_select(0, p), cvec.index_select(0, q)
         d_j, d_k = cdist.index_select(0, p), cdist.index_select(0, q)
@@ -156,13 +185,13 @@ class ExportedANI(_Exported):
         shells = torch.exp(-self.angular_eta * (mean - self.angular_shifts) ** 2) * cut.unsqueeze(-1)
         terms = (shells.unsqueeze(-1) * angular.unsqueeze(-2)).flatten(1)  # shift slow
         block = self.triu_index[species[other.index_select(0, p)], species[other.index_select(0, q)]]
-        angular_aev = pos.new_zeros(n * self.num_species_pairs, self.angular_features)
+        angular_aev = vec.new_zeros(n * self.num_species_pairs, self.angular_features)
         angular_aev = angular_aev.index_add(0, centre.index_select(0, p) * self.num_species_pairs
                                             + block, terms)
         return torch.cat([radial_aev.view(n, -1), angular_aev.view(n, -1)], dim=1)
 
-    def contributions(self, species: Tensor, pos: Tensor) -> Tensor:
-        features = self.aev(species, pos.to(self.radial_shifts.dtype))
+    def contributions(self, species: Tensor, i: Tensor, j: Tensor, vec: Tensor) -> Tensor:
+        features = self.aev(species, i, j, vec.to(self.radial_shifts.dtype))
         out = features.new_zeros(species.shape[0])
         for s, network in enumerate(self.networks):
             atoms = torch.nonzero(species == s).squeeze(1)
@@ -194,18 +223,15 @@ class ExportedSchNet(_Exported):
     def __init__(self, model: SchNetModel, name: str = "schnet", source_sha256: str = ""):
         super().__init__(model, name, source_sha256)
         net = model.net
-        self.cutoff = float(model.cutoff)
+        self.interaction_range = self.cutoff * len(net.interactions)
         self.embedding = copy.deepcopy(net.embedding)
         self.register_buffer("offset", net.distance_expansion.offset.clone())
         self.coeff = float(net.distance_expansion.coeff)
         self.interactions = nn.ModuleList([_Interaction(b) for b in net.interactions])
         self.lin1, self.act, self.lin2 = (copy.deepcopy(m) for m in (net.lin1, net.act, net.lin2))
 
-    def contributions(self, species: Tensor, pos: Tensor) -> Tensor:
-        pos = pos.to(self.offset.dtype)
-        i, j = _pairs(pos, self.cutoff)
-        source, target = torch.cat([i, j]), torch.cat([j, i])
-        dist = (pos.index_select(0, j) - pos.index_select(0, i)).norm(2, -1).repeat(2)
+    def contributions(self, species: Tensor, i: Tensor, j: Tensor, vec: Tensor) -> Tensor:
+        target, source, _, dist = _within(i, j, vec.to(self.offset.dtype), self.cutoff)
         expansion = torch.exp(self.coeff * (dist.unsqueeze(-1) - self.offset) ** 2)
         envelope = 0.5 * (torch.cos(dist * math.pi / self.cutoff) + 1.0)
         h = self.embedding(species + 1)  # index 0 is SchNet's padding
@@ -214,19 +240,24 @@ class ExportedSchNet(_Exported):
         return self.lin2(self.act(self.lin1(h))).squeeze(-1)
 
 
-def script_model(model: AtomisticModel, name: str, source_sha256: str = ""):
-    """The TorchScript module of ``model`` (an ANI or SchNet model; CheckpointError otherwise),
-    recording the model name and the checkpoint's SHA-256."""
+def exported_module(model: AtomisticModel, name: str, source_sha256: str = "") -> _Exported:
+    """The scriptable port of ``model`` (ANI or SchNet), recording the model name and the
+    checkpoint's SHA-256; CheckpointError, one line, for a model without one."""
     if isinstance(model, ANIModel):
-        exported = ExportedANI(model, name, source_sha256)
-    elif isinstance(model, SchNetModel):
-        exported = ExportedSchNet(model, name, source_sha256)
-    else:
-        raise CheckpointError(f"cannot export a {type(model).__name__}: ekd-export supports "
-                              "ANI (ani2x, ani1x) and SchNet models")
+        return ExportedANI(model, name, source_sha256).eval()
+    if isinstance(model, SchNetModel):
+        return ExportedSchNet(model, name, source_sha256).eval()
+    raise CheckpointError(f"cannot export a {type(model).__name__} ({name}): ekd-export has "
+                          "scriptable ports of ANI (ani2x, ani1x, ani2x_wide) and SchNet "
+                          "(schnet, schnet_small) only; torch-geometric's ViSNet layers are not "
+                          "ported (use EKDCalculator or the torch-sim wrapper for ViSNet)")
+
+
+def script_model(model: AtomisticModel, name: str, source_sha256: str = ""):
+    """The TorchScript module of ``model`` (:func:`exported_module`)."""
     with warnings.catch_warnings():  # torch >= 2.9 marks torch.jit as deprecated
         warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.script(exported.eval())
+        return torch.jit.script(exported_module(model, name, source_sha256))
 
 
 def probe_molecules(elements: Sequence[str], seed: int = 0) -> list[tuple[Tensor, Tensor]]:
@@ -272,8 +303,8 @@ def check_export(model: AtomisticModel, scripted, rtol: float = 1e-4) -> float:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the TorchScript file of a checkpoint to ``out`` (atomically), checked against the
-    checkpoint's model on :func:`probe_molecules`."""
+    """Write the plain TorchScript file of a checkpoint to ``out`` (atomically), checked
+    against the checkpoint's model on :func:`probe_molecules`."""
     module = load_potential(checkpoint)
     scripted = script_model(module.model, module.model_name, file_sha256(checkpoint))
     check_export(module.model, scripted)
@@ -281,24 +312,74 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     return Path(out)
 
 
+def export_metatomic(checkpoints: Sequence[str | Path], out: str | Path,
+                     dtype: torch.dtype = torch.float64) -> Path:
+    """Write the metatomic model of one checkpoint, or of an ensemble (several), to ``out``
+    (atomically): each member's port checked against its model (:func:`check_export`), then
+    wrapped by :func:`ekd_lightning.inference.metatomic_model.atomistic_model`. ConfigError, one line,
+    when metatomic-torch is not installed."""
+    try:
+        from .metatomic_model import atomistic_model
+    except ImportError as exc:
+        raise ConfigError(f"writing a metatomic model needs metatomic-torch ({exc}): pip install "
+                          "'ekd-lightning[engines]', or pass --format torchscript") from None
+    members, names = [], []
+    for checkpoint in checkpoints:
+        module = load_potential(checkpoint)
+        member = exported_module(module.model, module.model_name, file_sha256(checkpoint))
+        check_export(module.model, script_model(module.model, module.model_name))
+        members.append(member)
+        names.append(f"{module.model_name} ({Path(checkpoint).name}, sha256 "
+                     f"{member.source_sha256[:12]})")
+    kind = "ensemble mean of " if len(members) > 1 else ""
+    model = atomistic_model(members, f"ekd-{'+'.join(m.model_name for m in members)}",
+                            f"ekd-lightning potential: {kind}{', '.join(names)}", dtype)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:  # metatomic saves to a path: written beside ``out``, then renamed over it
+        model.save(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ekd-export", description="Export a trained potential as a TorchScript file that "
-        "loads with plain torch (torch.jit.load): model(numbers, positions Å) -> energy Hartree; "
-        "model.energy_and_forces(...) -> (energy Hartree, forces Hartree/Å).")
-    parser.add_argument("checkpoint", help="a .ckpt written by training")
-    parser.add_argument("out", help="the TorchScript file to write, e.g. model.pt")
+        prog="ekd-export", description="Export a trained potential, or an ensemble of them, as "
+        "a metatomic model (energy in eV, lengths in Å) that ASE (metatomic-ase), torch-sim "
+        "(metatomic-torchsim) and LAMMPS (pair_style metatomic) load; or, with --format "
+        "torchscript, as a plain TorchScript file for torch alone: model(numbers, positions Å) "
+        "-> energy Hartree of one molecule.")
+    parser.add_argument("checkpoints", nargs="+", metavar="checkpoint",
+                        help="a .ckpt written by training; several: an ensemble (metatomic)")
+    parser.add_argument("out", help="the file to write, e.g. model.pt")
+    parser.add_argument("--format", choices=("metatomic", "torchscript"), default="metatomic")
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                        help="metatomic: the precision the engine computes in (default float64)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out)
+        if args.format == "torchscript":
+            if len(args.checkpoints) > 1:
+                raise ConfigError("--format torchscript exports one checkpoint; an ensemble "
+                                  "needs --format metatomic")
+            out = export_checkpoint(args.checkpoints[0], args.out)
+            print(f"wrote {out}: torch.jit.load('{out}')(numbers, positions) -> energy in Hartree")
+        else:
+            out = export_metatomic(args.checkpoints, args.out, getattr(torch, args.dtype))
+            print(f"wrote {out}: a metatomic model (eV, Å) for metatomic-ase, "
+                  "metatomic-torchsim and LAMMPS pair_style metatomic")
     except EKDError as exc:
         print(f"ekd-export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {out}: torch.jit.load('{out}')(numbers, positions) -> energy in Hartree")
     return 0
 
 

@@ -1,0 +1,114 @@
+"""Trained models in the engines users run: ``ekd-export``'s metatomic model in ASE
+(metatomic-ase), on molecules and on a periodic water box, for every model config and for an
+ensemble, against :class:`~ekd_lightning.EKDCalculator`.
+
+Models are random (tiny sizes, as :mod:`test_models` builds them) saved in the checkpoint
+layout; the ensemble test uses checkpoints trained with the Lightning Trainer.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from metatomic_ase import MetatomicCalculator
+from omegaconf import OmegaConf
+
+from ekd_lightning import EKDCalculator
+from ekd_lightning.inference.export import main as export_main
+from ekd_lightning.inference.metatomic_model import ModelOutput
+from ekd_lightning.task.module import PotentialModule
+from test_models import ELEMENTS, ENERGY_SCALE, MODEL_CONFIGS, SELF_ENERGIES, TINY, water_box
+
+
+def random_checkpoint(config: Path, path: Path, seed: int = 0) -> Path:
+    """A checkpoint of the model of ``config`` (tiny sizes, random weights, nonzero self
+    energies), as training writes one (hyper-parameters and state dict)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+    cfg = {k: TINY.get(k, v) for k, v in cfg.items()}
+    torch.manual_seed(seed)
+    module = PotentialModule(cfg, ELEMENTS, SELF_ENERGIES, ENERGY_SCALE).eval()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    return path
+
+
+def structures():
+    """A molecule (open boundaries) and a periodic water box (atoms see periodic images)."""
+    ethanol = molecule("CH3CH2OH")
+    ethanol.rattle(0.05, seed=1)
+    return {"molecule": ethanol, "water box": water_box(seed=4)}
+
+
+def assert_same(atoms, calc, reference, energy_rtol=1e-12, force_atol=1e-9):
+    """Energy (eV) and forces (eV/Å) of ``atoms`` with ``calc`` equal those of ``reference``."""
+    ours, theirs = atoms.copy(), atoms.copy()
+    ours.calc, theirs.calc = calc, reference
+    assert ours.get_potential_energy() == pytest.approx(theirs.get_potential_energy(),
+                                                        rel=energy_rtol)
+    forces = theirs.get_forces()
+    assert np.abs(forces).max() > 1e-3
+    np.testing.assert_allclose(ours.get_forces(), forces, rtol=0,
+                               atol=force_atol * np.abs(forces).max())
+
+
+@pytest.mark.parametrize("config", MODEL_CONFIGS, ids=lambda p: p.stem)
+def test_metatomic_export_in_ase_equals_the_calculator(config, tmp_path, capsys):
+    """Every model config: the exported file in metatomic-ase gives EKDCalculator's energies
+    and forces on a molecule and on a periodic box (float64: to rounding); a model without a
+    port (ViSNet) gets one line saying why, and no file."""
+    checkpoint = random_checkpoint(config, tmp_path / "model.ckpt")
+    out = tmp_path / "model.pt"
+    code = export_main([str(checkpoint), str(out)])
+    if "visnet" in config.stem:
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and not out.exists()
+        assert err.startswith("ekd-export: error: cannot export a ViSNetModel") and "\n" not in err
+        return
+    assert code == 0, capsys.readouterr().err
+    for atoms in structures().values():
+        assert_same(atoms, MetatomicCalculator(out), EKDCalculator.from_checkpoint(checkpoint))
+
+
+def test_float32_export_agrees_to_float32_precision(tmp_path):
+    checkpoint = random_checkpoint(MODEL_CONFIGS[0], tmp_path / "model.ckpt")
+    assert export_main([str(checkpoint), str(tmp_path / "m.pt"), "--dtype", "float32"]) == 0
+    for atoms in structures().values():
+        assert_same(atoms, MetatomicCalculator(tmp_path / "m.pt"),
+                    EKDCalculator.from_checkpoint(checkpoint), energy_rtol=1e-6, force_atol=1e-4)
+
+
+def test_ensemble_export_gives_the_mean_and_the_spread(tmp_path):
+    """Three members of two architectures: the exported mean energy and forces are the
+    calculator's, ``energy_uncertainty`` its ``energy_std`` and ``energy_ensemble`` each
+    member's energy, on the periodic box."""
+    configs = [c for c in MODEL_CONFIGS if c.stem in ("ani2x", "schnet_small", "ani1x")]
+    members = [random_checkpoint(c, tmp_path / f"{c.stem}.ckpt", seed=i)
+               for i, c in enumerate(configs)]
+    out = tmp_path / "ensemble.pt"
+    assert export_main([*map(str, members), str(out)]) == 0
+    reference = EKDCalculator.from_checkpoints(members)
+    box = structures()["water box"]
+    assert_same(box, MetatomicCalculator(out), reference)
+    box.calc = reference
+    box.get_potential_energy()
+    calc = MetatomicCalculator(out)
+    outputs = calc.run_model(box, {"energy_uncertainty": ModelOutput(unit="eV"),
+                                   "energy_ensemble": ModelOutput(unit="eV")})
+    spread = outputs["energy_uncertainty"].block().values.detach().numpy()
+    assert spread.shape == (1, 1) and spread[0, 0] == pytest.approx(
+        box.calc.results["energy_std"], rel=1e-9)
+    each = outputs["energy_ensemble"].block().values.detach().numpy()[0]
+    alone = [EKDCalculator.from_checkpoint(m).get_potential_energy(box.copy()) for m in members]
+    np.testing.assert_allclose(each, alone, rtol=1e-12)
+
+
+def test_export_format_torchscript_refuses_an_ensemble(tmp_path, capsys):
+    checkpoint = random_checkpoint(MODEL_CONFIGS[0], tmp_path / "a.ckpt")
+    code = export_main([str(checkpoint), str(checkpoint), str(tmp_path / "m.pt"),
+                        "--format", "torchscript"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "ensemble needs --format metatomic" in err and "\n" not in err
