@@ -1,9 +1,10 @@
 """Trained models in the engines users run: ``ekd-export``'s metatomic model in ASE
 (metatomic-ase), on molecules and on a periodic water box, for every model config and for an
-ensemble, against :class:`~ekd_lightning.EKDCalculator`.
+ensemble, against :class:`~ekd_lightning.EKDCalculator`; a trained model in torch-sim (0.3)
+batched MD through :class:`~ekd_lightning.inference.torchsim_model.EKDTorchSimModel`.
 
-Models are random (tiny sizes, as :mod:`test_models` builds them) saved in the checkpoint
-layout; the ensemble test uses checkpoints trained with the Lightning Trainer.
+Export models are random (tiny sizes, as :mod:`test_models` builds them) saved in the
+checkpoint layout; the torch-sim model is trained with the Lightning Trainer (seconds).
 """
 
 from pathlib import Path
@@ -15,6 +16,7 @@ from ase.build import molecule
 from metatomic_ase import MetatomicCalculator
 from omegaconf import OmegaConf
 
+from conftest import train_tiny
 from ekd_lightning import EKDCalculator
 from ekd_lightning.inference.export import main as export_main
 from ekd_lightning.inference.metatomic_model import ModelOutput
@@ -112,3 +114,64 @@ def test_export_format_torchscript_refuses_an_ensemble(tmp_path, capsys):
                         "--format", "torchscript"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "ensemble needs --format metatomic" in err and "\n" not in err
+
+
+@pytest.fixture(scope="module")
+def trained(ani1x_file, tmp_path_factory) -> Path:
+    """A tiny ANI trained on EMT energies and forces (seconds)."""
+    return train_tiny(ani1x_file, tmp_path_factory.mktemp("engines") / "ani", "stage=oracle",
+                      "loss.forces.weight=1.0", "trainer.max_epochs=3",
+                      "model.hidden={H:[32],C:[32],N:[32],O:[32]}")
+
+
+def solvated_systems():
+    """A periodic water box and ethanol in a periodic 12 Å box, for one torch-sim batch."""
+    ethanol = structures()["molecule"]
+    ethanol.cell, ethanol.pbc = [12.0, 12.0, 12.0], True
+    ethanol.positions += 6.0
+    return [structures()["water box"], ethanol]
+
+
+def test_torchsim_batch_equals_the_calculator_on_each_system(trained):
+    import torch_sim as ts
+
+    from ekd_lightning.inference.torchsim_model import EKDTorchSimModel
+
+    model = EKDTorchSimModel([trained, trained], device="cpu")
+    systems = solvated_systems()
+    out = model(ts.initialize_state(systems, model.device, model.dtype))
+    calc = EKDCalculator.from_checkpoint(trained)
+    start = 0
+    for index, atoms in enumerate(systems):
+        atoms.calc = calc
+        assert float(out["energy"][index]) == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
+        forces = out["forces"][start:start + len(atoms)].numpy()
+        np.testing.assert_allclose(forces, atoms.get_forces(), rtol=0, atol=1e-9)
+        start += len(atoms)
+    assert out["energy_std"].shape == (2,) and float(out["energy_std"].abs().max()) < 1e-9
+
+
+def test_torchsim_batched_nve_conserves_energy(trained):
+    """torch-sim's NVE (velocity Verlet) on both systems at once, 40 steps of 0.5 fs from
+    300 K: each system's total energy stays within 1 % of its kinetic energy, and atoms move."""
+    import torch_sim as ts
+    from torch_sim.units import MetalUnits
+
+    from ekd_lightning.inference.torchsim_model import EKDTorchSimModel
+
+    model = EKDTorchSimModel(trained, device="cpu")
+    init, update = ts.nve(model=model, dt=torch.tensor(0.0005 * MetalUnits.time, dtype=torch.float64),
+                          kT=torch.tensor(300 * MetalUnits.temperature, dtype=torch.float64), seed=0)
+    state = init(ts.initialize_state(solvated_systems(), model.device, model.dtype))
+
+    def total(s):
+        kinetic = ts.calc_kinetic_energy(masses=s.masses, momenta=s.momenta, system_idx=s.system_idx)
+        return s.energy + kinetic, kinetic
+
+    start, kinetic = total(state)
+    first = state.positions.clone()
+    for _ in range(40):
+        state = update(state)
+    end, _ = total(state)
+    assert float((state.positions - first).abs().max()) > 0.01
+    assert bool(((end - start).abs() < 0.01 * kinetic).all()), (end - start, kinetic)
