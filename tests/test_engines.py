@@ -175,3 +175,17 @@ def test_torchsim_batched_nve_conserves_energy(trained):
     end, _ = total(state)
     assert float((state.positions - first).abs().max()) > 0.01
     assert bool(((end - start).abs() < 0.01 * kinetic).all()), (end - start, kinetic)
+
+
+def test_metatomic_imports_after_the_models():
+    """torch-geometric replaces torch.index_select with a wrapper TorchScript cannot compile;
+    metatensor (metatomic-ase) scripts code calling it at import: a user who builds a model
+    first (torch-geometric imported) then imports metatomic-ase must not get a crash."""
+    import subprocess
+    import sys
+
+    code = ("import ekd_lightning.models.schnet, torch, torch_geometric\n"
+            "assert torch.index_select is not torch._C._VariableFunctions.index_select\n"
+            "import metatomic_ase\nprint('imported')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "imported" in run.stdout, run.stderr[-2000:]

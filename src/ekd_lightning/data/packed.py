@@ -32,7 +32,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch_geometric.data import Batch
 
+from ..core.torchscript import scriptable_index_select
 from .readers import MoleculeRecord
+
+scriptable_index_select()  # after torch-geometric: metatomic stays importable
 
 
 def _concat(arrays: list[np.ndarray], dtype, width: tuple = ()) -> np.ndarray:

@@ -21,22 +21,19 @@ from typing import Dict, List, Optional  # noqa: UP035 - metatomic checks these 
 import torch
 from torch import Tensor, nn
 
-# torch-geometric (imported by the models) replaces torch.index_select with a Python wrapper
-# that TorchScript cannot compile; metatensor-operations scripts functions calling it when
-# imported. The import runs with torch's own function, then torch-geometric's is put back.
-_patched, torch.index_select = torch.index_select, torch._C._VariableFunctions.index_select
-try:
-    from metatensor.torch import Labels, TensorBlock, TensorMap
-    from metatomic.torch import (
-        AtomisticModel,
-        ModelCapabilities,
-        ModelMetadata,
-        ModelOutput,
-        NeighborListOptions,
-        System,
-    )
-finally:
-    torch.index_select = _patched
+from ..core.torchscript import scriptable_index_select
+
+scriptable_index_select()  # torch-geometric may have replaced it (see core.torchscript)
+
+from metatensor.torch import Labels, TensorBlock, TensorMap  # noqa: E402
+from metatomic.torch import (  # noqa: E402
+    AtomisticModel,
+    ModelCapabilities,
+    ModelMetadata,
+    ModelOutput,
+    NeighborListOptions,
+    System,
+)
 
 from ..core.units import HARTREE_TO_EV, symbol_to_number  # noqa: E402
 

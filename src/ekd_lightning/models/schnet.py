@@ -5,8 +5,11 @@ from collections.abc import Sequence
 from torch import Tensor
 from torch_geometric.nn.models import SchNet
 
+from ..core.torchscript import scriptable_index_select
 from .base import AtomisticModel
 from .neighbors import Pairs, model_pairs, neighbor_pairs, pair_vectors
+
+scriptable_index_select()  # after torch-geometric: metatomic stays importable
 
 
 class SchNetModel(AtomisticModel):

@@ -8,8 +8,11 @@ from torch import Tensor, nn
 from torch_geometric.nn.models.visnet import EquivariantScalar, ViSNetBlock
 
 from ..core.errors import DataError
+from ..core.torchscript import scriptable_index_select
 from .base import AtomisticModel
 from .neighbors import Pairs, model_pairs, neighbor_pairs, pair_vectors
+
+scriptable_index_select()  # after torch-geometric: metatomic stays importable
 
 
 class _PairDistances(nn.Module):
