@@ -78,6 +78,9 @@ def test_metatomic_export_in_ase_equals_the_calculator(config, tmp_path, capsys)
 def test_float32_export_agrees_to_float32_precision(tmp_path):
     checkpoint = random_checkpoint(MODEL_CONFIGS[0], tmp_path / "model.ckpt")
     assert export_main([str(checkpoint), str(tmp_path / "m.pt"), "--dtype", "float32"]) == 0
+    from metatomic.torch import load_atomistic_model
+
+    assert load_atomistic_model(str(tmp_path / "m.pt")).capabilities().dtype == "float32"
     for atoms in structures().values():
         assert_same(atoms, MetatomicCalculator(tmp_path / "m.pt"),
                     EKDCalculator.from_checkpoint(checkpoint), energy_rtol=1e-6, force_atol=1e-4)
