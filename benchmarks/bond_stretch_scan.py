@@ -7,7 +7,8 @@ GFN2-xTB (tblite). A model whose curve turns over has a spurious dissociation ba
 (mean and lowest barrier over bonds). The MD benchmark's failure criterion (a bond 0.5 Å off
 its initial length) sits at these barriers. It first prints how far the training data
 stretch their X-H bonds (``--data``, default the bundled training file): the models have seen
-nothing beyond that.
+nothing beyond that. The MD benchmark reports the same barriers per molecule
+(``--barriers``, :func:`ekd_lightning.md_reference.stretch_barriers`).
 
     python benchmarks/bond_stretch_scan.py --checkpoints student=A.ckpt baseline=B.ckpt \
         teachers=T1.ckpt,T2.ckpt,T3.ckpt   # comma-separated: the ensemble mean
@@ -19,23 +20,12 @@ import argparse
 
 import numpy as np
 from ase.build import molecule
-from ase.neighborlist import NeighborList, natural_cutoffs
+from ekd_lightning.analysis.md_reference import reference_calculator, stretch_curve, xh_bonds
 
 from ekd_lightning.analysis.evaluate import parse_named
 from ekd_lightning.bundled import DATA_DIR
-from ekd_lightning.core.units import HARTREE_TO_EV, HARTREE_TO_KCALMOL
 from ekd_lightning.data.readers import read_molecules
 from ekd_lightning.inference.calculator import EKDCalculator
-
-EV_TO_KCAL_MOL = HARTREE_TO_KCALMOL / HARTREE_TO_EV
-
-
-def xh_bonds(atoms) -> list[tuple[int, int]]:
-    """(heavy atom, hydrogen) index pairs of the bonded X-H pairs (ASE natural cutoffs)."""
-    neighbours = NeighborList(natural_cutoffs(atoms), self_interaction=False, bothways=True)
-    neighbours.update(atoms)
-    return [(int(x), h) for h in range(len(atoms)) if atoms[h].symbol == "H"
-            for x in neighbours.get_neighbors(h)[0] if atoms[int(x)].symbol != "H"]
 
 
 def data_stretches(path: str, energy_key: str) -> np.ndarray:
@@ -52,20 +42,6 @@ def data_stretches(path: str, energy_key: str) -> np.ndarray:
     return np.concatenate(stretches)
 
 
-def stretch_curve(atoms, bond: tuple[int, int], calc, stretches: np.ndarray) -> np.ndarray:
-    """E(d) − E(0) in kcal/mol, shape (len(stretches),), the H of ``bond`` moved by d Å along it."""
-    heavy, hydrogen = bond
-    direction = atoms.positions[hydrogen] - atoms.positions[heavy]
-    direction /= np.linalg.norm(direction)
-    energies = []
-    for d in stretches:
-        stretched = atoms.copy()
-        stretched.positions[hydrogen] += d * direction
-        stretched.calc = calc
-        energies.append(stretched.get_potential_energy() * EV_TO_KCAL_MOL)
-    return np.asarray(energies) - energies[0]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoints", nargs="+", required=True, metavar="[NAME=]CKPT")
@@ -78,11 +54,9 @@ def main(argv=None) -> int:
     seen = data_stretches(args.data, args.energy_key)
     print(f"{args.data}: X-H bonds stretched beyond their median length by at most {seen.max():.2f} Å "
           f"(99.9%: {np.percentile(seen, 99.9):.2f} Å) over {seen.size} bond conformations")
-    from tblite.ase import TBLite
-
     calcs = {name: EKDCalculator.from_checkpoints(paths.split(","))  # a,b,...: their ensemble mean
              for name, paths in parse_named(args.checkpoints).items()}
-    calcs["GFN2-xTB"] = TBLite(method="GFN2-xTB", verbosity=0)
+    calcs["GFN2-xTB"] = reference_calculator()
     stretches = np.round(np.arange(0.0, args.max_stretch + 1e-9, args.step), 6)
     curves: dict[str, list[np.ndarray]] = {name: [] for name in calcs}
     for name in args.molecules:

@@ -312,6 +312,11 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
+def write_bytes_atomic(data: bytes, path: str | Path) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`_write_atomic`)."""
+    _write_atomic(Path(path), lambda handle: handle.write(data))
+
+
 def write_text_atomic(text: str, path: str | Path) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (:func:`_write_atomic`)."""
     _write_atomic(Path(path), lambda handle: handle.write(text.encode()))

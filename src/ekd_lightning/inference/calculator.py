@@ -39,7 +39,10 @@ def torch_threads(n: int | None):
         torch.set_num_threads(previous)
 
 
-def _load_members(model) -> list:
+def energy_models(model) -> list:
+    """The energy models (:class:`~ekd_lightning.models.base.AtomisticModel`, shared, not
+    copied) of a checkpoint path, a PotentialModule, an energy model or a sequence of them (an
+    ensemble), in order; ValueError for an empty sequence."""
     from ..task.checkpoint import load_potential
     from ..task.module import PotentialModule
 
@@ -80,7 +83,7 @@ class EKDCalculator(Calculator):
         super().__init__(**kwargs)
         self.num_threads = num_threads
         self.device, self.dtype = torch.device(device), dtype
-        self.members = [copy.deepcopy(m).to(self.device, dtype).eval() for m in _load_members(model)]
+        self.members = [copy.deepcopy(m).to(self.device, dtype).eval() for m in energy_models(model)]
         for member in self.members:
             member.requires_grad_(False)
 

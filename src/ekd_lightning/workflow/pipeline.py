@@ -600,23 +600,26 @@ def evaluate(cfg: DictConfig, models: Mapping[str, object], labels: Path, out: P
 
 
 def md_stability(cfg: DictConfig, runs: Sequence[Run], out: Path, runner: Runner) -> list[dict]:
-    """Step 5: batched Langevin MD stability (:mod:`ekd_lightning.analysis.batched_md`: Kaplan-Meier
-    survival per model and temperature, log-rank test against the baseline, h(r) error against
-    cached GFN2-xTB MD) and NVE drift of baseline vs student (vs oracle), one (model,
+    """Step 5: batched Langevin MD stability (:func:`ekd_lightning.analysis.stability.stability_table`:
+    Kaplan-Meier survival per model and temperature, log-rank test against the baseline, h(r)
+    error against cached GFN2-xTB MD and, with ``md.reference_replicas``, GFN2-xTB run under the
+    same test: its survival beside each model's, the log-rank test against it and the failure
+    modes per molecule) and NVE drift of baseline vs student (vs oracle), one (model,
     temperature) task per worker process; the rows of a checkpoint already run with the same
     settings (a baseline shared by ablation variants) are reused."""
-    from ..analysis.batched_md import batched_stability_table
     from ..analysis.md import default_molecules
+    from ..analysis.stability import stability_table
 
     md = cfg.pipeline.md
     chosen = {run.name: str(run.checkpoint) for run in runs
               if run.spec.role in md.variants and run.spec.seed == md.seed}
     baseline = first_seed_run([run.spec for run in runs if run.name in chosen], "baseline", md.seed)
-    rows, _ = batched_stability_table(
-        chosen, default_molecules(list(md.molecules)), list(md.temperatures), md.replicas,
-        md.steps, nve_steps=md.nve_steps, reference=baseline, reference_steps=md.reference_steps,
-        reference_cache=Path(cfg.pipeline.store) / "md-reference", out_dir=out / "md",
-        map_fn=runner.map, cache=True)
+    rows, _ = stability_table(
+        chosen, default_molecules(list(md.molecules)), list(md.temperatures), engine="batched",
+        replicas=md.replicas, steps=md.steps, nve_steps=md.nve_steps, reference=baseline,
+        reference_replicas=md.get("reference_replicas", 0), reference_steps=md.reference_steps,
+        reference_cache=Path(cfg.pipeline.store) / "md-reference",
+        barriers=md.get("barriers", False), out_dir=out / "md", map_fn=runner.map, cache=True)
     return rows
 
 
@@ -871,11 +874,15 @@ def write_report(cfg: DictConfig, results: Mapping, md_rows: Sequence[Mapping], 
         extra = [k for k in md_rows[0] if k.startswith(("survival_", "hr_error_"))]
         text += ["## MD stability (batched Langevin, per model)", "", format_table(
             md_rows, ["model", "n_trajectories", "stable_fraction", *extra, "p_logrank",
+                      *[k for k in ("p_logrank_vs_xtb", "failure_modes", "barrier_error_kcal_mol")
+                        if k in md_rows[0]],
                       "mean_time_to_failure_fs", "failures", "nve_drift_meV_atom_ps"]), "",
                  "survival_<T>: fraction intact at the end (Kaplan-Meier, 95% CI); p_logrank: "
-                 "log-rank test against the baseline, stratified by temperature; hr_error: "
+                 "log-rank test against the baseline, stratified by temperature (p_logrank_vs_xtb: "
+                 "against GFN2-xTB run under the same test); hr_error: "
                  "∫|h(r) − h_xTB(r)| dr against GFN2-xTB MD (0..2); survival curves in "
-                 "md/survival.png, table in md/survival.csv.", ""]
+                 "md/survival.png, table in md/survival.csv, per molecule with the failed bonds in "
+                 "md/survival_by_molecule.csv, failure geometries in md/failures/.", ""]
     text += ["## Wall time (s)", "", " · ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
     out.mkdir(parents=True, exist_ok=True)
     histories = {n: t["history"] for n, t in training.items() if t.get("history")}
