@@ -72,9 +72,9 @@ class Pull(torch.nn.Module):
         return torch.zeros(num_molecules, dtype=torch.float64).index_add(0, batch, energy)
 
 
-def test_nve_conserves_energy_on_a_smooth_model():
+def test_nve_conserves_energy_on_a_smooth_model(device):
     atoms = molecule("CH3OH")
-    out = run_replicas(ElasticNetwork(atoms), [atoms], [600.0], 8, 1000, timestep_fs=0.5,
+    out = run_replicas(ElasticNetwork(atoms).to(device), [atoms], [600.0], 8, 1000, timestep_fs=0.5,
                        friction_per_fs=0.0, check_every=50, record_every=10, keep_total_energy=True)
     assert all(r["stable"] for r in out["trajectories"])
     total = out["total_energy"] * 1000 / len(atoms)  # meV/atom, (8 replicas, 101 frames)
@@ -87,11 +87,13 @@ def test_nve_conserves_energy_on_a_smooth_model():
     assert np.abs(drift).max() < 0.3
 
 
-def test_langevin_thermostat_reaches_the_target_temperature():
+def test_langevin_thermostat_reaches_the_target_temperature(device):
     atoms = molecule("CH3OH")
-    members = load_members(ElasticNetwork(atoms))
-    generator = torch.Generator().manual_seed(0)
+    members = load_members(ElasticNetwork(atoms).to(device))  # on the model's device
+    generator = torch.Generator(device=device).manual_seed(0)
     state, _ = make_replicas([atoms], [500.0], 64, generator)
+    assert {t.device.type for t in (state.pos, state.vel, state.batch, state.kT)} == {device}
+    assert next(members[0].parameters()).device.type == device
     energies, forces = potential(members, state.z, state.pos, state.batch, state.n)
     dt, friction = 0.5 * units.fs, 0.05 / units.fs
     samples = []
@@ -225,3 +227,28 @@ def test_structures_come_from_any_ase_file(tmp_path, capsys):
     assert "mols-0" in runs and "mols-1" in runs and "CH3OH" not in runs
     assert md_main([*args, "--structures", str(bad)]) == 2
     assert "bad.xyz: cannot read structures" in capsys.readouterr().err
+
+
+def test_batched_md_leaves_the_device_only_at_failure_checks(device, monkeypatch):
+    """No host round trip per step: data leave the model's device once per failure check
+    (every check_every steps), however many steps and recorded frames lie between checks."""
+    atoms = molecule("CH3OH")
+    model = ElasticNetwork(atoms).to(device)
+    calls = []
+    for name in ("cpu", "numpy", "tolist", "item"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            calls.append(self.device.type)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def transfers(steps):
+        calls.clear()
+        run_replicas(model, [atoms], [300.0], 2, steps, check_every=100, record_every=1)
+        return len(calls)
+
+    short, long = transfers(100), transfers(300)  # 1 and 3 checks; 200 more steps and frames
+    assert 0 < long - short <= 2 * 12  # at most a dozen transfers per extra check
+    assert short < 50
