@@ -39,10 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-from ekd_lightning.analysis.stability import stability_table
-
 from ekd_lightning.analysis.evaluate import format_table, parse_named
 from ekd_lightning.analysis.md import DEFAULT_MOLECULES, default_molecules, molecules_from_file
+from ekd_lightning.analysis.stability import stability_table
 
 
 def main(argv=None) -> int:

@@ -20,9 +20,9 @@ import argparse
 
 import numpy as np
 from ase.build import molecule
-from ekd_lightning.analysis.md_reference import reference_calculator, stretch_curve, xh_bonds
 
 from ekd_lightning.analysis.evaluate import parse_named
+from ekd_lightning.analysis.md_reference import reference_calculator, stretch_curve, xh_bonds
 from ekd_lightning.bundled import DATA_DIR
 from ekd_lightning.data.readers import read_molecules
 from ekd_lightning.inference.calculator import EKDCalculator

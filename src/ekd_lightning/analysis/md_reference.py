@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 
+from ..core.units import HARTREE_TO_EV, HARTREE_TO_KCALMOL
 from .evaluate import write_bytes_atomic
 from .md import (
     FU_CRITERIA,
@@ -34,7 +35,6 @@ from .md import (
     molecule_name,
     run_key,
 )
-from ..core.units import HARTREE_TO_EV, HARTREE_TO_KCALMOL
 
 log = logging.getLogger(__name__)
 
