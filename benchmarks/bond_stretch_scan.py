@@ -8,7 +8,7 @@ GFN2-xTB (tblite). A model whose curve turns over has a spurious dissociation ba
 its initial length) sits at these barriers. It first prints how far the training data
 stretch their X-H bonds (``--data``, default the bundled training file): the models have seen
 nothing beyond that. The MD benchmark reports the same barriers per molecule
-(``--barriers``, :func:`ekd_lightning.md_reference.stretch_barriers`).
+(``--barriers``, :func:`ekd_lightning.analysis.md_reference.stretch_barriers`).
 
     python benchmarks/bond_stretch_scan.py --checkpoints student=A.ckpt baseline=B.ckpt \
         teachers=T1.ckpt,T2.ckpt,T3.ckpt   # comma-separated: the ensemble mean

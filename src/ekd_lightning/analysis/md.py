@@ -652,7 +652,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                   {"engine": "batched", "replicas": args.replicas, "device": args.device})
         rows, _ = table(models, molecules, args.temperatures, steps=args.steps,
                         nve_steps=args.nve_steps, reference_replicas=args.reference_replicas,
-                        reference_steps=args.steps if args.reference_replicas else 0,
                         reference_cache=args.reference_cache, out_dir=args.out, **engine)
     except (EKDError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -234,7 +234,7 @@ def stability_table(
     models: Mapping[str, object], molecules: Sequence[Atoms] | None = None,
     temperatures: Sequence[float] = md.DEFAULT_TEMPERATURES, engine: str = "batched",
     steps: int = 1000, nve_steps: int = 0, reference: str | None = None,
-    reference_replicas: int = 0, reference_steps: int = 0,
+    reference_replicas: int = 0, reference_steps: int | None = None,
     reference_cache: str | Path | None = None, barriers: bool = False,
     out_dir: str | Path | None = None, map_fn=map, cache: bool = False, **settings,
 ) -> tuple[list[dict], list[dict]]:
@@ -250,10 +250,11 @@ def stability_table(
         reference: the model the others are compared with in the survival table (log-rank).
         reference_replicas: GFN2-xTB trajectories per molecule and temperature run under the
             same test (criteria, time step, friction, record interval, seeds from ``seed``),
-            added as the model :data:`~ekd_lightning.md_reference.REFERENCE_NAME`, and every
+            added as the model :data:`~ekd_lightning.analysis.md_reference.REFERENCE_NAME`, and every
             model's survival tested against theirs (0: none).
-        reference_steps: GFN2-xTB steps per trajectory (0: none; with ``reference_replicas``
-            0, one trajectory per molecule and temperature gives the h(r) reference only).
+        reference_steps: GFN2-xTB steps per trajectory (None: ``steps``; 0: no reference at
+            all; with ``reference_replicas`` 0, a number gives one trajectory per molecule and
+            temperature for the h(r) reference alone).
         reference_cache: folder of the cached GFN2-xTB trajectories.
         barriers: also scan each model's X-H bond stretches against GFN2-xTB's.
         out_dir: if given: ``stability.csv`` / ``stability.json`` (summary, every trajectory,
@@ -287,7 +288,7 @@ def stability_table(
     if reference_replicas:
         merged[REFERENCE_NAME] = reference_result
     return report(merged, molecules, temperatures, reference if reference in models else None,
-                  reference_result["hr"] if reference_steps or reference_replicas else {},
+                  reference_result["hr"],
                   models if barriers else None, out_dir,
                   {"engine": engine, "temperatures_K": list(temperatures), "steps": steps,
                    "nve_steps": nve_steps, "reference_replicas": reference_replicas,
@@ -296,15 +297,17 @@ def stability_table(
 
 def run_reference(molecules, temperatures, engine, steps, replicas, reference_steps, cache_dir,
                   settings) -> dict:
-    """The GFN2-xTB result under the models' test (:func:`~ekd_lightning.md_reference.reference_runs`):
-    ``replicas`` trajectories of ``reference_steps`` (or ``steps``) per molecule and temperature,
-    one for the h(r) reference alone when ``replicas`` is 0 and ``reference_steps`` is not."""
+    """The GFN2-xTB result under the models' test (:func:`~ekd_lightning.analysis.md_reference.reference_runs`):
+    ``replicas`` trajectories of ``reference_steps`` (None: ``steps``) per molecule and
+    temperature, one for the h(r) reference alone when ``replicas`` is 0 and ``reference_steps``
+    a number; nothing when ``reference_steps`` is 0."""
     n = replicas or (1 if reference_steps else 0)
-    if not n:
+    if not n or reference_steps == 0:
         return md.empty_result()
     seeds = settings.get("seeds") or [settings.get("seed", 0)]
     same = {k: settings[k] for k in ("timestep_fs", "friction_per_fs", "criteria") if k in settings}
-    return reference_runs(molecules, [float(t) for t in temperatures], n, reference_steps or steps,
+    return reference_runs(molecules, [float(t) for t in temperatures], n,
+                          steps if reference_steps is None else reference_steps,
                           seed=seeds[0], cache_dir=cache_dir,
                           record_every=settings.get("record_every", 4), **same)
 
