@@ -188,3 +188,34 @@ def test_the_best_recipe_composes_as_its_override_form():
     assert OmegaConf.to_container(best) == OmegaConf.to_container(override)
     assert list(best.pipeline.teachers.models) == ["ani2x"] * 3 + ["ani1x"] + ["visnet_small"] * 4
     assert best.pipeline.max_epochs == 200 and best.model._target_.endswith("ANIModel")
+
+
+def test_ekd_md_and_the_benchmark_run_batched_md_on_the_device(device, tmp_path, monkeypatch):
+    """``--device`` reaches the batched runs of ekd-md and bench_md_stability.py (CUDA case: on
+    the GPU, where the state, generator and members then live)."""
+    import importlib.util
+    from pathlib import Path
+
+    from ekd_lightning.analysis import batched_md
+
+    torch.manual_seed(0)
+    module = PotentialModule({"_target_": ANI, "hidden": {e: [8] for e in ELEMENTS}}, ELEMENTS, SAE, 0.003)
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, checkpoint)
+    devices, run_replicas = [], batched_md.run_replicas
+
+    def recording(*args, **kwargs):
+        devices.append(kwargs.get("device"))  # as given: None would mean the model's own
+        return run_replicas(*args, **kwargs)
+
+    monkeypatch.setattr(batched_md, "run_replicas", recording)
+    common = ["--checkpoints", f"m={checkpoint}", "--molecules", "CH3OH", "--temperatures", "300",
+              "--replicas", "2", "--steps", "8", "--nve-steps", "0", "--device", device]
+    assert md_main([*common, "--engine", "batched", "--out", str(tmp_path / "ekd-md")]) == 0
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_md_stability.py"
+    spec = importlib.util.spec_from_file_location("bench_md_stability", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main([*common, "--reference-steps", "0", "--out", str(tmp_path / "bench")]) == 0
+    assert devices == [device, device]
+    assert (tmp_path / "bench" / "survival.csv").is_file()

@@ -632,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--replicas", type=int, default=8, help="per molecule and temperature "
                         "(--engine batched)")
-    parser.add_argument("--device", default=None, help="--engine batched: torch device of the "
+    parser.add_argument("--device", default="auto", help="--engine batched: torch device of the "
                         "models (default: cuda where visible, else cpu)")
     parser.add_argument("--steps", type=int, default=1000, help="0.5 fs each")
     parser.add_argument("--nve-steps", type=int, default=200)
