@@ -180,22 +180,29 @@ def test_feature_cache_fills_reuses_and_stops_at_its_size(ani1x_file):
     dm = build_datamodule(cfg)
     dm.setup()
     module = build_module(cfg, dm).train()
+    split = dm.datasets["train"]
     batch = next(iter(dm.train_dataloader()))
     expected = module(batch, with_forces=False)[0]
     cache = module.feature_cache
+    assert cache.energies(module.model, batch) is None  # not filled: the usual path
+    rng = torch.get_rng_state()
+    cache.fill(module.model, split, dm.batch_size)
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's random stream is untouched
+    assert len(cache.rows) == len(split) and cache.nbytes > 0 and not cache.full
     first = cache.energies(module.model, batch)
-    assert len(cache.rows) == batch.num_graphs and cache.nbytes > 0 and not cache.full
-    assert torch.equal(first, expected)
-    assert torch.equal(cache.energies(module.model, batch), expected)  # from the held features
+    torch.testing.assert_close(first, expected, rtol=0, atol=1e-9)  # to float32 rounding
     loss, _, forces = module.loss(batch, create_graph=True)  # the training loss takes this path
-    assert forces is None and torch.equal(loss, module.loss_terms["energy"](expected, None, batch))
-    batch_bytes = sum(rows.nbytes for rows in cache.rows.values())
-    small = FeatureCache(max_bytes=batch_bytes // 2)
-    small.SLAB_BYTES = batch_bytes // 8
-    assert torch.equal(small.energies(module.model, batch), expected)
-    assert small.full and 0 < len(small.rows) < batch.num_graphs
-    assert small.energies(module.model, batch) is None  # full: left to the usual path
-    assert small.nbytes <= batch_bytes // 2
+    assert forces is None and torch.equal(loss, module.loss_terms["energy"](first, None, batch))
+    split_bytes = sum(rows.nbytes for rows in cache.rows.values())
+    small = FeatureCache(max_bytes=split_bytes // 2)
+    small.SLAB_BYTES = split_bytes // 8
+    small.fill(module.model, split, dm.batch_size)
+    assert small.full and 0 < len(small.rows) < len(split) and small.nbytes <= split_bytes // 2
+    held = {key: rows.clone() for key, rows in small.rows.items()}  # the first ones, in order
+    assert all(key in cache.rows and torch.equal(rows, cache.rows[key]) for key, rows in held.items())
+    missing = next(i for i in range(len(split)) if tuple(split[i].mol.tolist() + split[i].conf.tolist())
+                   not in small.rows)
+    assert small.energies(module.model, split.__getitems__([missing])) is None  # full: usual path
     module.on_fit_end()  # the memory is handed back after training
     assert not cache.rows and not cache.slabs
 

@@ -56,6 +56,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..core.errors import DataError, EKDError
+from ..core.outputs import OutputError, check_writable, is_write_error, os_error_message, share
 from ..core.units import HARTREE_TO_KCALMOL as KCAL
 from ..data.packed import records_loader
 from ..data.readers import MoleculeRecord, read_molecules
@@ -305,7 +306,7 @@ def _write_atomic(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -479,15 +480,33 @@ def evaluate_records(
     predictions = {name: predict(m, records, batch_size, _cache=cache) for name, m in models.items()}
     rows = [row for name, p in predictions.items() for row in metric_rows(name, p, records)]
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        write_csv_atomic(rows, out_dir / "metrics.csv", (*ROW_COLUMNS, *SHIFTED_COLUMNS))
-        write_json_atomic(json_safe({**(about or {}), "rows": rows}), out_dir / "metrics.json")
-        if plots:
-            plot_energy_parity(predictions, records, out_dir / "energy_parity.png", roles)
-            if all(r.forces is not None for r in records):
-                plot_force_errors(predictions, records, out_dir / "force_errors.png", roles)
-                plot_force_parity(predictions, records, out_dir / "force_parity.png", roles)
+        try:
+            _write_results(rows, predictions, records, Path(out_dir), plots, about, roles)
+        except OSError as exc:
+            if not is_write_error(exc):
+                raise
+            raise UnwrittenResults(os_error_message(exc), rows) from exc
     return rows
+
+
+class UnwrittenResults(OutputError):
+    """Writing the results failed (disk full, ...) after they were computed: ``rows`` holds
+    them, so that the command still prints them."""
+
+    def __init__(self, message: str, rows: list[dict]):
+        super().__init__(message)
+        self.rows = rows
+
+
+def _write_results(rows, predictions, records, out_dir: Path, plots: bool, about, roles) -> None:
+    """metrics.csv, metrics.json and the plots of :func:`evaluate_records` (atomic writes)."""
+    write_csv_atomic(rows, out_dir / "metrics.csv", (*ROW_COLUMNS, *SHIFTED_COLUMNS))
+    write_json_atomic(json_safe({**(about or {}), "rows": rows}), out_dir / "metrics.json")
+    if plots:
+        plot_energy_parity(predictions, records, out_dir / "energy_parity.png", roles)
+        if all(r.forces is not None for r in records):
+            plot_force_errors(predictions, records, out_dir / "force_errors.png", roles)
+            plot_force_parity(predictions, records, out_dir / "force_parity.png", roles)
 
 
 # --------------------------------------------------------------------------- label quality
@@ -591,6 +610,10 @@ def load_named_models(checkpoints: Sequence[str], ensembles: Sequence[str] = ())
     return loaded
 
 
+RESULTS_BYTES = 1 << 20
+"""Free space asked for metrics.csv and metrics.json (MiB); four times as much with plots."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ekd_lightning.evaluate",
@@ -622,6 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     force_key = None if args.force_key.lower() == "none" else args.force_key
     try:
+        if args.out:  # a read-only or full folder is found before the work, not after it
+            check_writable(args.out, RESULTS_BYTES * (4 if not args.no_plots else 1), "results")
         models = load_named_models(args.checkpoints, args.ensemble)
         gradients = None if args.forces_are_gradients is None else args.forces_are_gradients == "true"
         data = args.data[0] if len(args.data) == 1 else args.data
@@ -643,8 +668,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_table(flat))
             if args.out:
                 write_json_atomic(json_safe(quality), Path(args.out) / "label_quality.json")
+    except UnwrittenResults as exc:  # computed but not written: the table is not lost
+        print(format_table(exc.rows, BENCHMARK_COLUMNS))
+        print(f"error: {exc} (the results are printed above)", file=sys.stderr)
+        return 2
     except (EKDError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if not is_write_error(exc):
+            raise
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -59,7 +59,7 @@ from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
 from ..core.errors import DataError, EKDError
-from ..inference.calculator import EKDCalculator, torch_threads
+from ..inference.calculator import EKDCalculator, check_structure, torch_threads
 from ..task.checkpoint import file_sha256
 from ..train.training import write_json_atomic
 from .evaluate import format_table, json_safe, parse_named
@@ -336,6 +336,7 @@ def maxwell_boltzmann(atoms: Atoms, temperature_K: float, rng) -> None:
 def prepare_md(atoms: Atoms, calculator: Calculator, temperature_K: float, rng) -> Atoms:
     """A fresh copy of ``atoms`` on ``calculator``, Maxwell-Boltzmann velocities drawn with
     ``rng`` (a numpy Generator), no net translation or rotation."""
+    check_structure(atoms, f"starting structure {atoms.get_chemical_formula()}")
     atoms = Atoms(numbers=atoms.numbers, positions=atoms.positions)
     atoms.calc = calculator
     maxwell_boltzmann(atoms, temperature_K, rng)

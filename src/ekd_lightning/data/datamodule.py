@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from ..core.errors import DataError
-from ..core.units import symbol_to_number
+from ..core.units import implausible_unit, symbol_to_number
 from .packed import PackedConformations, PackedSplit
 from .readers import MoleculeRecord, read_molecules
 
@@ -186,6 +186,8 @@ class EKDDataModule(pl.LightningDataModule):
         self.self_energies, self.energy_scale = fit_self_energies(
             self.records, self.splits["train"], self.elements
         )
+        if (unit := implausible_unit(self.elements, self.self_energies)) is not None:
+            log.warning("%s: '%s': %s", self.path, self.energy_key, unit)
         labels = self._read_labels()
         records, weights, extra = self.records, None, self._read_extra(labels)
         if extra is not None:

@@ -41,6 +41,7 @@ import h5py
 import numpy as np
 
 from ..core.errors import DataError, LabelMismatchError
+from ..core.outputs import share
 from .readers import MoleculeRecord, open_h5
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
         fd, tmp = tempfile.mkstemp(prefix=f".{entry.name}.", dir=entry.parent)
         with os.fdopen(fd, "w") as handle:
             json.dump({**key, "sha256": digest}, handle)
+        share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
         os.replace(tmp, entry)
     except OSError as exc:  # a read-only home: hash again next run, but work
         log.warning("cannot record the SHA-256 of %s in %s: %s", path, entry.parent, exc)
@@ -296,6 +298,7 @@ def write_labels(
             unwritten = [key for key, done in written.items() if not done.all()]
             if unwritten:
                 raise ValueError(f"{path}: rows of groups {unwritten[:5]} were never written")
+        share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -103,6 +103,8 @@ class ReadReport:
 def open_h5(path: str | Path) -> h5py.File:
     """Open an HDF5 file read-only; DataError if it is missing, not HDF5, or unreadable."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not an HDF5 file: name the .h5 file itself")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
@@ -229,6 +231,19 @@ def _check_geometry(path: Path, group: h5py.Group, coordinates: np.ndarray) -> N
                 f"{path}: group '{group.name}' conformation {lo + c}: atoms {i[p]} and {j[p]} are "
                 f"{np.sqrt(squared[c, p]):.3f} Å apart (below {MIN_DISTANCE} Å: duplicated atom?)"
             )
+
+
+def closest_pair(positions: np.ndarray) -> tuple[int, int, float] | None:
+    """The first pair of atoms (i, j, distance Å) of one structure (positions (n_atoms, 3) Å)
+    closer than :data:`MIN_DISTANCE`, the distance below which training refuses a
+    conformation; None if there is none."""
+    positions = np.asarray(positions, dtype=np.float64)
+    if len(positions) < 2:
+        return None
+    i, j = np.triu_indices(len(positions), k=1)
+    squared = ((positions[i] - positions[j]) ** 2).sum(-1)
+    p = int(np.argmin(squared))
+    return (int(i[p]), int(j[p]), float(np.sqrt(squared[p]))) if squared[p] < MIN_DISTANCE**2 else None
 
 
 _MOLECULE_KEYS = ("coordinates", "species", "atomic_numbers")

@@ -45,6 +45,7 @@ import h5py
 import numpy as np
 
 from ..core.errors import DataError, LabelMismatchError
+from ..core.outputs import share
 from ..core.units import HARTREE_TO_KCALMOL as KCAL
 from ..data.labels import UNITS, cached_sha256
 from ..data.readers import MoleculeRecord, open_h5
@@ -310,6 +311,7 @@ def _write(out: Path, made, labels: Mapping[str, np.ndarray], metadata: Mapping)
                 for name in ("forces", "forces_std"):
                     group[name] = labels[name][atoms].reshape(n, n_atoms, 3).astype(np.float32)
                 conf, atom = conf + n, atom + n * n_atoms
+        share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

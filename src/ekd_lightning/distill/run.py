@@ -45,9 +45,11 @@ from torch.utils.data import DataLoader
 
 from .. import __version__
 from ..core.errors import DataError, LabelMismatchError
+from ..core.outputs import check_writable, exclusive, launched_rank_zero, share
 from ..data.labels import COMPACT_VERSION, cached_sha256, read_label_metadata, write_labels
 from ..data.packed import PackedConformations, PackedSplit
 from ..data.readers import MoleculeRecord, detect_format, open_h5, read_molecules
+from ..inference.calculator import torch_threads
 from ..inference.teachers import TeacherSource, load_teachers, resolve_teachers, teacher_identities
 from .ensemble import TeacherEnsemble
 
@@ -310,6 +312,7 @@ def _atomic_json(obj, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w") as handle:
         json.dump(obj, handle, indent=2)
+    share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
     os.replace(tmp, path)
 
 
@@ -366,6 +369,7 @@ def write_shard(job: DistillJob, chunk: int, arrays: Mapping[str, np.ndarray], r
             for name, value in arrays.items():
                 f.create_dataset(name, data=value)
             f.attrs.update({"fingerprint": job.fingerprint, "chunk": chunk, "rank": rank})
+        share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -456,7 +460,12 @@ class DistillModule(pl.LightningModule):
         self.ensemble = ensemble
 
     def predict_step(self, batch, batch_idx):
-        energies, forces = self.ensemble(batch.z, batch.pos, batch.batch, batch.num_graphs)
+        """On CPU on one thread: a reduction split over threads sums in another order, and the
+        float32 forces would differ in their last bit with the thread count; on one thread
+        the label file is the same bytes on any number of cores (measured:
+        ``docs/reproducibility.md``)."""
+        with torch_threads(1 if self.device.type == "cpu" else None):
+            energies, forces = self.ensemble(batch.z, batch.pos, batch.batch, batch.num_graphs)
         return summarize(batch.gidx, batch.batch, energies, forces)
 
 
@@ -538,10 +547,27 @@ def distill_labels(job: DistillJob, trainer: Mapping | None = None) -> Path:
     Returns:
         ``job.out``, which every process can read once this returns.
     """
-    if output_is_current(job):
-        log.info("%s already holds these labels", job.out)
-        return job.out
+    with exclusive(job.out.with_name(job.out.name + ".lock"), f"{job.out} (a label file)"):
+        if output_is_current(job):
+            log.info("%s already holds these labels", job.out)
+            return job.out
+        return _label(job, trainer)
+
+
+def label_bytes(job: DistillJob) -> int:
+    """About the bytes the labelling writes at its peak: the shards and the merged file, each
+    float32 forces (mean, std, one per teacher) and float64 energies."""
+    n_teachers = len(job.sources)
+    atoms = sum(len(r.atomic_numbers) * r.num_conformations for r in job.records)
+    one = atoms * 3 * 4 * (2 + n_teachers) + job.n_conformations * 8 * (3 + n_teachers)
+    return 2 * one
+
+
+def _label(job: DistillJob, trainer: Mapping | None) -> Path:
+    """The labelling of :func:`distill_labels`, inside its lock."""
     check_shards(job)
+    if launched_rank_zero():
+        check_writable(job.out.parent, label_bytes(job), f"label file {job.out.name}")
     models = load_teachers(job.sources)
     job.teachers = teacher_identities(job.sources, models)
     datamodule = DistillDataModule(job)

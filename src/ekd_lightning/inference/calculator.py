@@ -21,12 +21,27 @@ from pathlib import Path
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
+from ..core.errors import DataError
 from ..core.units import HARTREE_TO_EV
 from ..models.base import energy_and_forces
 from ..models.neighbors import periodic_pairs
 
 
 @contextlib.contextmanager
+def check_structure(atoms, where: str = "EKDCalculator") -> None:
+    """DataError when two atoms of ``atoms`` are closer than the distance below which training
+    refuses a conformation (:data:`~ekd_lightning.data.readers.MIN_DISTANCE`, 0.1 Å): the
+    model's energy and forces there are meaningless (e.g. 3e7 eV/Å for an H on an O)."""
+    from ..data.readers import MIN_DISTANCE, closest_pair
+
+    if (pair := closest_pair(atoms.positions)) is not None:
+        i, j, distance = pair
+        symbols = atoms.get_chemical_symbols()
+        raise DataError(
+            f"{where}: atoms {i} ({symbols[i]}) and {j} ({symbols[j]}) are {distance:.3f} Å apart "
+            f"(below {MIN_DISTANCE} Å: a duplicated atom?); fix the geometry")
+
+
 def torch_threads(n: int | None):
     """Temporarily run torch on ``n`` threads (None: leave as is). One thread is fastest for a
     single small molecule, and avoids oversubscribing shared cores."""
@@ -122,6 +137,8 @@ class EKDCalculator(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
+        if "numbers" in system_changes:  # a new structure (not a step of a trajectory)
+            check_structure(self.atoms)
         z = torch.as_tensor(self.atoms.numbers, dtype=torch.long, device=self.device)
         pos = torch.tensor(self.atoms.positions, dtype=self.dtype, device=self.device)
         batch = torch.zeros(len(z), dtype=torch.long, device=self.device)

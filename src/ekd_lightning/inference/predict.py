@@ -24,7 +24,9 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..core.errors import DataError, EKDError
+from ..core.outputs import check_writable, is_write_error, os_error_message, refuse_overwrite
 from ..core.units import HARTREE_TO_EV
+from .calculator import check_structure
 
 
 def read_structures(path: str | Path, index: str = ":", fmt: str | None = None) -> list[Atoms]:
@@ -61,6 +63,7 @@ def predict_structures(calculator, frames: Sequence[Atoms], source: str = "input
                 f"{source}: structure {k} ({atoms.get_chemical_formula()}) has element(s) {unknown} "
                 f"that the model does not know (it knows {known}); remove those structures or "
                 "use a model trained on them")
+        check_structure(atoms, f"{source}: structure {k} ({atoms.get_chemical_formula()})")
         result = atoms.copy()
         result.calc = calculator
         try:
@@ -117,18 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-format", help="ASE format of the output (default: by extension)")
     parser.add_argument("--index", default=":", help="which frames (ASE index, default all)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        refuse_overwrite(args.out, args.force)
+        check_writable(Path(args.out).parent, 0, "output")
         frames = read_structures(args.structures, args.index, args.format)
         calculator = load_calculator(args.models, device=args.device)
         results = predict_structures(calculator, frames, args.structures)
         write_structures(results, args.out, args.out_format)
     except EKDError as exc:
         print(f"ekd-predict: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if not is_write_error(exc):
+            raise
+        print(f"ekd-predict: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     spread = ", energy_std (eV), forces_std (eV/Å)" if len(calculator.members) > 1 else ""
     print(f"wrote {len(results)} structure(s) to {args.out}: energy (eV), energy_hartree, "

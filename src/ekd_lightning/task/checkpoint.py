@@ -12,6 +12,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ..core.errors import CheckpointError, ConfigError
+from ..core.outputs import share
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -24,6 +25,7 @@ def atomic_torch_save(obj, path: str | Path) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -39,7 +41,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
-        return safe_load(path, map_location)
+        """The checkpoint to resume from; CheckpointError (naming it, saying to move it away)
+        when it is corrupt, truncated or holds more than data."""
+        return load_checkpoint_data(path, RESUME_FIX.format(path=path), map_location)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -61,26 +65,40 @@ def safe_load(path: str | Path, map_location="cpu"):
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def load_checkpoint_data(path: str | Path, fix: str, map_location="cpu"):
+    """:func:`safe_load`, with every failure a CheckpointError naming ``path`` and ending with
+    ``fix`` (what to do about it). A corrupt or truncated file says so; a pickle naming a class
+    or function outside torch's allow-list is refused as possibly running code (torch's own
+    advice to load it with ``weights_only=False`` is not repeated: that would run it)."""
+    try:
+        return safe_load(path, map_location)
+    except pickle.UnpicklingError as exc:  # torch's message: boilerplate around one finding
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        found = [line.strip() for line in str(exc).splitlines()
+                 if line.strip() and not line.startswith(boilerplate) and "weights_only" not in line]
+        what = found[-1] if found else "unreadable pickle"
+        if "GLOBAL" not in what:  # not a pickle naming a class or function: corrupt
+            raise CheckpointError(f"{path}: cannot read checkpoint (corrupt or truncated?): {what}; {fix}") from exc
+        raise CheckpointError(
+            f"{path}: refused: it holds more than weights and plain data ({what}), which could "
+            f"run code when loaded; {fix}"
+        ) from exc
+    except Exception as exc:  # torch raises many types for a corrupt file
+        what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint (corrupt or truncated?): {what}; {fix}") from exc
+
+
+RESUME_FIX = ("move it away (e.g. mv {path} {path}.bad) to train the run from its start, or give "
+              "this run another run_name=...")
+"""How to proceed when a run's ``last.ckpt`` cannot be resumed from."""
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The raw checkpoint dict; CheckpointError if unreadable or not an ekd-lightning checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        checkpoint = safe_load(path)
-    except pickle.UnpicklingError as exc:  # torch's message: boilerplate around one finding
-        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-        found = [line.strip() for line in str(exc).splitlines()
-                 if line.strip() and not line.startswith(boilerplate)]
-        what = found[-1] if found else "unreadable pickle"
-        if "GLOBAL" not in what:  # not a pickle naming a class or function: corrupt
-            raise CheckpointError(f"{path}: cannot read checkpoint (corrupt or truncated?): {what}") from exc
-        raise CheckpointError(
-            f"{path}: refused: it holds more than weights and plain data ({what}), which could "
-            "run code when loaded; use only checkpoints written by ekd-lightning"
-        ) from exc
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise CheckpointError(f"{path}: cannot read checkpoint (corrupt or truncated?): {exc}") from exc
+    checkpoint = load_checkpoint_data(path, "use only checkpoints written by ekd-lightning")
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
     if not ("model" in hparams or "model_name" in hparams) or "state_dict" not in checkpoint:
         raise CheckpointError(

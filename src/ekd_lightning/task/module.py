@@ -61,13 +61,17 @@ class FeatureCache:
     """Model input features (ANI AEVs) of training conformations, kept across epochs.
 
     In energy-only training (teacher, baseline) positions never change, so each conformation's
-    features are computed once, in the first epoch, and reused: the AEV is about 40% of an
-    ``ani2x`` energy-only step (``benchmarks/README.md``). The energies are the same values as
-    from positions (to float32 rounding). Keyed by conformation (``batch.mol``, ``batch.conf``);
-    rows are packed into slabs of ``SLAB_BYTES`` (large allocations, handed back to the system
-    when :meth:`clear` frees them, where many small ones would stay in the process heap); at
-    most ``max_bytes`` are held, after which batches with a conformation not held are left to
-    the usual path (:meth:`energies` returns None).
+    features are computed once and reused: the AEV is about 40% of an ``ani2x`` energy-only
+    step (``benchmarks/README.md``). :meth:`fill` computes them before the first training epoch
+    of a fit in fixed batches of the training split in stored order (never in the shuffled
+    batches of an epoch), so the held values depend on the data and the batch size only: a run
+    resumed from ``last.ckpt`` holds the same bits as the uninterrupted run, and reaches the
+    same weights. Energies from held features equal those from positions to float32 rounding
+    (an AEV computed within another batch can differ in its last bit). Keyed by conformation
+    (``batch.mol``, ``batch.conf``); rows are packed into slabs of ``SLAB_BYTES`` (large
+    allocations, handed back to the system when :meth:`clear` frees them); at most
+    ``max_bytes`` are held (the first conformations in stored order), after which batches with
+    a conformation not held take the usual path (:meth:`energies` returns None).
     """
 
     SLAB_BYTES = 16 * 2**20
@@ -82,6 +86,7 @@ class FeatureCache:
         self.used = 0  # rows used in the last slab
         self.nbytes = 0  # bytes of the slabs
         self.full = False
+        self.filled = False
 
     def _hold(self, rows: Tensor) -> Tensor | None:
         """A copy of ``rows`` (n, F) in a slab, or None when the cache would outgrow max_bytes."""
@@ -99,25 +104,32 @@ class FeatureCache:
         self.used += n
         return held
 
-    def energies(self, model, batch) -> Tensor | None:
-        """Energies (n_molecules,) Hartree of ``batch`` from held (or now computed) features;
-        None when the cache is full and a conformation of the batch is not held."""
-        keys = list(zip(batch.mol.tolist(), batch.conf.tolist(), strict=True))
-        held = [self.rows.get(key) for key in keys]
-        if all(rows is not None for rows in held):
-            features = torch.cat(held)
-        elif self.full:
-            return None
-        else:
+    def fill(self, model, split, batch_size: int, device: torch.device | str = "cpu") -> None:
+        """Compute and hold the features of ``split`` (a map-style dataset whose
+        ``__getitems__`` returns a batch, :class:`~ekd_lightning.data.packed.PackedSplit`) in
+        batches of ``batch_size`` in stored order, until ``max_bytes`` is reached. Draws no
+        random numbers (no DataLoader), so the run's random stream is unchanged."""
+        self.clear()
+        self.filled = True
+        for lo in range(0, len(split), batch_size):
+            batch = split.__getitems__(range(lo, min(lo + batch_size, len(split)))).to(device)
             features = model.features(batch.z, batch.pos, batch.batch)
             sizes = torch.bincount(batch.batch, minlength=batch.num_graphs).tolist()
+            keys = zip(batch.mol.tolist(), batch.conf.tolist(), strict=True)
             for key, rows in zip(keys, features.split(sizes), strict=True):
-                if key not in self.rows:
-                    copy = self._hold(rows)
-                    if copy is None:
-                        self.full = True
-                        break
-                    self.rows[key] = copy
+                if (copy := self._hold(rows)) is None:
+                    self.full = True
+                    return
+                self.rows[key] = copy
+
+    def energies(self, model, batch) -> Tensor | None:
+        """Energies (n_molecules,) Hartree of ``batch`` from held features; None when a
+        conformation of the batch is not held (not filled yet, or the cache is full)."""
+        keys = zip(batch.mol.tolist(), batch.conf.tolist(), strict=True)
+        held = [self.rows.get(key) for key in keys]
+        if not held or any(rows is None for rows in held):
+            return None
+        features = torch.cat(held)
         return model.energies_from_features(batch.z, features, batch.batch, batch.num_graphs)
 
 
@@ -276,6 +288,19 @@ class PotentialModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.feature_cache is not None:  # features of another fit's data are not reused
             self.feature_cache.clear()
+
+    def on_train_epoch_start(self) -> None:
+        """Fill the feature cache (once per fit, :meth:`FeatureCache.fill`) before the first
+        epoch that trains on energies alone, from the training loader's dataset."""
+        cache = self.feature_cache
+        if cache is None or cache.filled or self.needs_forces(self.term_weights()):
+            return
+        loader = self.trainer.train_dataloader
+        split = getattr(loader, "dataset", None)
+        if split is None or not hasattr(split, "__getitems__") or not loader.batch_size:
+            cache.filled = True  # not a packed split: every batch takes the usual path
+            return
+        cache.fill(self.model, split, loader.batch_size, self.device)
 
     def on_fit_end(self) -> None:
         if self.feature_cache is not None:  # the memory goes back before testing, or the next job

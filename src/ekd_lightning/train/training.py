@@ -14,12 +14,12 @@ from importlib import metadata
 from pathlib import Path
 
 import pytorch_lightning as pl
-from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from .. import __version__
 from ..core.errors import ConfigError
+from ..core.outputs import exclusive, share
 from ..data import EKDDataModule
 from ..data.labels import cached_sha256
 from ..distill import labels_for_training
@@ -50,7 +50,38 @@ def write_json_atomic(obj, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as handle:
         json.dump(obj, handle, indent=2, default=str)
+    share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
     os.replace(tmp, path)
+
+
+POSITIVE_SETTINGS = {
+    "data.batch_size": ("a positive whole number of conformations per batch", 64, int, 1, None),
+    "optim.lr": ("a positive learning rate", 1e-3, float, 0.0, None),
+    "optim.weight_decay": ("a weight decay >= 0", 1e-5, float, None, None),
+    "optim.lr_factor": ("a factor between 0 and 1", 0.5, float, 0.0, 1.0),
+    "optim.lr_patience": ("a whole number of epochs >= 0", 5, int, None, None),
+    "trainer.max_epochs": ("a positive whole number of epochs", 10, int, 1, None),
+}
+"""Numeric settings checked before a run starts: ``{key: (what it must be, an example value,
+type, exclusive lower bound or inclusive minimum for int (None: >= 0), exclusive upper bound)}``."""
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """ConfigError (one line: the key, its value, what it must be, an example) for a numeric
+    setting of :data:`POSITIVE_SETTINGS` that cannot train, before any file is read."""
+    import math
+
+    for key, (what, example, kind, low, high) in POSITIVE_SETTINGS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if ok and kind is int:
+            ok = float(value).is_integer() and value >= (low if low is not None else 0)
+        elif ok:
+            ok = (value > low if low is not None else value >= 0) and (high is None or value < high)
+        if not ok:
+            raise ConfigError(f"{key}={value!r}: must be {what}, e.g. {key}={example}")
 
 
 def build_datamodule(cfg: DictConfig) -> EKDDataModule:
@@ -296,37 +327,14 @@ def check_same_run(cfg: DictConfig, run_dir: Path) -> int | None:
     return epochs[0] if epochs else None
 
 
-RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
-"""Environment variables through which a launcher (Lightning's DDP, torchrun, SLURM's srun, a
-simulated node) tells a process its rank."""
-
-
-def launched_rank_zero() -> bool:
-    """False in a process that its launcher started as a non-zero rank (any of RANK_ENV set and
-    not 0): such a process joins the run of rank 0 and must not take the run folder's lock."""
-    return all(os.environ.get(key, "0") in ("", "0") for key in RANK_ENV)
-
-
 @contextmanager
 def run_lock(run_dir: Path):
-    """Hold ``run_dir/.lock`` (filelock: fcntl on POSIX) while a run is trained in ``run_dir``,
-    so that a second job wanting the same run (same folder: same config hash in the pipeline's
-    store) waits for the first and then reuses its ``metrics.json``. Only rank 0 of a
-    distributed run locks; the ranks it launched (RANK_ENV) train inside its lock."""
-    if not launched_rank_zero():
+    """Hold ``run_dir/.lock`` (:func:`~ekd_lightning.outputs.exclusive`) while a run is trained
+    in ``run_dir``, so that a second job wanting the same run (same folder: same config hash in
+    the pipeline's store) waits for the first and then reuses its ``metrics.json``. Only rank 0
+    of a distributed run locks; the ranks it launched train inside its lock."""
+    with exclusive(Path(run_dir) / ".lock", f"{run_dir} (a training run)"):
         yield
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(run_dir / ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("%s: another job is training this run; waiting for it", run_dir)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=(),
@@ -350,6 +358,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=(),
     the first one's metrics.
     """
     run_dir = Path(run_dir)
+    check_settings(cfg)
     with run_lock(run_dir):
         if cfg.get("resume", True) and (done := finished_metrics(cfg, run_dir)) is not None:
             log.info("%s already finished with this config (metrics.json): skipping", run_dir)

@@ -1,0 +1,140 @@
+"""Where the commands write: checked before the work, created with the user's umask, and an
+operating-system failure while writing turned into a one-line error.
+
+- :func:`check_writable`: a folder can be created and written, with enough free space, before
+  any computing starts (a read-only or full disk is found in seconds, not after an hour).
+- :func:`shared_mode`: the mode a new file gets from the user's umask (``0o644`` under the usual
+  ``022``), as ``open()`` gives; temporary files (``tempfile.mkstemp``: ``0o600``) are set to it
+  before they are renamed into place, so a shared run store can be read by colleagues.
+- :func:`os_error_message`: ``<file>: <what> (<errno name>): <fix>`` for an OSError raised while
+  writing (disk full, read-only file system, permission denied, ...).
+- :func:`refuse_overwrite`: an existing output is replaced only when asked (``--force``).
+- :func:`exclusive`: one process at a time makes a given output (a training run's folder, a
+  label file); a second one waits, then finds the first one's result.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from .errors import EKDError
+
+log = logging.getLogger(__name__)
+
+
+class OutputError(EKDError, OSError):
+    """An output cannot be written: folder not writable, disk (nearly) full, or file exists."""
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def shared_mode() -> int:
+    """The permission bits (e.g. ``0o644``) of a file created now with ``open()``: ``0o666``
+    less the process's umask."""
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def share(path: str | Path) -> None:
+    """Give ``path`` (a temporary file from ``mkstemp``, mode 0600) :func:`shared_mode`."""
+    os.chmod(path, shared_mode())
+
+
+FIXES = {
+    errno.ENOSPC: "free some space or write to another disk",
+    errno.EDQUOT: "free some space (disk quota exceeded) or write to another disk",
+    errno.EROFS: "the file system is read-only: write to another folder",
+    errno.EACCES: "you may not write there: write to another folder",
+    errno.EPERM: "you may not write there: write to another folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: write to another folder",
+    errno.EEXIST: "a file is in the way: move it or write to another folder",
+}
+"""The advice for each errno that a write can fail with."""
+
+
+def os_error_message(exc: OSError, path: str | Path | None = None) -> str:
+    """``<file>: <strerror> (<ERRNO>): <fix>`` on one line for an OSError of a write."""
+    where = exc.filename or path or "output"
+    name = errno.errorcode.get(exc.errno or 0, "OSError")
+    fix = FIXES.get(exc.errno, "check the path and the disk, then run the command again")
+    return f"{where}: {exc.strerror or exc} ({name}): {fix}"
+
+
+def is_write_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an OSError of the kinds in :data:`FIXES` (disk full, read-only, ...),
+    which a command reports as a one-line error."""
+    return isinstance(exc, OSError) and exc.errno in FIXES
+
+
+def check_writable(folder: str | Path, need_bytes: int = 0, what: str = "outputs") -> Path:
+    """Create ``folder`` if needed and write (then remove) a small file in it; OutputError
+    (one line: the folder, why, the fix) if that fails or its disk has less than
+    ``need_bytes`` free. Works for root too (which ignores permission bits but not a read-only
+    or full file system). Returns the folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ekd-write-check."):
+            pass
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        raise OutputError(f"cannot write the {what} into {folder}: {os_error_message(exc, folder)}") from exc
+    if free < need_bytes:
+        raise OutputError(
+            f"{folder}: {free / 2**20:.1f} MiB free, the {what} need about "
+            f"{need_bytes / 2**20:.1f} MiB: {FIXES[errno.ENOSPC]}")
+    return folder
+
+
+def refuse_overwrite(path: str | Path, force: bool, flag: str = "--force") -> None:
+    """OutputError if ``path`` exists and ``force`` is not set."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputError(f"{path} already exists: pass {flag} to replace it, or choose another --out")
+
+
+RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+"""Environment variables through which a launcher (Lightning's DDP, torchrun, SLURM's srun, a
+simulated node) tells a process its rank."""
+
+
+def launched_rank_zero() -> bool:
+    """False in a process that its launcher started as a non-zero rank (any of RANK_ENV set and
+    not 0): such a process joins the work of rank 0 and must not take its lock."""
+    return all(os.environ.get(key, "0") in ("", "0") for key in RANK_ENV)
+
+
+@contextmanager
+def exclusive(lock_path: str | Path, what: str) -> Iterator[None]:
+    """Hold ``lock_path`` (filelock: fcntl on POSIX, released if the process dies) while
+    ``what`` is made; a second process asking for it logs that it waits, and waits. Only rank 0
+    of a distributed job locks (:func:`launched_rank_zero`); the ranks it launched work inside
+    its lock."""
+    if not launched_rank_zero():
+        yield
+        return
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s: another process is making it; waiting for it", what)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
