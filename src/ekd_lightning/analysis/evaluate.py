@@ -308,8 +308,10 @@ def _write_atomic(path: Path, write) -> None:
             write(handle)
         share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:  # disk full, ...: the previous file stays as it was
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file
+            exc.filename = str(path)
         raise
 
 

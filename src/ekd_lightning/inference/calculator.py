@@ -27,7 +27,6 @@ from ..models.base import energy_and_forces
 from ..models.neighbors import periodic_pairs
 
 
-@contextlib.contextmanager
 def check_structure(atoms, where: str = "EKDCalculator") -> None:
     """DataError when two atoms of ``atoms`` are closer than the distance below which training
     refuses a conformation (:data:`~ekd_lightning.data.readers.MIN_DISTANCE`, 0.1 Å): the
@@ -42,6 +41,7 @@ def check_structure(atoms, where: str = "EKDCalculator") -> None:
             f"(below {MIN_DISTANCE} Å: a duplicated atom?); fix the geometry")
 
 
+@contextlib.contextmanager
 def torch_threads(n: int | None):
     """Temporarily run torch on ``n`` threads (None: leave as is). One thread is fastest for a
     single small molecule, and avoids oversubscribing shared cores."""

@@ -27,8 +27,10 @@ def atomic_torch_save(obj, path: str | Path) -> None:
             os.fsync(handle.fileno())
         share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:  # disk full, ...: the previous file stays as it was
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file
+            exc.filename = str(path)
         raise
 
 

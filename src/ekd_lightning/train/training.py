@@ -19,7 +19,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from .. import __version__
 from ..core.errors import ConfigError
-from ..core.outputs import exclusive, share
+from ..core.outputs import check_writable, exclusive, share
 from ..data import EKDDataModule
 from ..data.labels import cached_sha256
 from ..distill import labels_for_training
@@ -48,10 +48,16 @@ def write_json_atomic(obj, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(obj, handle, indent=2, default=str)
-    share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(obj, handle, indent=2, default=str)
+        share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
+        os.replace(tmp, path)
+    except BaseException as exc:  # disk full, ...: the previous file stays as it was
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file
+            exc.filename = str(path)
+        raise
 
 
 POSITIVE_SETTINGS = {
@@ -366,6 +372,14 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=(),
         return _fit(cfg, run_dir, callbacks, command)
 
 
+def checkpoint_bytes(module: PotentialModule) -> int:
+    """About the free space a run needs before its first epoch: ``best.ckpt`` and ``last.ckpt``
+    (weights and AdamW's two moments each) and the temporary copy of one while it is replaced,
+    plus 1 MiB for the JSON files and the log."""
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    return 3 * 3 * weights + 2**20
+
+
 def snapshot_checkpoints(cfg: DictConfig, checkpoint_dir: Path) -> list[ModelCheckpoint]:
     """With ``optim.lr_cycle_epochs`` (cyclic cosine LR, absent by default), a checkpoint at
     the end of every cycle, ``snapshot-<epoch>.ckpt`` (0-based epoch: ``snapshot-049.ckpt``
@@ -393,6 +407,7 @@ def _fit(cfg: DictConfig, run_dir: Path, callbacks, command: str | None) -> dict
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
+    check_writable(run_dir, checkpoint_bytes(module), "checkpoints and metrics")
     history = TrainingHistory(run_dir / "history.json")
     checkpoint_dir = run_dir / "checkpoints"
     checkpointing = ModelCheckpoint(
