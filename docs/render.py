@@ -91,12 +91,15 @@ def run_names(report: dict, role: str) -> list[str]:
     return sorted(names, key=lambda n: (runs[n].get("seed") or 0, n))
 
 
-def epochs(report: dict, model: str) -> str:
+def epochs(report: dict, model: str, each: bool = False) -> str:
     """The epochs of the runs behind a row: every seed of a seeded role, the range over the
-    teachers for the ensemble, a listed ``members`` group, or the run itself."""
+    teachers for the ensemble (``each``: every teacher's), a listed ``members`` group, or the
+    run itself."""
     training = report.get("training") or {}
     if model in SEEDED:
         names = run_names(report, model)
+    elif model == "ensemble" and each:
+        names = run_names(report, "teacher")
     elif model == "ensemble":
         found = [training[n]["epochs"] for n in run_names(report, "teacher")
                  if training.get(n, {}).get("epochs") is not None]
@@ -171,7 +174,14 @@ def cell(column: str, row: dict) -> str:
     if "@" in column:
         model, column = column.split("@", 1)
     if column == "epochs":
-        return epochs(report, model)
+        return epochs(report, model, each=row.get("epochs_each", False))
+    if column.startswith("vs_baseline."):  # the row's change against its baseline row
+        split, key = column[len("vs_baseline."):].split(".", 1)
+        base = row.get("baseline") or {"report": row["report"], "model": "baseline"}
+        mine, ref = find(report, split, model), find(load(base["report"]), split, base["model"])
+        if model == base["model"] or not mine or not ref or mine.get(key) is None:
+            return "—"
+        return f"{mine[key] / ref[key] - 1:+.0%}".replace("-", "−")
     if column.startswith("md."):
         return md_cell(report, model, column[3:])
     split, key = column.split(".", 1)
