@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
@@ -126,12 +125,15 @@ def md_cell(report: dict, model: str, temperature: str) -> str:
     return "—"
 
 
+SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
 def p_value(p) -> str:
     if p is None:
         return "—"
-    if p < 1e-3:
+    if p < 1e-3:  # 1.1 × 10⁻⁴
         mantissa, exponent = f"{p:.1e}".split("e")
-        return f"{mantissa}e{int(exponent)}"
+        return f"{mantissa} × 10" + str(int(exponent)).translate(SUPERSCRIPT)
     return f"{p:.2g}"
 
 
@@ -155,6 +157,10 @@ def survival_row(data: dict, model: str, temperature: str) -> dict | None:
 
 def signed(value: float) -> str:
     return "0" if value == 0 else f"{value:+.2f}".replace("-", "−")
+
+
+def bound(value: float) -> str:
+    return f"{value:.2f}".replace("-", "−")
 
 
 # ----------------------------------------------------------------------------- tables
@@ -194,7 +200,7 @@ def bold_cells(row: dict, columns: list[str], cells: list[str]) -> list[str]:
         return cells
     report = load(row["report"])
     out = []
-    for column, text in zip(columns, cells):
+    for column, text in zip(columns, cells, strict=True):
         parts = column.split(".", 1)
         if len(parts) == 2 and parts[0] in ("heldout", "test") and "@" not in column:
             mine, base = find(report, parts[0], "student"), find(report, parts[0], "baseline")
@@ -240,8 +246,8 @@ def survival_table(spec: dict) -> str:
         elif mine.get("difference_low") is None:
             row.append(signed(diff))
         else:
-            row.append(f"{signed(diff)} [{signed(mine['difference_low'])}, "
-                       f"{signed(mine['difference_high'])}]")
+            row.append(f"{signed(diff)} [{bound(mine['difference_low'])}, "
+                       f"{bound(mine['difference_high'])}]")
         row.append(p_value(mine.get("p_logrank")))
         if temperature == "all":
             row += ["", ""]
@@ -252,6 +258,37 @@ def survival_table(spec: dict) -> str:
     return "\n".join(lines)
 
 
+def survival_models_table(spec: dict) -> str:
+    """A benchmark's survival, one row per model: survival per temperature, the log-rank p
+    against the reference (at the hottest temperature / all), against a second model
+    (``versus``, from the record's ``comparisons``) and the h(r) error per temperature."""
+    data = load(spec["data"])
+    temps = spec["temperatures"]
+    hottest = temps[-1]
+    headers = [t.replace("K", " K") for t in temps] + [
+        f"log-rank p vs baseline ({hottest.replace('K', ' K')} / all T)", spec["versus_header"],
+        "h(r) error " + " / ".join(t.replace("K", "") for t in temps) + " K"]
+    lines = ["| " + " | ".join([spec["corner"], *headers]) + " |", "|" + "---|" * (len(headers) + 1)]
+    for entry in spec["rows"]:
+        model = entry["model"]
+        rows = [survival_row(data, model, t) for t in temps]
+        cells = [survival(r, counts=False) for r in rows]
+        if model == spec["reference"]:
+            cells.append("")
+        else:
+            every = survival_row(data, model, "all") or {}
+            cells.append(f"{p_value(rows[-1].get('p_logrank'))} / {p_value(every.get('p_logrank'))}")
+        pair = next((c for c in data.get("comparisons", []) if c["model"] == model
+                     and c["reference"] == spec["versus"]
+                     and c["temperature"] == spec["versus_temperature"]), None)
+        cells.append(f"{signed(pair['difference'])} [{bound(pair['difference_low'])}, "
+                     f"{bound(pair['difference_high'])}], p = {p_value(pair['p_logrank'])}"
+                     if pair else "")
+        cells.append(" / ".join(f"{r['hr_error']:.3f}" for r in rows))
+        lines.append("| " + " | ".join([entry["label"], *cells]) + " |")
+    return "\n".join(lines)
+
+
 def literal_table(spec: dict) -> str:
     """A benchmark's own table, recorded as it printed it (``header``, ``rows``)."""
     lines = ["| " + " | ".join(spec["header"]) + " |", "|" + "---|" * len(spec["header"])]
@@ -259,7 +296,8 @@ def literal_table(spec: dict) -> str:
     return "\n".join(lines)
 
 
-KINDS = {"report": report_table, "survival": survival_table, "literal": literal_table}
+KINDS = {"report": report_table, "survival": survival_table,
+         "survival_models": survival_models_table, "literal": literal_table}
 
 
 def render_spec(path: str) -> str:
@@ -290,7 +328,7 @@ def report_command(path: str) -> str:
     report = json.loads(Path(path).read_text())
     columns = ["epochs", "heldout.force_mae", "heldout.energy_mae", "test.force_mae",
                "test.de_mae", "test.energy_mae"]
-    if any(f"survival_1000K" in r for r in report.get("md") or []):
+    if any("survival_1000K" in r for r in report.get("md") or []):
         columns.append("md.1000K")
     return report_table({"corner": report.get("convergence", "model").split(":")[0],
                          "columns": columns, "headers": {"md.1000K": "MD intact at 1000 K"},
