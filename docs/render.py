@@ -10,8 +10,8 @@ The path (relative to ``docs/``) names a table spec: which rows (a report, ``sum
 pipeline's schema, and a model in it) and which columns. The figures come only from the
 reports: ``docs/results/<name>/summary.json`` (what ``ekd-train experiment=ekd`` writes to
 ``runs/<run>/report/summary.json``) and ``docs/results/md/*.json`` (survival rows of
-``ekd_lightning.batched_md.survival_table``, as ``benchmarks/bench_md_stability.py`` computes
-them).
+``ekd_lightning.analysis.batched_md.survival_table``, as ``benchmarks/bench_md_stability.py``
+computes them).
 
 Commands::
 
@@ -45,7 +45,7 @@ HEADERS = {
     "test.de_mae": "test-set ΔE MAE",
 }
 SEEDED = ("baseline", "student", "oracle")
-"""Roles summarised over seeds in a pipeline report (``ekd_lightning.pipeline.SEEDED``)."""
+"""Roles summarised over seeds in a pipeline report (``ekd_lightning.workflow.pipeline.SEEDED``)."""
 
 
 def load(path: str | Path) -> dict:

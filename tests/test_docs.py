@@ -72,8 +72,8 @@ def test_renderer_reads_the_report_the_pipeline_writes(tmp_path):
     """``python docs/render.py report summary.json`` on a report written by the pipeline's own
     ``write_report``: each role's figures (mean ± std over seeds) and epochs land in its row.
     Mutation caught: a renderer reading keys the pipeline does not write."""
-    from ekd_lightning.evaluate import ALL
-    from ekd_lightning.pipeline import RunSpec, write_report
+    from ekd_lightning.analysis.evaluate import ALL
+    from ekd_lightning.workflow.pipeline import RunSpec, write_report
 
     cfg = OmegaConf.create({"run_name": "fresh", "pipeline": {"seeds": [0, 1], "heldout_split": "test",
                                                             "max_epochs": 9}})
