@@ -172,9 +172,10 @@ def cell(column: str, row: dict) -> str:
         return column
     if " / " in column:
         return " / ".join(cell(part, row) for part in column.split(" / "))
-    if column.startswith("survival."):  # a benchmark's survival rows: survival.<file>:<model>:<T>
-        path, name, temperature = column[len("survival."):].split(":")
-        return survival(survival_row(load(path), name, temperature), counts=False)
+    if column.startswith(("survival.", "survival_n.")):  # a benchmark's survival rows:
+        kind, spec = column.split(".", 1)               # survival[_n].<file>:<model>:<T>
+        path, name, temperature = spec.split(":")       # (_n: with the count intact/n)
+        return survival(survival_row(load(path), name, temperature), counts=kind == "survival_n")
     report = load(row["report"])
     model = row["model"]
     if "@" in column:
