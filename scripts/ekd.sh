@@ -4,7 +4,7 @@
 # on held-out conformations and the COMP6-like test set -> MD stability -> report.
 # The best recipe measured that fits 15 minutes on 2 CPU cores (824-843 s in fresh clones): the
 # default four ANI teachers and two small equivariant ViSNets (conf/ensemble/ani_visnet.yaml),
-# every model under the one stopping rule with a cap of 30 epochs (README, "Budget-matched").
+# every model under the one stopping rule with a cap of 30 epochs (docs/results.md, "Budget-matched").
 # The report is runs/ekd/report/summary.md; extra arguments are Hydra overrides and win over
 # these, e.g. the plain experiment=ekd (four ANI teachers, cap 40, about 11 minutes):
 #   bash scripts/ekd.sh ensemble@pipeline.teachers=ekd pipeline.max_epochs=40

@@ -1,4 +1,4 @@
-"""The README's "Add a model" example (one module file and one YAML file, nothing else) trains
+"""The "Add a model" example of docs/add-a-model.md (one module file and one YAML file, nothing else) trains
 with ``train.py`` and its checkpoint loads from the file alone; callbacks and loss terms are
 YAML entries too."""
 
@@ -28,9 +28,9 @@ TINY = ["data.energy_key=emt.energy", "data.force_key=emt.forces", "data.batch_s
 
 
 def readme_block(language: str, first_line: str) -> str:
-    """The README's fenced ``language`` block that starts with ``first_line``."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(rf"```{language}\n(.*?)```", readme, flags=re.S)
+    """The fenced ``language`` block of docs/add-a-model.md that starts with ``first_line``."""
+    page = (ROOT / "docs" / "add-a-model.md").read_text()
+    blocks = re.findall(rf"```{language}\n(.*?)```", page, flags=re.S)
     (block,) = [b for b in blocks if b.startswith(first_line + "\n")]
     return block
 
@@ -44,7 +44,7 @@ def train_py(cwd: Path, *args: str, pythonpath: str = "") -> subprocess.Complete
 
 def test_readme_model_example_trains_and_loads_from_its_checkpoint(ani1x_file, tmp_path,
                                                                    monkeypatch):
-    """Mutation caught: a README example that does not run (a wrong ``_target_``, an
+    """Mutation caught: a docs example that does not run (a wrong ``_target_``, an
     ``atomic_contributions`` that fails) or a checkpoint that cannot rebuild the model."""
     (tmp_path / "my_models.py").write_text(readme_block("python", "# my_models.py"))
     (tmp_path / "my_conf" / "model").mkdir(parents=True)
@@ -58,7 +58,7 @@ def test_readme_model_example_trains_and_loads_from_its_checkpoint(ani1x_file, t
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 1 and 0 < metrics["test/force_mae"] < 1e3
 
-    monkeypatch.syspath_prepend(str(tmp_path))  # the module importable, as the README says
+    monkeypatch.syspath_prepend(str(tmp_path))  # the module importable, as the page says
     module = load_potential(run / "checkpoints" / "best.ckpt")
     assert type(module.model).__name__ == "DistanceMLP" and module.model_name == "distance_mlp"
     atoms = molecule("CH3OH")

@@ -206,7 +206,7 @@ FAKE_SLURM = {  # just enough of SLURM's commands for submitit to submit and pol
 
 @pytest.mark.slow
 def test_documented_slurm_sweep_submits_one_task_per_gpu(tmp_path):
-    """The README's command, against stand-ins for sbatch/srun/sacct that record the batch
+    """The command of docs/clusters.md, against stand-ins for sbatch/srun/sacct that record the batch
     script and report the jobs failed (no cluster here): two array jobs, each 2 nodes x 4 tasks
     x 4 GPUs, with the sweep's overrides."""
     import pickle

@@ -5,7 +5,7 @@ arguments, and ``name`` (``ani2x``, ``ani1x``, ``schnet_small``, ...) names its 
 :func:`instantiate_model` is the one place that builds a model from it. Checkpoints store the
 model config (hparam ``model``), so they rebuild the model alone. Any
 :class:`~ekd_lightning.models.base.AtomisticModel` subclass taking ``elements`` is a model:
-adding one is a module and a YAML file (README, "Add a model").
+adding one is a module and a YAML file (docs/add-a-model.md).
 """
 
 from collections.abc import Mapping, Sequence
