@@ -104,14 +104,14 @@ def loading(args) -> dict:
 
 
 def hash_cost(args) -> dict:
-    from ekd_lightning.task.checkpoint import file_sha256
+    from ekd_lightning.core.hashing import file_sha256
 
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "EKD_HASH_CACHE": cache}
         start = time.perf_counter()
         file_sha256(args.data)
         full_s = time.perf_counter() - start
-        code = ("import time; from ekd_lightning.data.labels import cached_sha256; t = time.perf_counter(); "
+        code = ("import time; from ekd_lightning.core.hashing import cached_sha256; t = time.perf_counter(); "
                 f"cached_sha256({args.data!r}); print(time.perf_counter() - t)")
         timings = [  # in a new process each: the first records the hash, the second reads it back
             float(subprocess.run([sys.executable, "-c", code], check=True, env=env,

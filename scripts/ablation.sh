@@ -9,4 +9,4 @@ source .venv/bin/activate
 variants="${1:-converged,ani2x_only,more_teachers,wide_teachers,wide_more_teachers,diverse_teachers,equivariant_teachers,snapshot_teachers,subsets,mixed,mixed_plus,uncertainty,force_weight,warmup,extra_geometries,hessian}"
 python train.py -m experiment=ekd "+ablation=${variants}" hydra.sweep.dir=runs/ablation \
     'hydra.sweep.subdir=${run_name}'
-python -m ekd_lightning.pipeline ablation runs/ablation --out runs/ablation/ablation.md
+python -m ekd_lightning.workflow.pipeline ablation runs/ablation --out runs/ablation/ablation.md

@@ -35,7 +35,7 @@ def loader_digest(loader) -> dict:
 def write_noisy_labels(path: Path, dataset: Path, energy_key: str, seed: int = 0) -> Path:
     """A deterministic ekd-labels file for ``dataset``: random forces and spreads, every 7th
     conformation of each group unlabelled (NaN), so the student data path drops some."""
-    from ekd_lightning.data.labels import cached_sha256
+    from ekd_lightning.core.hashing import cached_sha256
 
     rng = np.random.default_rng(seed)
     with h5py.File(dataset, "r") as src, h5py.File(path, "w") as out:

@@ -14,7 +14,7 @@ import pytest
 from ase import Atoms
 
 from ekd_lightning import bundled
-from ekd_lightning.bundled import build
+from ekd_lightning.bundled import build, presets
 from ekd_lightning.data import readers
 
 ROOT_ATTRS = {"method", "program", "builder", "preset", "units_energy", "units_length",
@@ -110,8 +110,8 @@ def test_test_set_is_out_of_sample(tiny):
         train = {build.canonical(g.attrs["smiles"]) for g in ftr.values()}
         test = {build.canonical(g.attrs["smiles"]) for g in _comp6_groups(fte)}
     assert train and test and not train & test
-    assert not {build.canonical(s) for s in build.TRAIN_SMILES} & {
-        build.canonical(s) for v in build.TEST_SMILES.values() for s in v}
+    assert not {build.canonical(s) for s in presets.TRAIN_SMILES} & {
+        build.canonical(s) for v in presets.TEST_SMILES.values() for s in v}
 
 
 def _fd_check(numbers, xyz, forces, atom, axis, h=1e-3):
@@ -191,7 +191,7 @@ def test_shipped_default_files():
     assert size < 8 * 2**20
 
 
-def _smiles_of(preset: build.Preset) -> set[str]:
+def _smiles_of(preset: presets.Preset) -> set[str]:
     lists = [preset.train_smiles, preset.dimer_smiles, *preset.test_smiles.values()]
     return {build.canonical(s) for smiles in lists for s in smiles}
 
@@ -200,14 +200,14 @@ def test_second_preset_is_independent_of_the_bundled_data():
     """The ``second`` dataset shares no molecule (train, test or dimer) with the bundled one,
     keeps every training molecule (no formula skipped) and uses its own seeds."""
     pytest.importorskip("rdkit")
-    second = build.PRESETS["second"]
-    assert not _smiles_of(second) & _smiles_of(build.PRESETS["default"])
+    second = presets.PRESETS["second"]
+    assert not _smiles_of(second) & _smiles_of(presets.PRESETS["default"])
     train, test = build.plan_jobs(second, log=lambda m: None)
     assert len(train) == len(second.train_smiles) >= 40
     assert set(second.test_smiles) | {build.DIMER_SUBSET} == SUBSETS and len(test) >= 25
-    assert second.seed("train", "O") != build.PRESETS["default"].seed("train", "O")
+    assert second.seed("train", "O") != presets.PRESETS["default"].seed("train", "O")
     # the shipped default keeps the unsalted seeds its files were built with
-    assert build.PRESETS["default"].seed("train", "O") == build.stable_seed("train", "O")
+    assert presets.PRESETS["default"].seed("train", "O") == presets.stable_seed("train", "O")
 
 
 def test_seed_salt_gives_other_deterministic_samples():
@@ -218,7 +218,7 @@ def test_seed_salt_gives_other_deterministic_samples():
     pytest.importorskip("rdkit")
     import dataclasses
 
-    tiny = build.PRESETS["tiny"]
+    tiny = presets.PRESETS["tiny"]
     salted = dataclasses.replace(tiny, seed_salt="second")
     runs = build.compute([build.Job("train", "H2O", "O", p) for p in (salted, salted, tiny)],
                          workers=1, log=lambda message: None)

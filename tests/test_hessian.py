@@ -14,8 +14,8 @@ import torch
 
 from conftest import write_ani1x_file, write_label_file
 from ekd_lightning.core.errors import ConfigError, DataError
+from ekd_lightning.core.hashing import cached_sha256
 from ekd_lightning.data import EKDDataModule
-from ekd_lightning.data.labels import cached_sha256
 from ekd_lightning.distill import TeacherEnsemble
 from ekd_lightning.distill.hessian import (
     HessianLoss,

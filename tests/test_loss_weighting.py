@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch_geometric.data import Batch
+
 from ekd_lightning.losses import ForceLoss
 from ekd_lightning.units import HARTREE_TO_KCALMOL as KCAL
-from torch_geometric.data import Batch
 
 AGREE, DISAGREE = 2.0, 50.0
 """The teachers' force variance (kcal/mol/Å)² of the two atoms: both above the floor (1.0)."""

@@ -11,7 +11,6 @@ from ase.build import molecule
 from ase.calculators.emt import EMT
 
 from conftest import ANI, SCHNET
-from ekd_lightning.analysis.evaluate import json_safe
 from ekd_lightning.analysis.md import (
     FAILURE_REASONS,
     EKDCalculator,
@@ -25,6 +24,7 @@ from ekd_lightning.analysis.md import (
     stability_table,
     summarize_stability,
 )
+from ekd_lightning.core.files import json_safe
 from ekd_lightning.task.module import PotentialModule
 
 ELEMENTS = ["H", "C", "N", "O"]

@@ -19,7 +19,6 @@ Models are built by :func:`build` alone, at tiny sizes where the config has the 
 
 from pathlib import Path
 
-import ekd_lightning.conf
 import numpy as np
 import pytest
 import torch
@@ -27,6 +26,7 @@ from ase import Atoms
 from ase.build import molecule
 from omegaconf import OmegaConf
 
+import ekd_lightning.conf
 from ekd_lightning.core.errors import DataError
 from ekd_lightning.models import instantiate_model
 from ekd_lightning.models.base import AtomisticModel, energy_and_forces

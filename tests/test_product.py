@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from ekd_lightning.conf import __file__ as conf_init
 from hydra import compose, initialize_config_module
 
 from conftest import ANI
+from ekd_lightning.conf import __file__ as conf_init
 from ekd_lightning.core.errors import CheckpointError
 from ekd_lightning.models import instantiate_model
 from ekd_lightning.models.ani import ANIModel
@@ -27,7 +27,7 @@ from ekd_lightning.task.checkpoint import AtomicCheckpointIO, load_potential
 from ekd_lightning.task.module import PotentialModule
 from ekd_lightning.train.training import config_sha256, register_resolvers, run_training
 from ekd_lightning.workflow.compose import compose_train
-from ekd_lightning.workflow.pipeline import teacher_jobs
+from ekd_lightning.workflow.pipeline import default_teacher_labels, teacher_jobs
 
 MODEL_CONFIGS = sorted(p.stem for p in (Path(conf_init).parent / "model").glob("*.yaml"))
 
@@ -186,7 +186,7 @@ def test_student_without_labels_uses_the_default_teacher_ensemble(tiny_file, tmp
     with caplog.at_level("INFO"), as_under_ekd_train([
             "stage=student", "seed=1", f"data.path={tiny_file}", *TINY, *ONE_TEACHER,
             f"distill.store={store}"]) as student:
-        run_training(student, tmp_path / "student1")
+        run_training(student, tmp_path / "student1", default_labels=default_teacher_labels)
     assert f"teacher 1/1: found in {teacher.parent}" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == stamps
     assert json.loads((tmp_path / "student1" / "run_info.json").read_text())["labels"] == str(labels)

@@ -1,12 +1,11 @@
 """ekd-lightning: ensemble knowledge distillation for machine-learned interatomic potentials."""
 
-__version__ = "0.1.0"
-
 from .core import moved
+from .core.provenance import __version__
 
 moved.install()  # old module paths (ekd_lightning.evaluate, ...) keep working
 
-__all__ = ["EKDCalculator"]
+__all__ = ["EKDCalculator", "__version__"]
 
 
 def __getattr__(name: str):

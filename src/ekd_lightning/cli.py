@@ -52,9 +52,10 @@ def _train_or_pipeline(cfg: DictConfig) -> float:
         report = run_pipeline(cfg, out_dir)
         return report.get("heldout", {}).get("force_gap_closed", float("nan"))
     from .train.training import run_training
+    from .workflow.pipeline import default_teacher_labels
 
     command = train_command([*command_overrides(), f"hydra.run.dir={out_dir}"])
-    metrics = run_training(cfg, out_dir, command=command)
+    metrics = run_training(cfg, out_dir, command=command, default_labels=default_teacher_labels)
     return metrics.get("val/loss", float("nan"))
 
 

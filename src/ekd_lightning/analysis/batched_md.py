@@ -28,12 +28,10 @@ are shared with the ASE path: :mod:`ekd_lightning.analysis.stability`.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +39,15 @@ import torch
 from ase import Atoms, units
 from torch import Tensor
 
-from ..core.units import HARTREE_TO_EV
-from ..inference.calculator import energy_models, torch_threads
-from ..models.base import energy_and_forces
+from ..dynamics.replicas import (
+    Replicas,
+    baoab_step,
+    kinetic_energy,
+    make_replicas,
+    potential,
+)
+from ..inference.calculator import torch_threads
+from ..inference.members import load_members, model_device
 from .md import (
     FU_CRITERIA,
     HR_BIN_A,
@@ -57,156 +61,10 @@ from .md import (
     hr_counts,
     hr_error,
     hr_key,
-    molecule_name,
 )
 
 __all__ = ["FU_CRITERIA", "hr_counts", "hr_error"]  # re-exported: their home is ekd_lightning.md
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- model and state
-def model_device(model, device: str | torch.device | None = None) -> torch.device:
-    """The device MD of ``model`` runs on: ``device`` if given (``"auto"``: CUDA where visible,
-    else the CPU), else the device of the model's parameters (a module or a sequence of them),
-    else (a checkpoint path) the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device is not None:
-        return torch.device(device)
-    items = [model] if isinstance(model, torch.nn.Module) else (
-        list(model) if isinstance(model, Sequence) and not isinstance(model, str) else [])
-    for item in items:
-        if isinstance(item, torch.nn.Module):
-            for parameter in item.parameters():
-                return parameter.device
-    return torch.device("cpu")
-
-
-def load_members(model, dtype: torch.dtype = torch.float64, device: str | torch.device | None = None
-                 ) -> list[torch.nn.Module]:
-    """Private copies of the energy models of a checkpoint path, a PotentialModule, an
-    :class:`~ekd_lightning.models.base.AtomisticModel` or a sequence of them (an ensemble), in
-    ``dtype`` on ``device`` (:func:`model_device`: by default the model's own), in eval mode,
-    without parameter gradients."""
-    device = model_device(model, device)
-    return [copy.deepcopy(m).to(device, dtype).eval().requires_grad_(False)
-            for m in energy_models(model)]
-
-
-def potential(members: Sequence[torch.nn.Module], z: Tensor, pos: Tensor, batch: Tensor,
-              n_replicas: int) -> tuple[Tensor, Tensor]:
-    """Energies (n_replicas,) eV and forces (n_atoms, 3) eV/Å, float64: the members' mean.
-
-    ``pos`` (n_atoms, 3) Å is cast to the members' dtype; the models return Hartree.
-    """
-    x = pos.detach().to(next(members[0].parameters()).dtype)
-    energy = torch.zeros(n_replicas, dtype=torch.float64, device=pos.device)
-    forces = torch.zeros_like(pos, dtype=torch.float64)
-    for member in members:
-        e, f = energy_and_forces(member, z, x, batch, n_replicas)
-        energy += e.detach().double()
-        forces += f.detach().double()
-    scale = HARTREE_TO_EV / len(members)
-    return energy * scale, forces * scale
-
-
-@dataclass
-class Replicas:
-    """Flat state of running replicas (float64, ASE units), all on one device.
-
-    Attributes:
-        z: (n_atoms,) atomic numbers.
-        batch: (n_atoms,) replica index (0..n-1 over the running replicas), ascending.
-        ids: (n_replicas,) index of each running replica in the original list.
-        masses: (n_atoms, 1) amu.
-        pos: (n_atoms, 3) Å.
-        vel: (n_atoms, 3) Å per ASE time unit.
-        kT: (n_replicas,) eV, the thermostat's k_B T.
-    """
-
-    z: Tensor
-    batch: Tensor
-    ids: Tensor
-    masses: Tensor
-    pos: Tensor
-    vel: Tensor
-    kT: Tensor
-
-    @property
-    def n(self) -> int:
-        return len(self.ids)
-
-    def keep(self, keep: Tensor) -> Replicas:
-        """The replicas where ``keep`` (n_replicas,) bool is True, renumbered."""
-        atoms = keep[self.batch]
-        renumber = torch.cumsum(keep.long(), 0) - 1
-        return Replicas(self.z[atoms], renumber[self.batch[atoms]], self.ids[keep],
-                        self.masses[atoms], self.pos[atoms], self.vel[atoms], self.kT[keep])
-
-
-def make_replicas(molecules: Sequence[Atoms], temperatures: Sequence[float], n_replicas: int,
-                  generator: torch.Generator) -> tuple[Replicas, list[dict]]:
-    """Every (molecule, temperature, replica) as one replica with Maxwell-Boltzmann velocities
-    (no net momentum) at its temperature, on the generator's device.
-
-    Returns:
-        The state and one row per replica: ``molecule``, ``n_atoms``, ``temperature_K``,
-        ``replica``, in state order.
-    """
-    rows, z, pos, masses, kT = [], [], [], [], []
-    for atoms in molecules:
-        for temperature in temperatures:
-            for k in range(n_replicas):
-                rows.append({"molecule": molecule_name(atoms), "n_atoms": len(atoms),
-                             "temperature_K": float(temperature), "replica": k})
-                z.append(torch.as_tensor(atoms.numbers, dtype=torch.long))
-                pos.append(torch.as_tensor(atoms.positions, dtype=torch.float64))
-                masses.append(torch.as_tensor(atoms.get_masses(), dtype=torch.float64))
-                kT.append(units.kB * float(temperature))
-    device = generator.device
-    sizes = torch.tensor([len(x) for x in z])
-    batch = torch.repeat_interleave(torch.arange(len(rows)), sizes).to(device)
-    m = torch.cat(masses)[:, None].to(device)
-    kT_t = torch.tensor(kT, dtype=torch.float64, device=device)
-    vel = torch.randn(len(m), 3, dtype=torch.float64, generator=generator, device=device
-                      ) * torch.sqrt(kT_t[batch, None] / m)
-    momentum = torch.zeros(len(rows), 3, dtype=torch.float64, device=device).index_add(0, batch, m * vel)
-    total_mass = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add(0, batch, m[:, 0])
-    vel -= (momentum / total_mass[:, None])[batch]
-    state = Replicas(torch.cat(z).to(device), batch, torch.arange(len(rows), device=device), m,
-                     torch.cat(pos).to(device), vel, kT_t)
-    return state, rows
-
-
-def baoab_step(state: Replicas, forces: Tensor, force_fn, dt: float, friction: float,
-               generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """One BAOAB step of all replicas in place; returns the new (energies (n,) eV, forces).
-
-    Args:
-        forces: (n_atoms, 3) eV/Å at the current positions.
-        force_fn: ``pos -> (energies, forces)`` of the current replicas.
-        dt: time step in ASE time units; friction: 1 / ASE time unit (0: velocity Verlet).
-        generator: on the state's device.
-    """
-    state.vel += 0.5 * dt * forces / state.masses
-    state.pos += 0.5 * dt * state.vel
-    if friction > 0:
-        c1 = math.exp(-friction * dt)
-        sigma = torch.sqrt(state.kT[state.batch, None] / state.masses)
-        noise = torch.randn(state.vel.shape, dtype=state.vel.dtype, generator=generator,
-                            device=state.vel.device)
-        state.vel.mul_(c1).add_(math.sqrt(1.0 - c1 * c1) * sigma * noise)
-    state.pos += 0.5 * dt * state.vel
-    energies, forces = force_fn(state.pos)
-    state.vel += 0.5 * dt * forces / state.masses
-    return energies, forces
-
-
-def kinetic_energy(state: Replicas) -> Tensor:
-    """Kinetic energy (n_replicas,) eV, on the state's device."""
-    per_atom = 0.5 * (state.masses * state.vel**2).sum(-1)
-    return torch.zeros(state.n, dtype=torch.float64, device=per_atom.device).index_add(
-        0, state.batch, per_atom)
 
 
 # --------------------------------------------------------------------------- running

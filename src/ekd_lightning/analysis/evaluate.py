@@ -40,13 +40,9 @@ Hartree/Å. :func:`evaluate_models` runs named models on a file and writes ``met
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +52,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..core.errors import DataError, EKDError
-from ..core.outputs import OutputError, check_writable, is_write_error, os_error_message, share
+from ..core.files import json_safe, write_csv_atomic, write_json_atomic
+from ..core.outputs import OutputError, check_writable, is_write_error, os_error_message
 from ..core.units import HARTREE_TO_KCALMOL as KCAL
 from ..data.packed import records_loader
 from ..data.readers import MoleculeRecord, read_molecules
-from ..train.training import write_json_atomic
+from ..inference.members import member_list
 from .plots import plot_energy_parity, plot_force_errors, plot_force_parity
 
 log = logging.getLogger(__name__)
@@ -94,16 +91,6 @@ class Prediction:
 
     energies: list[np.ndarray]
     forces: list[np.ndarray]
-
-
-def _members(models) -> list:
-    """A single module, or a non-empty sequence of modules, as a list."""
-    if isinstance(models, torch.nn.Module):
-        return [models]
-    members = list(models)
-    if not members:
-        raise ValueError("an ensemble needs at least one model")
-    return members
 
 
 def _predict_member(module, loader: DataLoader, records: Sequence[MoleculeRecord]) -> Prediction:
@@ -149,7 +136,7 @@ def predict(models, records: Sequence[MoleculeRecord], batch_size: int = 64,
         records: molecules from :func:`~ekd_lightning.data.read_molecules`.
         batch_size: conformations per forward pass.
     """
-    members = _members(models)
+    members = member_list(models)
     loader = records_loader(records, batch_size)
     predictions = []
     for module in members:
@@ -298,56 +285,7 @@ def metric_rows(name: str, prediction: Prediction, records: Sequence[MoleculeRec
     return [{"model": name, "subset": subset, **metrics} for subset, metrics in by_subset.items()]
 
 
-# --------------------------------------------------------------------------- files
-def _write_atomic(path: Path, write) -> None:
-    """Call ``write(binary_handle)`` on a temporary file beside ``path``, then rename it over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
-        os.replace(tmp, path)
-    except BaseException as exc:  # disk full, ...: the previous file stays as it was
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file
-            exc.filename = str(path)
-        raise
-
-
-def write_bytes_atomic(data: bytes, path: str | Path) -> None:
-    """Write ``data`` to ``path`` atomically (:func:`_write_atomic`)."""
-    _write_atomic(Path(path), lambda handle: handle.write(data))
-
-
-def write_text_atomic(text: str, path: str | Path) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`_write_atomic`)."""
-    _write_atomic(Path(path), lambda handle: handle.write(text.encode()))
-
-
-def write_csv_atomic(rows: Sequence[Mapping], path: str | Path, columns: Sequence[str] | None = None) -> None:
-    """Rows as CSV (header from ``columns`` or the first row's keys), written atomically."""
-    columns = list(columns or (rows[0].keys() if rows else []))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(text.getvalue(), path)
-
-
-def json_safe(value):
-    """``value`` with NaN/inf floats replaced by None (strict JSON) and numpy scalars as Python."""
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
+# --------------------------------------------------------------------------- tables
 def format_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, digits: int = 3) -> str:
     """A markdown table of ``rows`` (floats with ``digits`` decimals)."""
     columns = list(columns or (rows[0].keys() if rows else []))
@@ -405,7 +343,7 @@ def read_benchmark(
 
 def _common_elements(models: Mapping[str, object]) -> list[str]:
     """Elements every member of every model knows (the order of the first model)."""
-    element_lists = [list(m.hparams.elements) for v in models.values() for m in _members(v)]
+    element_lists = [list(m.hparams.elements) for v in models.values() for m in member_list(v)]
     first = element_lists[0]
     return [e for e in first if all(e in other for other in element_lists)]
 
@@ -606,7 +544,7 @@ def load_named_models(checkpoints: Sequence[str], ensembles: Sequence[str] = ())
         if not paths:
             raise ValueError(f"--ensemble '{item}' lists no member")
         loaded[name] = [member for m in paths
-                        for member in (_members(loaded[m]) if m in loaded else [load(m)])]
+                        for member in (member_list(loaded[m]) if m in loaded else [load(m)])]
     if not loaded:
         raise ValueError("no model given: pass --checkpoints and/or --ensemble")
     return loaded

@@ -59,10 +59,11 @@ from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
 from ..core.errors import DataError, EKDError
+from ..core.files import json_safe, write_json_atomic
+from ..core.hashing import file_sha256
+from ..dynamics.replicas import molecule_name
 from ..inference.calculator import EKDCalculator, check_structure, torch_threads
-from ..task.checkpoint import file_sha256
-from ..train.training import write_json_atomic
-from .evaluate import format_table, json_safe, parse_named
+from .evaluate import format_table, parse_named
 
 log = logging.getLogger(__name__)
 
@@ -253,11 +254,6 @@ def hr_key(molecule: str, temperature_K: float) -> str:
 
 
 # --------------------------------------------------------------------------- MD runs
-def molecule_name(atoms: Atoms) -> str:
-    """``atoms.info["name"]`` or the chemical formula."""
-    return str(atoms.info.get("name") or atoms.get_chemical_formula())
-
-
 def default_molecules(names: Sequence[str] = DEFAULT_MOLECULES) -> list[Atoms]:
     """ASE g2 molecules by name, with ``info["name"]`` set."""
     from ase.build import molecule

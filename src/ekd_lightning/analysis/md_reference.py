@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 
+from ..core.files import write_bytes_atomic
 from ..core.units import HARTREE_TO_EV, HARTREE_TO_KCALMOL
-from .evaluate import write_bytes_atomic
 from .md import (
     FU_CRITERIA,
     StabilityCriteria,

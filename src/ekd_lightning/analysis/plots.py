@@ -67,9 +67,9 @@ def grid_figure(n_panels: int):
 
 def save_figure(fig, path: str | Path) -> None:
     """Write ``fig`` as PNG (120 dpi) atomically."""
-    from .evaluate import _write_atomic
+    from ..core.files import write_atomic
 
-    _write_atomic(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=120))
+    write_atomic(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=120))
 
 
 def _pooled(predictions: Mapping, names: Sequence[str], records: Sequence, quantity: str):

@@ -33,9 +33,8 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 
-from ..train.training import write_json_atomic
+from ..core.files import json_safe, write_bytes_atomic, write_csv_atomic, write_json_atomic
 from . import batched_md, md
-from .evaluate import json_safe, write_bytes_atomic, write_csv_atomic
 from .md_reference import REFERENCE_NAME, reference_runs, stretch_barriers
 from .survival import kaplan_meier, logrank, survival_at, survival_difference
 

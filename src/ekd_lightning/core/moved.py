@@ -75,3 +75,25 @@ def install() -> None:
     """Put one :class:`MovedModuleFinder` on :data:`sys.meta_path` (idempotent)."""
     if not any(isinstance(f, MovedModuleFinder) for f in sys.meta_path):
         sys.meta_path.append(MovedModuleFinder())
+
+
+def old_path(dotted: str) -> str:
+    """``dotted`` (a module or ``module.Name``) as it was named before the move:
+    ``ekd_lightning.models.losses.ForceLoss`` -> ``ekd_lightning.losses.ForceLoss``; other paths
+    unchanged."""
+    for old, new in MOVED.items():
+        if dotted == new or dotted.startswith(new + "."):
+            return old + dotted[len(new):]
+    return dotted
+
+
+def with_old_targets(tree):
+    """``tree`` (JSON data) with every ``_target_`` value named by :func:`old_path`: run hashes
+    (:func:`~ekd_lightning.train.training.config_sha256`) name run folders, and a module move is
+    no change of what a run computes, so they hash the names a config had before the move."""
+    if isinstance(tree, dict):
+        return {k: old_path(v) if k == "_target_" and isinstance(v, str) else with_old_targets(v)
+                for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [with_old_targets(v) for v in tree]
+    return tree

@@ -120,7 +120,7 @@ class EKDDataModule(pl.LightningDataModule):
             geometries around the training split (:mod:`ekd_lightning.distill.augment`),
             appended to the training split only (never validation or test), with their teacher
             energies and forces as targets and a per-conformation loss weight
-            (:func:`~ekd_lightning.distill.augment.agreement_weights`; the dataset's
+            (:func:`~ekd_lightning.data.extra_geometries.agreement_weights`; the dataset's
             conformations weigh 1). Needs ``labels``.
     """
 
@@ -218,7 +218,7 @@ class EKDDataModule(pl.LightningDataModule):
         """The extra geometries (with ``weights``, their per-conformation loss weights), or None."""
         if self.extra_geometries is None:
             return None
-        from ..distill.augment import agreement_weights, read_extra_geometries
+        from .extra_geometries import agreement_weights, read_extra_geometries
 
         spec = self.extra_geometries
         if labels is None or "path" not in spec:

@@ -28,20 +28,17 @@ dataset or another teacher ensemble.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from ..core.errors import DataError, LabelMismatchError
-from ..core.outputs import share
+from ..core.files import atomic_path
+from ..core.hashing import cached_sha256  # noqa: F401  (where callers have found it)
 from .readers import MoleculeRecord, open_h5
 
 log = logging.getLogger(__name__)
@@ -65,61 +62,6 @@ LABEL_ARRAYS = {
     "teacher_energy": (np.float64, True, False),
 }
 """The float arrays of every molecule group (besides its ``conf_index``)."""
-
-
-# ----------------------------------------------------------------------------- hashes
-HASH_CACHE_ENV = "EKD_HASH_CACHE"
-"""Folder of the persistent hash cache; default ``$XDG_CACHE_HOME/ekd-lightning/sha256`` (else
-``~/.cache/...``)."""
-
-
-def hash_cache_dir() -> Path:
-    """Where :func:`cached_sha256` keeps one small JSON file per hashed file."""
-    if os.environ.get(HASH_CACHE_ENV):
-        return Path(os.environ[HASH_CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ekd-lightning" / "sha256"
-
-
-def _cache_entry(path: str) -> Path:
-    return hash_cache_dir() / (hashlib.sha256(path.encode()).hexdigest()[:32] + ".json")
-
-
-@lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    """The SHA-256 of ``path`` at this (size, mtime): from the persistent cache when its entry
-    records the same path, size and mtime, else computed (streamed) and recorded."""
-    from ..task import checkpoint
-
-    entry, key = _cache_entry(path), {"path": path, "size": size, "mtime_ns": mtime_ns}
-    try:
-        recorded = json.loads(entry.read_text())
-        if {k: recorded.get(k) for k in key} == key and len(recorded.get("sha256", "")) == 64:
-            return recorded["sha256"]
-    except (OSError, ValueError, AttributeError):
-        pass
-    digest = checkpoint.file_sha256(path)
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{entry.name}.", dir=entry.parent)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({**key, "sha256": digest}, handle)
-        share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
-        os.replace(tmp, entry)
-    except OSError as exc:  # a read-only home: hash again next run, but work
-        log.warning("cannot record the SHA-256 of %s in %s: %s", path, entry.parent, exc)
-    return digest
-
-
-def cached_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, hashed once per file version: remembered (in this process and in
-    :func:`hash_cache_dir`, across runs) while its resolved path, size and modification time
-    (ns) stay the same. A file rewritten in place gets a new mtime and is hashed again."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    stat = path.stat()
-    return _sha256_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -279,30 +221,21 @@ def write_labels(
         ValueError: a block names a conformation without a row, or a row was never written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     stored = {key: np.asarray(conf_index, dtype=np.int64) for key, _, conf_index, _ in layout}
     written = {key: np.zeros(len(conf_index), bool) for key, conf_index in stored.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            write_metadata(f, metadata)
-            create_label_groups(f, layout, n_teachers)
-            for key, conf_index, arrays in blocks:
-                rows, found = row_positions(stored[key], conf_index)
-                if not found.all():
-                    raise ValueError(f"{path}: group '{key}' has no row for conformations "
-                                     f"{np.asarray(conf_index)[~found][:5].tolist()}")
-                write_label_rows(f, key, rows, arrays)
-                written[key][rows] = True
-            unwritten = [key for key, done in written.items() if not done.all()]
-            if unwritten:
-                raise ValueError(f"{path}: rows of groups {unwritten[:5]} were never written")
-        share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        write_metadata(f, metadata)
+        create_label_groups(f, layout, n_teachers)
+        for key, conf_index, arrays in blocks:
+            rows, found = row_positions(stored[key], conf_index)
+            if not found.all():
+                raise ValueError(f"{path}: group '{key}' has no row for conformations "
+                                 f"{np.asarray(conf_index)[~found][:5].tolist()}")
+            write_label_rows(f, key, rows, arrays)
+            written[key][rows] = True
+        unwritten = [key for key, done in written.items() if not done.all()]
+        if unwritten:
+            raise ValueError(f"{path}: rows of groups {unwritten[:5]} were never written")
     return path
 
 

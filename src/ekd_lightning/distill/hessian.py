@@ -115,7 +115,7 @@ def hvp_labels(models: Sequence[torch.nn.Module], records: Sequence[MoleculeReco
 def write_hvp_labels(path: str | Path, groups: Mapping[str, Mapping[str, np.ndarray]],
                      metadata: Mapping) -> Path:
     """Write :func:`hvp_labels`' arrays and ``metadata`` (JSON for lists/dicts) atomically."""
-    from ..analysis.evaluate import _write_atomic
+    from ..core.files import write_atomic
 
     def write(handle) -> None:
         with h5py.File(handle, "w") as f:
@@ -129,7 +129,7 @@ def write_hvp_labels(path: str | Path, groups: Mapping[str, Mapping[str, np.ndar
                     group.create_dataset(name, data=array)
 
     path = Path(path)
-    _write_atomic(path, write)
+    write_atomic(path, write)
     return path
 
 
@@ -204,7 +204,7 @@ class HessianLoss(LossTerm):
         if datamodule is None or getattr(datamodule, "packed", None) is None:
             raise ConfigError("loss.hessian: the term reads its labels from the run's data module "
                               "(trainer.fit(module, datamodule=...))")
-        from ..data.labels import cached_sha256
+        from ..core.hashing import cached_sha256
 
         path, records, packed = Path(self.labels), datamodule.records, datamodule.packed
         dirs, hvp = [], []

@@ -29,11 +29,8 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
@@ -43,10 +40,12 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from .. import __version__
 from ..core.errors import DataError, LabelMismatchError
-from ..core.outputs import check_writable, exclusive, launched_rank_zero, share
-from ..data.labels import COMPACT_VERSION, cached_sha256, read_label_metadata, write_labels
+from ..core.files import atomic_path, write_json_atomic
+from ..core.hashing import cached_sha256
+from ..core.outputs import check_writable, exclusive, launched_rank_zero
+from ..core.provenance import code_version, creation_time
+from ..data.labels import COMPACT_VERSION, read_label_metadata, write_labels
 from ..data.packed import PackedConformations, PackedSplit
 from ..data.readers import MoleculeRecord, detect_format, open_h5, read_molecules
 from ..inference.calculator import torch_threads
@@ -71,18 +70,6 @@ TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "enable_progr
 
 class DistillInterrupted(RuntimeError):
     """Raised by the test hook to simulate a run killed after some chunks."""
-
-
-def code_version() -> str:
-    """``ekd-lightning <version>``, with the git revision when run from a checkout."""
-    try:
-        revision = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        revision = ""
-    return f"ekd-lightning {__version__}" + (f" (git {revision})" if revision else "")
 
 
 def auto_chunk_size(batch_size: int, chunk_size: int | None) -> int:
@@ -215,7 +202,7 @@ def make_job(
     dataset = Path(dataset)
     fmt = detect_format(dataset) if file_format == "auto" else file_format
     records, _ = read_molecules(dataset, energy_key, None, fmt, elements)
-    sources = teachers if _is_sources(teachers) else resolve_teachers(teachers)
+    sources = teachers if is_sources(teachers) else resolve_teachers(teachers)
     env_stop = os.environ.get(STOP_ENV)
     return DistillJob(
         dataset=dataset, energy_key=energy_key, file_format=fmt,
@@ -228,7 +215,7 @@ def make_job(
     )
 
 
-def _is_sources(teachers) -> bool:
+def is_sources(teachers) -> bool:
     return isinstance(teachers, list) and bool(teachers) and isinstance(teachers[0], TeacherSource)
 
 
@@ -275,15 +262,6 @@ def output_is_current(job: DistillJob) -> bool:
     )
 
 
-def creation_time() -> str:
-    """The label file's ``created`` attribute: now (UTC, ISO 8601, seconds), or the time that
-    ``SOURCE_DATE_EPOCH`` (the reproducible-builds convention) names, so that two runs with the
-    same inputs write byte-identical files."""
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    moment = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
-    return moment.isoformat(timespec="seconds")
-
-
 def read_manifest(job: DistillJob) -> dict | None:
     """The shard folder's manifest (identity, fingerprint, created), or None."""
     path = job.shard_dir / "manifest.json"
@@ -308,14 +286,6 @@ def check_shards(job: DistillJob) -> None:
 
 
 # ----------------------------------------------------------------------------- shards
-def _atomic_json(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(obj, handle, indent=2)
-    share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
-    os.replace(tmp, path)
-
-
 def _shard_is_valid(job: DistillJob, chunk: int) -> bool:
     path = job.shard_path(chunk)
     try:
@@ -344,7 +314,7 @@ def init_shards(job: DistillJob) -> tuple[set[int], str]:
         manifest = {"fingerprint": job.fingerprint, "identity": job.identity(),
                     "created": creation_time(),
                     "dataset_path": str(job.dataset.resolve()), "out": str(job.out)}
-        _atomic_json(manifest, job.shard_dir / "manifest.json")
+        write_json_atomic(manifest, job.shard_dir / "manifest.json")
     for stale in job.shard_dir.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
     done = set()
@@ -362,18 +332,10 @@ def init_shards(job: DistillJob) -> tuple[set[int], str]:
 def write_shard(job: DistillJob, chunk: int, arrays: Mapping[str, np.ndarray], rank: int) -> Path:
     """Write one chunk's predictions (see :func:`summarize`) atomically."""
     path = job.shard_path(chunk)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name, value in arrays.items():
-                f.create_dataset(name, data=value)
-            f.attrs.update({"fingerprint": job.fingerprint, "chunk": chunk, "rank": rank})
-        share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for name, value in arrays.items():
+            f.create_dataset(name, data=value)
+        f.attrs.update({"fingerprint": job.fingerprint, "chunk": chunk, "rank": rank})
     return path
 
 

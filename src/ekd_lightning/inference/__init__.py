@@ -1,5 +1,5 @@
-"""Trained potentials in use: teacher ensembles and checkpoint members, the ASE calculator,
-``ekd-predict`` and ``ekd-export``.
+"""Trained potentials in use: a checkpoint or an ensemble as members and their mean, teacher
+ensembles, the ASE calculator, ``ekd-predict`` and ``ekd-export``.
 
 Below: core, data, models, task.
 """

@@ -14,7 +14,6 @@ distilled label files store them).
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from ..core.errors import DataError
 from ..core.units import HARTREE_TO_EV
-from ..models.base import energy_and_forces
 from ..models.neighbors import periodic_pairs
+from .members import load_members, member_outputs
 
 
 def check_structure(atoms, where: str = "EKDCalculator") -> None:
@@ -54,25 +53,6 @@ def torch_threads(n: int | None):
         torch.set_num_threads(previous)
 
 
-def energy_models(model) -> list:
-    """The energy models (:class:`~ekd_lightning.models.base.AtomisticModel`, shared, not
-    copied) of a checkpoint path, a PotentialModule, an energy model or a sequence of them (an
-    ensemble), in order; ValueError for an empty sequence."""
-    from ..task.checkpoint import load_potential
-    from ..task.module import PotentialModule
-
-    items = [model] if isinstance(model, str | Path | torch.nn.Module) else list(model)
-    if not items:
-        raise ValueError("EKDCalculator needs a checkpoint, a PotentialModule or a non-empty ensemble")
-    members = []
-    for item in items:
-        module = load_potential(item) if isinstance(item, str | Path) else item
-        if isinstance(module, PotentialModule):
-            module = module.model
-        members.append(module)
-    return members
-
-
 class EKDCalculator(Calculator):
     """ASE calculator for a trained potential (energy in eV, forces in eV/Å).
 
@@ -98,9 +78,7 @@ class EKDCalculator(Calculator):
         super().__init__(**kwargs)
         self.num_threads = num_threads
         self.device, self.dtype = torch.device(device), dtype
-        self.members = [copy.deepcopy(m).to(self.device, dtype).eval() for m in energy_models(model)]
-        for member in self.members:
-            member.requires_grad_(False)
+        self.members = load_members(model, dtype, self.device)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> EKDCalculator:
@@ -143,13 +121,9 @@ class EKDCalculator(Calculator):
         pos = torch.tensor(self.atoms.positions, dtype=self.dtype, device=self.device)
         batch = torch.zeros(len(z), dtype=torch.long, device=self.device)
         pairs = self.periodic_pairs(pos, batch) if self.atoms.pbc.any() else None
-        energies, forces = [], []
         with torch_threads(self.num_threads):
-            for member in self.members:
-                e, f = energy_and_forces(member, z, pos, batch, 1, pairs=pairs)
-                energies.append(e[0].detach().double())
-                forces.append(f.detach().double())
-        energies = torch.stack(energies) * HARTREE_TO_EV  # (members,) eV
+            energies, forces = zip(*member_outputs(self.members, z, pos, batch, 1, pairs), strict=True)
+        energies = torch.cat(energies) * HARTREE_TO_EV  # (members,) eV
         forces = torch.stack(forces).cpu() * HARTREE_TO_EV  # (members, n_atoms, 3) eV/Å
         self.results["energy"] = self.results["free_energy"] = float(energies.mean())
         self.results["forces"] = forces.mean(0).numpy()

@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,13 +40,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..analysis.evaluate import _write_atomic
 from ..core.errors import CheckpointError, ConfigError, EKDError
+from ..core.files import atomic_path, write_atomic
+from ..core.hashing import file_sha256
 from ..models.aev import angular_triples, cosine_cutoff
 from ..models.ani import ANIModel
 from ..models.base import AtomisticModel
 from ..models.schnet import SchNetModel
-from ..task.checkpoint import file_sha256, load_potential
+from ..task.checkpoint import load_potential
 
 
 class _Exported(nn.Module):
@@ -308,7 +307,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     module = load_potential(checkpoint)
     scripted = script_model(module.model, module.model_name, file_sha256(checkpoint))
     check_export(module.model, scripted)
-    _write_atomic(Path(out), lambda handle: torch.jit.save(scripted, handle))
+    write_atomic(Path(out), lambda handle: torch.jit.save(scripted, handle))
     return Path(out)
 
 
@@ -335,16 +334,8 @@ def export_metatomic(checkpoints: Sequence[str | Path], out: str | Path,
     model = atomistic_model(members, f"ekd-{'+'.join(m.model_name for m in members)}",
                             f"ekd-lightning potential: {kind}{', '.join(names)}", dtype)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:  # metatomic saves to a path: written beside ``out``, then renamed over it
-        model.save(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:  # metatomic saves to a path: written beside ``out``, renamed
+        model.save(str(tmp))
     return out
 
 

@@ -84,16 +84,16 @@ def write_structures(frames: Sequence[Atoms], path: str | Path, fmt: str | None 
     import ase.io
     from ase.io.formats import filetype, ioformats
 
-    from ..analysis.evaluate import _write_atomic
+    from ..core.files import write_atomic
 
     path = Path(path)
     fmt = fmt or filetype(path, read=False)
     if ioformats[fmt].isbinary:
-        _write_atomic(path, lambda handle: ase.io.write(handle, frames, format=fmt))
+        write_atomic(path, lambda handle: ase.io.write(handle, frames, format=fmt))
     else:
         text = io.StringIO()
         ase.io.write(text, frames, format=fmt)
-        _write_atomic(path, lambda handle: handle.write(text.getvalue().encode()))
+        write_atomic(path, lambda handle: handle.write(text.getvalue().encode()))
 
 
 def load_calculator(models: Sequence[str], **kwargs):

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from ..core.errors import CheckpointError, LabelMismatchError
-from ..data.labels import cached_sha256, read_label_metadata
+from ..core.hashing import cached_sha256
+from ..data.labels import read_label_metadata
 from ..models.ani import ANIModel
 from ..models.base import AtomisticModel
 from ..task.checkpoint import load_potential

@@ -1,7 +1,7 @@
 """Loss terms: each one object built from a ``_target_`` entry of the config's ``loss`` mapping.
 
 A stage's loss is a mapping ``{term name: term config}`` (``conf/stage/*.yaml``), e.g.
-``loss: {energy: {_target_: ekd_lightning.losses.EnergyLoss, weight: 1.0}, forces: {...}}``;
+``loss: {energy: {_target_: ekd_lightning.models.losses.EnergyLoss, weight: 1.0}, forces: {...}}``;
 the training loss is the sum of ``weight * term(energies, forces, batch)`` over its terms, in
 the mapping's order. A null entry is no term (``loss.forces: null``: energy-only training).
 Keyed by name, so command lines and sweeps reach one setting: ``loss.forces.weight=1.0``,

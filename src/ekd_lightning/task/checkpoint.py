@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ..core.errors import CheckpointError, ConfigError
-from ..core.outputs import share
+from ..core.files import write_atomic
+from ..core.hashing import file_sha256  # noqa: F401  (where callers have found it)
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
-        os.replace(tmp, path)
-    except BaseException as exc:  # disk full, ...: the previous file stays as it was
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file
-            exc.filename = str(path)
-        raise
+    """``torch.save`` to ``path`` atomically (:func:`~ekd_lightning.core.files.write_atomic`)."""
+    write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -46,15 +30,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """The checkpoint to resume from; CheckpointError (naming it, saying to move it away)
         when it is corrupt, truncated or holds more than data."""
         return load_checkpoint_data(path, RESUME_FIX.format(path=path), map_location)
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def safe_load(path: str | Path, map_location="cpu"):

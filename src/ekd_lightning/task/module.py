@@ -22,7 +22,7 @@ from ..core.units import HARTREE_TO_KCALMOL as KCAL
 from ..models import instantiate_model, legacy_model_config, model_arguments
 from ..models.losses import build_loss_terms
 
-ENERGY_ONLY = {"_target_": "ekd_lightning.losses.EnergyLoss", "weight": 1.0}
+ENERGY_ONLY = {"_target_": "ekd_lightning.models.losses.EnergyLoss", "weight": 1.0}
 """The energy term of every stage (``conf/stage/*.yaml``: ``loss.energy``)."""
 
 
@@ -49,7 +49,7 @@ def upgrade_hparams(hparams: Mapping) -> dict:
     loss = {"energy": {**ENERGY_ONLY, "weight": old.get("energy_weight", 1.0)}, "forces": None}
     if old.get("force_target", "none") != "none":
         loss["forces"] = {
-            "_target_": "ekd_lightning.losses.ForceLoss", "target": old["force_target"],
+            "_target_": "ekd_lightning.models.losses.ForceLoss", "target": old["force_target"],
             "weight": old.get("force_weight", 0.0),
             "warmup_epochs": old.get("force_warmup_epochs", 0),
             "weighting": "inverse_variance" if old.get("force_loss") == "uncertainty" else "uniform",

@@ -1,4 +1,4 @@
 """Training runs (``ekd-train`` of one stage): the run store, loggers and callbacks.
 
-Below: core, data, models, task, inference, distill.
+Below: core, data, models, task, inference, dynamics, distill.
 """

@@ -162,7 +162,7 @@ class TrainingHistory(Callback):
         entry.update({k: float(m[k]) for k in HISTORY_KEYS if k in m})
         self.history.append(entry)
         if self.path is not None and trainer.is_global_zero:
-            from .training import write_json_atomic
+            from ..core.files import write_json_atomic
 
             write_json_atomic(self.history, self.path)
 

@@ -6,9 +6,8 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
-import tempfile
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -17,11 +16,13 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from .. import __version__
 from ..core.errors import ConfigError
-from ..core.outputs import check_writable, exclusive, share
+from ..core.files import write_json_atomic
+from ..core.hashing import cached_sha256
+from ..core.moved import with_old_targets
+from ..core.outputs import check_writable, exclusive
+from ..core.provenance import __version__, git_revision
 from ..data import EKDDataModule
-from ..data.labels import cached_sha256
 from ..distill import labels_for_training
 from ..models.losses import loss_file, loss_targets, renamed_key
 from ..task.checkpoint import AtomicCheckpointIO
@@ -41,23 +42,6 @@ def register_resolvers() -> None:
         from ..bundled import DATA_DIR
 
         OmegaConf.register_new_resolver("bundled", lambda name: str(DATA_DIR / name))
-
-
-def write_json_atomic(obj, path: str | Path) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(obj, handle, indent=2, default=str)
-        share(tmp)  # mkstemp creates 0600; the umask's mode, as open() gives
-        os.replace(tmp, path)
-    except BaseException as exc:  # disk full, ...: the previous file stays as it was
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file
-            exc.filename = str(path)
-        raise
 
 
 POSITIVE_SETTINGS = {
@@ -202,13 +186,7 @@ def provenance(cfg: DictConfig, datamodule: EKDDataModule) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    try:
-        revision = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=Path(__file__).parent,
-        ).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        revision = None
+    revision = git_revision()
     labels = datamodule.labels_path
     hvp = loss_file(OmegaConf.to_container(cfg.loss, resolve=True))  # loss.hessian's (if any)
     return {
@@ -226,10 +204,13 @@ SHOWN_ONLY = ("resume", "logger", "trainer.enable_progress_bar", "trainer.enable
 
 
 def computed_config(cfg: DictConfig) -> dict:
-    """What a run computes: the resolved config as JSON data without :data:`SHOWN_ONLY`, without
+    """What a run computes: the resolved config as JSON data (``_target_`` paths as named before
+    issue 25 moved modules, :func:`~ekd_lightning.core.moved.with_old_targets`) without
+    :data:`SHOWN_ONLY`, without
     ``distill`` for a stage that trains on no distilled labels, and without
     ``distill.default_teachers`` once labels or teachers are given."""
     container = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
+    container = with_old_targets(container)  # a moved module is no change of what a run computes
     for key in SHOWN_ONLY:
         *parents, leaf = key.split(".")
         node = container
@@ -343,8 +324,8 @@ def run_lock(run_dir: Path):
         yield
 
 
-def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=(),
-                 command: str | None = None) -> dict[str, float]:
+def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=(), command: str | None = None,
+                 default_labels: Callable[[DictConfig], Path] | None = None) -> dict[str, float]:
     """Fit a model as ``cfg`` says, test the best checkpoint, return the final metrics.
 
     The run folder receives ``checkpoints/{best,last}.ckpt``, ``metrics.json`` and
@@ -361,7 +342,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=(),
     :class:`TrainingHistory`), and ``metrics.json`` records the epochs trained, the best epoch,
     the training wall time and whether early stopping ended the run.
     Concurrent jobs on the same folder are serialised by :func:`run_lock`: the second returns
-    the first one's metrics.
+    the first one's metrics. ``default_labels``: the labels of a stage that trains on distilled
+    forces with neither ``distill.labels`` nor ``distill.teachers``
+    (:func:`~ekd_lightning.distill.config.labels_for_training`).
     """
     run_dir = Path(run_dir)
     check_settings(cfg)
@@ -369,7 +352,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, callbacks=(),
         if cfg.get("resume", True) and (done := finished_metrics(cfg, run_dir)) is not None:
             log.info("%s already finished with this config (metrics.json): skipping", run_dir)
             return done
-        return _fit(cfg, run_dir, callbacks, command)
+        return _fit(cfg, run_dir, callbacks, command, default_labels)
 
 
 def checkpoint_bytes(module: PotentialModule) -> int:
@@ -393,7 +376,8 @@ def snapshot_checkpoints(cfg: DictConfig, checkpoint_dir: Path) -> list[ModelChe
                             save_top_k=-1, save_on_train_epoch_end=True)]
 
 
-def _fit(cfg: DictConfig, run_dir: Path, callbacks, command: str | None) -> dict[str, float]:
+def _fit(cfg: DictConfig, run_dir: Path, callbacks, command: str | None,
+         default_labels: Callable[[DictConfig], Path] | None) -> dict[str, float]:
     """The training of :func:`run_training`: check the folder, fit, test the best checkpoint,
     write the files (rank 0)."""
     fingerprint, requested = config_sha256(cfg), computed_config(cfg)
@@ -402,7 +386,7 @@ def _fit(cfg: DictConfig, run_dir: Path, callbacks, command: str | None) -> dict
     if extended_from is not None:
         log.info("%s: extending the run from %s to %s epochs", run_dir, extended_from,
                  cfg.trainer.max_epochs)
-    cfg = labels_for_training(cfg, run_dir)  # distill.teachers without distill.labels: label now
+    cfg = labels_for_training(cfg, run_dir, default_labels)  # teachers without labels: label now
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
