@@ -266,19 +266,19 @@ def test_dataset_hashed_once_per_file_version(tmp_path, monkeypatch):
     import hashlib
     import os
 
-    from ekd_lightning import checkpoint, labels
+    from ekd_lightning.core import hashing
 
     monkeypatch.setenv("EKD_HASH_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "d.h5"
     path.write_bytes(b"first version")
     calls = []
-    original = checkpoint.file_sha256
-    monkeypatch.setattr(checkpoint, "file_sha256", lambda p: calls.append(p) or original(p))
-    assert labels.cached_sha256(path) == hashlib.sha256(b"first version").hexdigest()
-    labels._sha256_cached.cache_clear()  # as a new process
-    assert labels.cached_sha256(path) == hashlib.sha256(b"first version").hexdigest()
+    original = hashing.file_sha256
+    monkeypatch.setattr(hashing, "file_sha256", lambda p: calls.append(p) or original(p))
+    assert hashing.cached_sha256(path) == hashlib.sha256(b"first version").hexdigest()
+    hashing._sha256_cached.cache_clear()  # as a new process
+    assert hashing.cached_sha256(path) == hashlib.sha256(b"first version").hexdigest()
     assert len(calls) == 1
     path.write_bytes(b"other version")
     os.utime(path, ns=(1, 1))
-    assert labels.cached_sha256(path) == hashlib.sha256(b"other version").hexdigest()
+    assert hashing.cached_sha256(path) == hashlib.sha256(b"other version").hexdigest()
     assert len(calls) == 2
