@@ -3,9 +3,8 @@ operating-system failure while writing turned into a one-line error.
 
 - :func:`check_writable`: a folder can be created and written, with enough free space, before
   any computing starts (a read-only or full disk is found in seconds, not after an hour).
-- :func:`shared_mode`: the mode a new file gets from the user's umask (``0o644`` under the usual
-  ``022``), as ``open()`` gives; temporary files (``tempfile.mkstemp``: ``0o600``) are set to it
-  before they are renamed into place, so a shared run store can be read by colleagues.
+- files get the mode ``open()`` gives (the user's umask) from the one atomic writer,
+  :mod:`ekd_lightning.core.files`.
 - :func:`os_error_message`: ``<file>: <what> (<errno name>): <fix>`` for an OSError raised while
   writing (disk full, read-only file system, permission denied, ...).
 - :func:`refuse_overwrite`: an existing output is replaced only when asked (``--force``).
@@ -20,7 +19,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,23 +32,6 @@ log = logging.getLogger(__name__)
 
 class OutputError(EKDError, OSError):
     """An output cannot be written: folder not writable, disk (nearly) full, or file exists."""
-
-
-_UMASK_LOCK = threading.Lock()
-
-
-def shared_mode() -> int:
-    """The permission bits (e.g. ``0o644``) of a file created now with ``open()``: ``0o666``
-    less the process's umask."""
-    with _UMASK_LOCK:  # os.umask can only be read by setting it
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return 0o666 & ~mask
-
-
-def share(path: str | Path) -> None:
-    """Give ``path`` (a temporary file from ``mkstemp``, mode 0600) :func:`shared_mode`."""
-    os.chmod(path, shared_mode())
 
 
 FIXES = {
