@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from .core.errors import EKDError
-from .core.outputs import is_write_error, os_error_message
+from .core.outputs import user_error_line
 from .train.training import register_resolvers
 from .workflow.compose import CONFIG_MODULE, command_overrides, train_command
 from .workflow.wandb_runs import cli_identity, fill_identity
@@ -28,17 +28,15 @@ CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 
 def _exit_on_ekd_error(fn, *args):
     """``fn(*args)``; an EKDError, or an OSError of a write (disk full, read-only file system,
-    ...: :func:`~ekd_lightning.outputs.is_write_error`), becomes ``error: <message>`` on stderr
+    ...: :func:`~ekd_lightning.core.outputs.user_error_line`), becomes ``error: <message>`` on stderr
     and exit code 2. Files are written atomically, so what was finished before stays intact."""
     try:
         return fn(*args)
-    except EKDError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    except OSError as exc:
-        if not is_write_error(exc):
+    except (EKDError, OSError) as exc:
+        message = user_error_line(exc)
+        if message is None:
             raise
-        print(f"error: {os_error_message(exc)}", file=sys.stderr, flush=True)
+        print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 

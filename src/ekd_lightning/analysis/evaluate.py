@@ -53,7 +53,13 @@ from torch.utils.data import DataLoader
 
 from ..core.errors import DataError, EKDError
 from ..core.files import json_safe, write_csv_atomic, write_json_atomic
-from ..core.outputs import OutputError, check_writable, is_write_error, os_error_message
+from ..core.outputs import (
+    OutputError,
+    check_writable,
+    is_write_error,
+    os_error_message,
+    user_error_line,
+)
 from ..core.units import HARTREE_TO_KCALMOL as KCAL
 from ..data.packed import records_loader
 from ..data.readers import MoleculeRecord, read_molecules
@@ -612,13 +618,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_table(exc.rows, BENCHMARK_COLUMNS))
         print(f"error: {exc} (the results are printed above)", file=sys.stderr)
         return 2
-    except (EKDError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        if not is_write_error(exc):
+    except (EKDError, ValueError, OSError) as exc:
+        message = str(exc) if isinstance(exc, ValueError) else user_error_line(exc)
+        if message is None:
             raise
-        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -60,6 +60,17 @@ def is_write_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in FIXES
 
 
+def user_error_line(exc: BaseException) -> str | None:
+    """The one-line message of an error the user can fix: an EKDError (bad input, config or
+    checkpoint) or an OSError of a write (:func:`is_write_error`); None for anything else, which
+    is a bug and should raise with its traceback."""
+    if isinstance(exc, EKDError):
+        return str(exc)
+    if is_write_error(exc):
+        return os_error_message(exc)
+    return None
+
+
 def check_writable(folder: str | Path, need_bytes: int = 0, what: str = "outputs") -> Path:
     """Create ``folder`` if needed and write (then remove) a small file in it; OutputError
     (one line: the folder, why, the fix) if that fails or its disk has less than

@@ -24,7 +24,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..core.errors import DataError, EKDError
-from ..core.outputs import check_writable, is_write_error, os_error_message, refuse_overwrite
+from ..core.outputs import check_writable, refuse_overwrite, user_error_line
 from ..core.units import HARTREE_TO_EV
 from .calculator import check_structure
 
@@ -133,13 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         calculator = load_calculator(args.models, device=args.device)
         results = predict_structures(calculator, frames, args.structures)
         write_structures(results, args.out, args.out_format)
-    except EKDError as exc:
-        print(f"ekd-predict: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        if not is_write_error(exc):
+    except (EKDError, OSError) as exc:
+        message = user_error_line(exc)
+        if message is None:
             raise
-        print(f"ekd-predict: error: {os_error_message(exc)}", file=sys.stderr)
+        print(f"ekd-predict: error: {message}", file=sys.stderr)
         return 2
     spread = ", energy_std (eV), forces_std (eV/Å)" if len(calculator.members) > 1 else ""
     print(f"wrote {len(results)} structure(s) to {args.out}: energy (eV), energy_hartree, "
