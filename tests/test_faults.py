@@ -327,7 +327,7 @@ def test_bad_last_checkpoint_on_resume_names_it_and_says_to_move_it(tiny, tiny_r
 
 @pytest.mark.parametrize("override, error, expected", [
     ("data.batch_size=0", "ConfigError", "data.batch_size=0: must be a positive whole number of conformations per batch"),
-    ("optim.lr=-1", "ConfigError", "optim.lr=-1: must be a positive learning rate, e.g. optim.lr=0.001"),
+    ("optim.lr=-1", "ConfigError", "optim.lr=-1: must be a learning rate >= 0 (0 freezes the weights), e.g. optim.lr=0.001"),
     ("data.path=FOLDER", "DataError", "FOLDER: is a folder, not an HDF5 file: name the .h5 file itself"),
 ])
 def test_bad_settings_name_the_key_before_any_work(tiny, tmp_path, override, error, expected):
@@ -342,7 +342,7 @@ def test_bad_settings_name_the_key_before_any_work(tiny, tmp_path, override, err
 
 def test_cli_turns_project_errors_into_one_line(tiny, tmp_path):
     run = command("train", f"data.path={tiny}", *TINY_DATA, "optim.lr=-1", "run_name=t", cwd=tmp_path)
-    assert one_line_error(run) == "error: optim.lr=-1: must be a positive learning rate, e.g. optim.lr=0.001"
+    assert one_line_error(run) == "error: optim.lr=-1: must be a learning rate >= 0 (0 freezes the weights), e.g. optim.lr=0.001"
 
 
 def test_predict_refuses_to_overwrite_without_force(tiny_run, tmp_path):

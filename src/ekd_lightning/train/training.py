@@ -46,7 +46,7 @@ def register_resolvers() -> None:
 
 POSITIVE_SETTINGS = {
     "data.batch_size": ("a positive whole number of conformations per batch", 64, int, 1, None),
-    "optim.lr": ("a positive learning rate", 1e-3, float, 0.0, None),
+    "optim.lr": ("a learning rate >= 0 (0 freezes the weights)", 1e-3, float, None, None),
     "optim.weight_decay": ("a weight decay >= 0", 1e-5, float, None, None),
     "optim.lr_factor": ("a factor between 0 and 1", 0.5, float, 0.0, 1.0),
     "optim.lr_patience": ("a whole number of epochs >= 0", 5, int, None, None),
