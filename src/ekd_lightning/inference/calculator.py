@@ -22,6 +22,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from ..core.errors import DataError
 from ..core.units import HARTREE_TO_EV
+from ..data.readers import MIN_DISTANCE, closest_pair
 from ..models.neighbors import periodic_pairs
 from .members import load_members, member_outputs
 
@@ -30,8 +31,6 @@ def check_structure(atoms, where: str = "EKDCalculator") -> None:
     """DataError when two atoms of ``atoms`` are closer than the distance below which training
     refuses a conformation (:data:`~ekd_lightning.data.readers.MIN_DISTANCE`, 0.1 Å): the
     model's energy and forces there are meaningless (e.g. 3e7 eV/Å for an H on an O)."""
-    from ..data.readers import MIN_DISTANCE, closest_pair
-
     if (pair := closest_pair(atoms.positions)) is not None:
         i, j, distance = pair
         symbols = atoms.get_chemical_symbols()

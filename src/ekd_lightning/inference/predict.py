@@ -24,6 +24,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..core.errors import DataError, EKDError
+from ..core.files import write_atomic
 from ..core.outputs import check_writable, refuse_overwrite, user_error_line
 from ..core.units import HARTREE_TO_EV
 from .calculator import check_structure
@@ -83,8 +84,6 @@ def write_structures(frames: Sequence[Atoms], path: str | Path, fmt: str | None 
     """``ase.io.write`` of ``frames`` to ``path``, atomically (temporary file, then rename)."""
     import ase.io
     from ase.io.formats import filetype, ioformats
-
-    from ..core.files import write_atomic
 
     path = Path(path)
     fmt = fmt or filetype(path, read=False)

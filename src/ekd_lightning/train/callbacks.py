@@ -23,6 +23,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from ..core.errors import NonFiniteLossError
+from ..core.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,6 @@ class TrainingHistory(Callback):
         entry.update({k: float(m[k]) for k in HISTORY_KEYS if k in m})
         self.history.append(entry)
         if self.path is not None and trainer.is_global_zero:
-            from ..core.files import write_json_atomic
-
             write_json_atomic(self.history, self.path)
 
     def summary(self, monitor: str = "val/loss") -> dict:

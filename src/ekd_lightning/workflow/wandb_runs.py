@@ -25,6 +25,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .compose import parse
+
 GROUP_LIMIT = 128
 """W&B's longest group name (characters)."""
 TAG_LIMIT = 64
@@ -45,8 +47,6 @@ def clipped(text: str, limit: int) -> str:
 def shown_overrides(overrides: Sequence[str], excluded: Sequence[str]) -> list[str]:
     """``overrides`` without those of the ``excluded`` keys (Hydra's ``override_dirname``
     exclusions: file paths, the logger), as typed."""
-    from .compose import parse
-
     return [o.input_line for o in parse(overrides) if o.key_or_group not in set(excluded)]
 
 
@@ -61,8 +61,6 @@ def sweep_overrides(sweep_dir: str | Path) -> list[str] | None:
 
 def swept_keys(overrides: Sequence[str]) -> list[str]:
     """The keys that ``overrides`` sweep over (``key=a,b``, ``key=range(...)``, ...)."""
-    from .compose import parse
-
     return [o.key_or_group for o in parse(overrides) if o.is_sweep_override()]
 
 
@@ -89,8 +87,6 @@ def cli_identity(cfg: DictConfig, hydra_cfg) -> dict:
 
 
 def _key(override: str) -> str:
-    from .compose import parse
-
     return parse([override])[0].key_or_group
 
 
