@@ -119,13 +119,15 @@ def independent_predictions(data: Path, teacher: str) -> dict[tuple[str, int], t
 
 
 # ----------------------------------------------------------------------------- labels
-def test_labels_are_the_mean_of_independent_teacher_forces(data, teachers, reference):
+def test_labels_are_the_mean_of_independent_teacher_forces(data, teachers, reference, tmp_path):
     ensemble = TeacherEnsemble(load_teachers(resolve_teachers(teachers["mixed"])))
     assert [type(g) for g in ensemble.groups] == [StackedANI, TeacherLoop]
     assert [g.num_teachers for g in ensemble.groups] == [3, 1]
 
     per_teacher = [independent_predictions(data, t) for t in teachers["mixed"]]
-    with h5py.File(reference, "r") as f:  # every conformation labelled: row = conformation
+    with_members = distill_labels(make_job(data, ENERGY, tmp_path / "members.h5", teachers["mixed"],
+                                           member_forces=True, **SIZES))
+    with h5py.File(with_members, "r") as f:  # every conformation labelled: row = conformation
         assert len(f) == 8 and all(np.array_equal(f[k]["conf_index"][()], np.arange(12)) for k in f)
         for key, conf in per_teacher[0]:
             group = f[key]
@@ -137,6 +139,12 @@ def test_labels_are_the_mean_of_independent_teacher_forces(data, teachers, refer
             np.testing.assert_allclose(group["forces_std"][conf], forces.std(0), rtol=1e-3, atol=1e-6)
             np.testing.assert_allclose(group["energy"][conf], energies.mean(), rtol=0, atol=1e-7)
             np.testing.assert_allclose(group["energy_std"][conf], energies.std(), rtol=1e-3, atol=1e-8)
+    # the default file: the same labels without each teacher's forces
+    with h5py.File(reference, "r") as f, h5py.File(with_members, "r") as g:
+        for key in f:
+            assert "teacher_forces" not in f[key] and set(g[key]) - set(f[key]) == {"teacher_forces"}
+            for name in f[key]:
+                np.testing.assert_array_equal(f[key][name][()], g[key][name][()], err_msg=name)
     meta = read_label_metadata(reference)
     assert [t["path"] for t in meta["teachers"]] == teachers["mixed"]
     # the model config's name, else the model class's
@@ -149,13 +157,30 @@ def test_labels_are_the_mean_of_independent_teacher_forces(data, teachers, refer
 
 
 def test_identical_teachers_have_zero_spread(data, teachers, tmp_path):
-    out = distill_labels(make_job(data, ENERGY, tmp_path / "twins.h5", teachers["twins"], **SIZES))
+    out = distill_labels(make_job(data, ENERGY, tmp_path / "twins.h5", teachers["twins"],
+                                  member_forces=True, **SIZES))
     with h5py.File(out, "r") as f:
         for key in f:
             group = f[key]
             assert np.abs(group["forces_std"][()]).max() < 1e-7
             assert np.abs(group["energy_std"][()]).max() < 1e-9
             np.testing.assert_allclose(group["forces"][()], group["teacher_forces"][0], atol=1e-7)
+
+
+def test_member_forces_are_kept_only_when_asked_for(data, teachers, reference, tmp_path):
+    """A file without each teacher's forces is not reused for a request of them (it names
+    member_forces); one with them serves the default request as it is."""
+    out = tmp_path / "labels.h5"
+    shutil.copy(reference, out)
+    with pytest.raises(LabelMismatchError, match="member_forces"):
+        distill_labels(make_job(data, ENERGY, out, teachers["mixed"], member_forces=True, **SIZES))
+    distill_labels(make_job(data, ENERGY, out, teachers["mixed"], member_forces=True,
+                            overwrite=True, **SIZES))
+    before = out.stat().st_mtime_ns
+    assert distill_labels(make_job(data, ENERGY, out, teachers["mixed"], **SIZES)) == out
+    assert out.stat().st_mtime_ns == before
+    with h5py.File(out, "r") as f:
+        assert all("teacher_forces" in f[key] for key in f)
 
 
 def test_aev_jacobian_matches_autograd():
@@ -271,8 +296,9 @@ def test_dense_file_of_the_same_run_is_read_not_relabelled(data, teachers, refer
         for key in f:
             group = f[key]
             layout.append((key, int(group.attrs["n_conformations"]), group["forces"].shape[1]))
-            blocks.append((key, group["conf_index"][()],
-                           {name: group[name][()] for name in group if name != "conf_index"}))
+            arrays = {name: group[name][()] for name in group if name != "conf_index"}
+            arrays["teacher_forces"] = np.stack([arrays["forces"]] * 4)  # v1 always had them
+            blocks.append((key, group["conf_index"][()], arrays))
         attrs = dict(f.attrs)
     dense = write_labels_v1(tmp_path / "dense.h5", layout, 4, blocks, {})
     with h5py.File(dense, "a") as f:  # the old code's root attributes and run fingerprint

@@ -94,7 +94,8 @@ def test_compact_file_holds_only_labelled_rows_and_reads_like_the_dense_one(reco
             group = f[record.key]
             np.testing.assert_array_equal(group["conf_index"][()], np.asarray(record.conf_index)[positions])
             assert group["forces"].shape == (len(positions), len(record.atomic_numbers), 3)
-            assert group["teacher_forces"].shape[:2] == (TEACHERS, len(positions))
+            assert group["teacher_energy"].shape == (TEACHERS, len(positions))
+            assert "teacher_forces" not in group  # only with member_forces
     assert read_label_metadata(compact)["version"] == 2 and read_label_metadata(dense)["version"] == 1
     before = read_labels_v1(dense, records)  # the version-1 code on its own file
     assert_same_bytes(read_labels(compact, records, dataset_path=TRAIN_FILE), before)

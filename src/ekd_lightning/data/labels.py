@@ -8,8 +8,9 @@ conformation, rows in increasing conformation order:
 - ``forces`` (n_rows, n_atoms, 3) float32, Hartree/Å: ensemble mean of F = -dE/dx (the label)
 - ``forces_std`` (n_rows, n_atoms, 3) float32, Hartree/Å: standard deviation over teachers
 - ``energy`` (n_rows,) float64, Hartree: ensemble mean energy; ``energy_std`` (n_rows,)
-- ``teacher_forces`` (n_teachers, n_rows, n_atoms, 3) float32 and ``teacher_energy``
-  (n_teachers, n_rows) float64: each teacher's prediction
+- ``teacher_energy`` (n_teachers, n_rows) float64: each teacher's energy; and only when asked
+  for (``ekd-distill member_forces=true``; they multiply the file's size by about
+  (2 + n_teachers) / 2), ``teacher_forces`` (n_teachers, n_rows, n_atoms, 3) float32
 - group attribute ``n_conformations``: the conformations of the dataset group
 
 Version 1 (dense, written before 2026-12-07) had the same arrays over *every* conformation of
@@ -61,7 +62,10 @@ LABEL_ARRAYS = {
     "teacher_forces": (np.float32, True, True),
     "teacher_energy": (np.float64, True, False),
 }
-"""The float arrays of every molecule group (besides its ``conf_index``)."""
+"""The float arrays of a molecule group (besides its ``conf_index``); those of
+:data:`OPTIONAL_ARRAYS` only when the file was made with them."""
+OPTIONAL_ARRAYS = ("teacher_forces",)
+"""Arrays written only on request (``member_forces``): no reader of the package needs them."""
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -162,7 +166,8 @@ def _rows(index: np.ndarray):
 
 # ----------------------------------------------------------------------------- writing
 def create_label_groups(
-    f: h5py.File, layout: Iterable[tuple[str, int, np.ndarray, int]], n_teachers: int
+    f: h5py.File, layout: Iterable[tuple[str, int, np.ndarray, int]], n_teachers: int,
+    member_forces: bool = False,
 ) -> None:
     """Empty molecule groups with one row per conformation to be labelled (NaN until written).
 
@@ -171,13 +176,15 @@ def create_label_groups(
         layout: ``(group key, conformations in the dataset group, (n_rows,) strictly increasing
             conformation indices to label, atoms)`` per molecule.
         n_teachers: ensemble size.
+        member_forces: also each teacher's forces (``teacher_forces``).
     """
+    names = {k: v for k, v in LABEL_ARRAYS.items() if member_forces or k not in OPTIONAL_ARRAYS}
     for key, n_conf, conf_index, n_atoms in layout:
         group = f.create_group(key)
         group.attrs["n_conformations"] = int(n_conf)
         group.create_dataset("conf_index", data=np.asarray(conf_index, dtype=np.int64))
         n_rows = len(conf_index)
-        for name, (dtype, per_teacher, per_atom) in LABEL_ARRAYS.items():
+        for name, (dtype, per_teacher, per_atom) in names.items():
             shape = ((n_teachers,) if per_teacher else ()) + (n_rows,) + ((n_atoms, 3) if per_atom else ())
             group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=np.nan)
 
@@ -187,12 +194,15 @@ def write_label_rows(f: h5py.File, key: str, rows: np.ndarray, arrays: Mapping[s
 
     Args:
         rows: (k,) increasing row positions in the group (see :func:`row_positions`).
-        arrays: every name of :data:`LABEL_ARRAYS`, shaped as in the file with k rows
-            (per-teacher arrays have the teacher axis first).
+        arrays: every array of the group (:data:`LABEL_ARRAYS`, those of
+            :data:`OPTIONAL_ARRAYS` when it has them), shaped as in the file with k rows
+            (per-teacher arrays have the teacher axis first); others are ignored.
     """
     group = f[key]
     rows = _rows(np.asarray(rows))
     for name, (_, per_teacher, _) in LABEL_ARRAYS.items():
+        if name not in group:
+            continue
         if per_teacher:
             group[name][:, rows] = arrays[name]
         else:
@@ -205,6 +215,7 @@ def write_labels(
     n_teachers: int,
     blocks: Iterable[tuple[str, np.ndarray, Mapping[str, np.ndarray]]],
     metadata: Mapping,
+    member_forces: bool = False,
 ) -> Path:
     """Write a complete label file atomically (temporary file in the same folder, then rename).
 
@@ -216,6 +227,7 @@ def write_labels(
             :func:`write_label_rows` takes them; together they must fill every row of ``layout``.
         metadata: root attributes (dataset_path, dataset_sha256, energy_key, teachers, created,
             code_version, ...); ``format``, ``version`` and units are added.
+        member_forces: also store each teacher's forces (``teacher_forces``, in the blocks).
 
     Raises:
         ValueError: a block names a conformation without a row, or a row was never written.
@@ -225,7 +237,7 @@ def write_labels(
     written = {key: np.zeros(len(conf_index), bool) for key, conf_index in stored.items()}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         write_metadata(f, metadata)
-        create_label_groups(f, layout, n_teachers)
+        create_label_groups(f, layout, n_teachers, member_forces)
         for key, conf_index, arrays in blocks:
             rows, found = row_positions(stored[key], conf_index)
             if not found.all():

@@ -35,7 +35,7 @@ def data_job(data: DictConfig, out: str | Path, teachers, batch_size: int | None
              **settings) -> DistillJob:
     """The job that labels the dataset of ``data`` (a ``data`` config group: path, energy_key,
     file_format, elements, batch_size) with ``teachers`` into ``out``; ``batch_size`` None takes
-    the data's, ``settings`` (chunk_size, overwrite, keep_shards) go to :func:`make_job`."""
+    the data's, ``settings`` (chunk_size, overwrite, keep_shards, member_forces) go to :func:`make_job`."""
     return make_job(
         dataset=data.path, energy_key=data.energy_key, out=out, teachers=_container(teachers),
         file_format=data.get("file_format", "auto"),
@@ -48,7 +48,8 @@ def job_from_config(cfg: DictConfig) -> DistillJob:
     """The labelling job of a ``distill.py`` config (data group, teachers, out, sizes)."""
     return data_job(cfg.data, cfg.out, cfg.teachers, cfg.get("batch_size"),
                     chunk_size=cfg.get("chunk_size"), overwrite=bool(cfg.get("overwrite", False)),
-                    keep_shards=bool(cfg.get("keep_shards", False)))
+                    keep_shards=bool(cfg.get("keep_shards", False)),
+                    member_forces=bool(cfg.get("member_forces", False)))
 
 
 def run_from_config(cfg: DictConfig) -> Path:

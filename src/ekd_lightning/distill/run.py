@@ -100,6 +100,9 @@ class DistillJob:
             the file (the label arrays' length).
         teachers: ``{path, sha256[, model]}`` per teacher, as recorded in the file.
         stop_after_chunks: test hook, see :data:`STOP_ENV`.
+        member_forces: also keep each teacher's forces in the file (``teacher_forces``; about
+            (2 + n_teachers) / 2 times the size); the mean, spread and each teacher's energy
+            are always kept.
     """
 
     dataset: Path
@@ -117,6 +120,7 @@ class DistillJob:
     overwrite: bool = False
     keep_shards: bool = False
     stop_after_chunks: int | None = None
+    member_forces: bool = False
     starts: np.ndarray = field(init=False)
     packed: PackedConformations = field(init=False, repr=False)
 
@@ -145,13 +149,15 @@ class DistillJob:
         return start, min(start + self.chunk_size, self.n_conformations)
 
     def identity(self) -> dict:
-        """What makes two runs produce the same labels (not paths: files may move)."""
-        return {
+        """What makes two runs produce the same labels (not paths: files may move).
+        ``member_forces`` counts only when asked for: a file with them also serves without."""
+        identity = {
             "format_version": IDENTITY_VERSION, "dataset_sha256": self.dataset_sha256,
             "energy_key": self.energy_key, "selection": self.selection(),
             "teachers": [t["sha256"] for t in self.teachers],
             "chunk_size": self.chunk_size, "batch_size": self.batch_size,
         }
+        return {**identity, "member_forces": True} if self.member_forces else identity
 
     def selection(self) -> str:
         """SHA-256 of the labelled conformations (group keys and conformation indices), which
@@ -164,8 +170,12 @@ class DistillJob:
 
     @property
     def fingerprint(self) -> str:
-        text = json.dumps(self.identity(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return _sha256_json(self.identity())
+
+    def serving_fingerprints(self) -> set[str]:
+        """Fingerprints of the label files that hold this job's labels: its own, and, without
+        ``member_forces``, that of the same file made with them."""
+        return {self.fingerprint, _sha256_json({**self.identity(), "member_forces": True})}
 
     def locate(self, index: int) -> tuple[int, int]:
         """(record, position among the record's kept conformations) of a global index."""
@@ -177,6 +187,10 @@ class DistillJob:
         return np.arange(*self.chunk_range(chunk), dtype=np.int64)
 
 
+def _sha256_json(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 def _file_conformations(path: Path, records: list[MoleculeRecord]) -> dict[str, int]:
     with open_h5(path) as f:
         return {r.key: int(f[r.key]["coordinates"].shape[0]) for r in records}
@@ -186,6 +200,7 @@ def make_job(
     dataset: str | Path, energy_key: str, out: str | Path, teachers, file_format: str = "auto",
     elements: list[str] | None = None, batch_size: int = 64, chunk_size: int | None = None,
     overwrite: bool = False, keep_shards: bool = False, stop_after_chunks: int | None = None,
+    member_forces: bool = False,
 ) -> DistillJob:
     """Read the dataset, resolve and hash the teachers: a job ready for :func:`distill_labels`.
 
@@ -198,6 +213,7 @@ def make_job(
         batch_size: conformations per batch; ``chunk_size``: per shard (None: about 4096).
         overwrite: replace an existing label file (or shards) made with other arguments.
         keep_shards: leave ``<out>.shards/`` after merging.
+        member_forces: also keep each teacher's forces (:class:`DistillJob`).
     """
     dataset = Path(dataset)
     fmt = detect_format(dataset) if file_format == "auto" else file_format
@@ -212,6 +228,7 @@ def make_job(
         dataset_sha256=cached_sha256(dataset), teachers=teacher_identities(sources),
         overwrite=overwrite, keep_shards=keep_shards,
         stop_after_chunks=int(env_stop) if env_stop else stop_after_chunks,
+        member_forces=bool(member_forces),
     )
 
 
@@ -231,6 +248,8 @@ def _recorded_identity(metadata: Mapping) -> dict:
                                              "chunk_size", "batch_size")}
     identity["teachers"] = [t.get("sha256") for t in metadata.get("teachers") or []]
     identity["format_version"] = metadata.get("identity_version", metadata.get("version"))
+    if metadata.get("member_forces"):
+        identity["member_forces"] = True
     return identity
 
 
@@ -247,7 +266,7 @@ def output_is_current(job: DistillJob) -> bool:
         if job.overwrite:
             return False
         raise DataError(f"{exc}; delete it or pass overwrite=true to replace it") from exc
-    if metadata.get("fingerprint") == job.fingerprint:
+    if metadata.get("fingerprint") in job.serving_fingerprints():
         if int(metadata.get("version", 0)) < COMPACT_VERSION:
             log.warning("%s holds these labels in the dense version-%s layout (every conformation, NaN "
                         "where unlabelled), read as they are; delete the file to label again into the "
@@ -334,7 +353,8 @@ def write_shard(job: DistillJob, chunk: int, arrays: Mapping[str, np.ndarray], r
     path = job.shard_path(chunk)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for name, value in arrays.items():
-            f.create_dataset(name, data=value)
+            if name != "teacher_forces" or job.member_forces:
+                f.create_dataset(name, data=value)
         f.attrs.update({"fingerprint": job.fingerprint, "chunk": chunk, "rank": rank})
     return path
 
@@ -364,8 +384,10 @@ def _shard_blocks(job: DistillJob) -> Iterator[tuple[str, np.ndarray, dict]]:
                 "forces": shard["forces"][a_lo:a_hi].reshape(n, n_atoms, 3),
                 "forces_std": shard["forces_std"][a_lo:a_hi].reshape(n, n_atoms, 3),
                 "teacher_energy": shard["teacher_energy"][:, lo:hi],
-                "teacher_forces": shard["teacher_forces"][:, a_lo:a_hi].reshape(-1, n, n_atoms, 3),
             }
+            if job.member_forces:
+                arrays["teacher_forces"] = shard["teacher_forces"][:, a_lo:a_hi].reshape(
+                    -1, n, n_atoms, 3)
             yield record.key, record.conf_index[c:c + n], arrays
             g += n
 
@@ -383,8 +405,10 @@ def merge_shards(job: DistillJob, created: str) -> Path:
         "code_version": code_version(), "torch_version": str(torch.__version__),
         "chunk_size": job.chunk_size, "batch_size": job.batch_size, "std_ddof": 0,
         "fingerprint": job.fingerprint, "identity_version": IDENTITY_VERSION,
+        "member_forces": job.member_forces,
     }
-    write_labels(job.out, layout, len(job.teachers), _shard_blocks(job), metadata)
+    write_labels(job.out, layout, len(job.teachers), _shard_blocks(job), metadata,
+                 member_forces=job.member_forces)
     if not job.keep_shards:
         shutil.rmtree(job.shard_dir, ignore_errors=True)
     log.info("%s: labels of %d conformations by %d teachers", job.out, job.n_conformations,
@@ -518,10 +542,11 @@ def distill_labels(job: DistillJob, trainer: Mapping | None = None) -> Path:
 
 def label_bytes(job: DistillJob) -> int:
     """About the bytes the labelling writes at its peak: the shards and the merged file, each
-    float32 forces (mean, std, one per teacher) and float64 energies."""
+    float32 forces (mean, std, and one per teacher with ``member_forces``) and float64 energies."""
     n_teachers = len(job.sources)
     atoms = sum(len(r.atomic_numbers) * r.num_conformations for r in job.records)
-    one = atoms * 3 * 4 * (2 + n_teachers) + job.n_conformations * 8 * (3 + n_teachers)
+    force_arrays = 2 + (n_teachers if job.member_forces else 0)
+    one = atoms * 3 * 4 * force_arrays + job.n_conformations * 8 * (3 + n_teachers)
     return 2 * one
 
 
