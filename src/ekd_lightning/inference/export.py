@@ -24,7 +24,7 @@ model computes in the dtype it was trained in (float32): energies and forces agr
 ekd-lightning's to float32 rounding.
 
 Both formats share one scriptable port per architecture (:class:`ExportedANI`,
-:class:`ExportedSchNet`) working on a full neighbour list; ViSNet has none (a one-line error).
+:class:`ExportedSchNet`, :class:`ExportedViSNet`) working on a full neighbour list.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from ..models.aev import angular_triples, cosine_cutoff
 from ..models.ani import ANIModel
 from ..models.base import AtomisticModel
 from ..models.schnet import SchNetModel
+from ..models.visnet import ViSNetModel
 from ..task.checkpoint import load_potential
 
 
@@ -239,17 +240,185 @@ class ExportedSchNet(_Exported):
         return self.lin2(self.act(self.lin1(h))).squeeze(-1)
 
 
+class _ViSLayer(nn.Module):
+    """The messages of one ViSNet layer (torch-geometric's ``ViS_MP``, ``vecnorm_type=None``)
+    as plain torch, on directed pairs ``target`` <- ``source`` (torch-geometric's ``x_i`` and
+    ``x_j``; sums over the pairs of each target)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        if layer.vec_layernorm.norm_type is not None or type(layer).__name__ != "ViS_MP":
+            raise CheckpointError("ViSNet export supports ViS_MP layers with vecnorm_type=None "
+                                  f"only (got {type(layer).__name__}, "
+                                  f"{layer.vec_layernorm.norm_type!r})")
+        self.num_heads, self.head_dim = layer.num_heads, layer.head_dim
+        self.hidden_channels = layer.hidden_channels
+        self.cutoff = float(layer.cutoff.cutoff)
+        self.layernorm = copy.deepcopy(layer.layernorm)
+        self.register_buffer("vec_norm_weight", layer.vec_layernorm.weight.detach().clone())
+        for name in ("vec_proj", "q_proj", "k_proj", "v_proj", "dk_proj", "dv_proj", "s_proj",
+                     "o_proj"):
+            setattr(self, name, copy.deepcopy(getattr(layer, name)))
+
+    def forward(self, x: Tensor, vec: Tensor, target: Tensor, source: Tensor, dist: Tensor,
+                f: Tensor, d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Updates ``(dx (n_atoms, H), dvec (n_atoms, L, H), vec_normed (n_atoms, L, H))``
+        from scalars ``x`` (n_atoms, H), vectors ``vec`` (n_atoms, L, H), the pairs' distances
+        ``dist`` (n_pairs,) Å, features ``f`` (n_pairs, H) and spherical harmonics ``d``
+        (n_pairs, L) of the unit vector r_source - r_target (L = (lmax + 1)^2 - 1)."""
+        x = self.layernorm(x)
+        vec = vec * self.vec_norm_weight  # VecLayerNorm without a norm
+        shape = [-1, self.num_heads, self.head_dim]
+        q, k, v = (self.q_proj(x).view(shape), self.k_proj(x).view(shape),
+                   self.v_proj(x).view(shape))
+        dk = nn.functional.silu(self.dk_proj(f)).view(shape)
+        dv = nn.functional.silu(self.dv_proj(f)).view(shape)
+        vec1, vec2, vec3 = torch.split(self.vec_proj(vec), self.hidden_channels, dim=-1)
+        vec_dot = (vec1 * vec2).sum(dim=1)
+
+        attn = (q.index_select(0, target) * k.index_select(0, source) * dk).sum(dim=-1)
+        envelope = 0.5 * (torch.cos(dist * math.pi / self.cutoff) + 1.0)
+        attn = nn.functional.silu(attn) * envelope.unsqueeze(1)
+        message = (v.index_select(0, source) * dv * attn.unsqueeze(2)).view(-1, self.hidden_channels)
+        s1, s2 = torch.split(nn.functional.silu(self.s_proj(message)), self.hidden_channels, dim=1)
+        vec_message = vec.index_select(0, source) * s1.unsqueeze(1) + s2.unsqueeze(1) * d.unsqueeze(2)
+        summed = torch.zeros_like(x).index_add(0, target, message)
+        vec_summed = torch.zeros_like(vec).index_add(0, target, vec_message)
+
+        o1, o2, o3 = torch.split(self.o_proj(summed), self.hidden_channels, dim=1)
+        return vec_dot * o2 + o3, vec3 * o1.unsqueeze(1) + vec_summed, vec
+
+
+class _ViSEdgeUpdate(nn.Module):
+    """The pair-feature update of a ViSNet layer but the last (``ViS_MP.edge_update``)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.f_proj, self.w_src_proj, self.w_trg_proj = (
+            copy.deepcopy(m) for m in (layer.f_proj, layer.w_src_proj, layer.w_trg_proj))
+
+    def forward(self, vec: Tensor, target: Tensor, source: Tensor, f: Tensor, d: Tensor) -> Tensor:
+        """``df`` (n_pairs, H) from the layer's normalised vectors ``vec`` (n_atoms, L, H)."""
+        w1 = _rejection(self.w_trg_proj(vec.index_select(0, target)), d)
+        w2 = _rejection(self.w_src_proj(vec.index_select(0, source)), -d)
+        return nn.functional.silu(self.f_proj(f)) * (w1 * w2).sum(dim=1)
+
+
+def _rejection(vec: Tensor, d: Tensor) -> Tensor:
+    """The part of ``vec`` (n, L, H) orthogonal to ``d`` (n, L) (``ViS_MP.vector_rejection``)."""
+    return vec - (vec * d.unsqueeze(2)).sum(dim=1, keepdim=True) * d.unsqueeze(2)
+
+
+class _GatedBlock(nn.Module):
+    """torch-geometric's ``GatedEquivariantBlock`` (the same submodules)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.out_channels: int = block.out_channels
+        self.vec1_proj, self.vec2_proj = copy.deepcopy(block.vec1_proj), copy.deepcopy(block.vec2_proj)
+        self.update_net = copy.deepcopy(block.update_net)
+        self.scalar_activation: bool = block.act is not None
+
+    def forward(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        vec1 = torch.norm(self.vec1_proj(v), dim=-2)
+        vec2 = self.vec2_proj(v)
+        x, v = torch.split(self.update_net(torch.cat([x, vec1], dim=-1)), self.out_channels, dim=-1)
+        if self.scalar_activation:
+            x = nn.functional.silu(x)
+        return x, v.unsqueeze(1) * vec2
+
+
+class ExportedViSNet(_Exported):
+    """:class:`~ekd_lightning.models.visnet.ViSNetModel` in scriptable torch: torch-geometric's
+    ``ViSNetBlock`` (``vecnorm_type=None``, ``vertex=False``, ``lmax`` 1 or 2) and
+    ``EquivariantScalar.pre_reduce`` re-written with ``index_add`` message passing, from the
+    same submodules and weights.
+
+    A pair (i, j) of the neighbour list, ``vec`` = r_j - r_i (+ shift), is torch-geometric's
+    edge from source j to target i with edge vector r_source - r_target = ``vec``, as
+    :class:`~ekd_lightning.models.visnet._PairDistances` gives it; an atom's own periodic image
+    within the cutoff is an error, as for the model. An atom's output depends on atoms up to
+    ``(num_layers + 1) * cutoff`` away (the neighbour embedding is one more hop).
+    """
+
+    def __init__(self, model: ViSNetModel, name: str = "visnet_small", source_sha256: str = ""):
+        super().__init__(model, name, source_sha256)
+        block = model.representation
+        if block.lmax not in (1, 2):
+            raise CheckpointError(f"ViSNet export supports lmax 1 or 2 (got {block.lmax})")
+        self.lmax: int = block.lmax
+        self.num_components: int = (block.lmax + 1) ** 2 - 1  # of the vector features
+        self.interaction_range = self.cutoff * (len(block.vis_mp_layers) + 1)
+        self.embedding = copy.deepcopy(block.embedding)
+        rbf = block.distance_expansion
+        self.register_buffer("rbf_means", rbf.means.detach().clone())
+        self.register_buffer("rbf_betas", rbf.betas.detach().clone())
+        self.rbf_alpha = float(rbf.alpha)
+        neighbors = block.neighbor_embedding
+        self.neighbor_embedding = copy.deepcopy(neighbors.embedding)
+        self.distance_proj = copy.deepcopy(neighbors.distance_proj)
+        self.combine = copy.deepcopy(neighbors.combine)
+        self.edge_proj = copy.deepcopy(block.edge_embedding.edge_proj)
+        layers = list(block.vis_mp_layers)
+        self.layers = nn.ModuleList([_ViSLayer(layer) for layer in layers[:-1]])
+        self.edge_updates = nn.ModuleList([_ViSEdgeUpdate(layer) for layer in layers[:-1]])
+        self.last_layer = _ViSLayer(layers[-1])
+        self.out_norm = copy.deepcopy(block.out_norm)
+        if block.vec_out_norm.norm_type is not None:
+            raise CheckpointError("ViSNet export supports vecnorm_type=None only")
+        self.register_buffer("vec_out_norm_weight", block.vec_out_norm.weight.detach().clone())
+        self.head = nn.ModuleList([_GatedBlock(b) for b in model.head.output_network])
+
+    def sphere(self, unit: Tensor) -> Tensor:
+        """torch-geometric's ``Sphere``: (n, 3) unit vectors -> (n, 3) for lmax 1, (n, 8) for 2."""
+        x, y, z = unit[:, 0], unit[:, 1], unit[:, 2]
+        if self.lmax == 1:
+            return unit
+        s3 = math.sqrt(3.0)
+        return torch.stack([x, y, z, s3 * x * z, s3 * x * y, y * y - 0.5 * (x * x + z * z),
+                            s3 * y * z, s3 / 2.0 * (z * z - x * x)], dim=-1)
+
+    def contributions(self, species: Tensor, i: Tensor, j: Tensor, vec: Tensor) -> Tensor:
+        target, source, vec, dist = _within(i, j, vec.to(self.rbf_means.dtype), self.cutoff)
+        if bool((target == source).any()):
+            raise ValueError("ViSNet: an atom's own periodic image lies within the cutoff; make "
+                             "the periodic cell wider than the cutoff along each axis")
+        envelope = 0.5 * (torch.cos(dist * math.pi / self.cutoff) + 1.0)  # (n_pairs,)
+        rbf = envelope.unsqueeze(-1) * torch.exp(  # ExpNormalSmearing (n_pairs, num_rbf)
+            -self.rbf_betas * (torch.exp(-self.rbf_alpha * dist.unsqueeze(-1)) - self.rbf_means) ** 2)
+        d = self.sphere(vec / dist.unsqueeze(-1))
+
+        x = self.embedding(species)  # NeighborEmbedding, then EdgeEmbedding
+        weight = self.distance_proj(rbf) * envelope.unsqueeze(-1)
+        neighbors = torch.zeros_like(x).index_add(
+            0, target, self.neighbor_embedding(species).index_select(0, source) * weight)
+        x = self.combine(torch.cat([x, neighbors], dim=1))
+        vectors = x.new_zeros(x.shape[0], self.num_components, x.shape[1])
+        f = (x.index_select(0, target) + x.index_select(0, source)) * self.edge_proj(rbf)
+
+        for layer, edge_update in zip(self.layers, self.edge_updates, strict=True):
+            dx, dvec, normed = layer(x, vectors, target, source, dist, f, d)
+            f = f + edge_update(normed, target, source, f, d)
+            x, vectors = x + dx, vectors + dvec
+        dx, dvec, _ = self.last_layer(x, vectors, target, source, dist, f, d)
+        x = self.out_norm(x + dx)
+        vectors = (vectors + dvec) * self.vec_out_norm_weight
+        for block in self.head:  # EquivariantScalar.pre_reduce
+            x, vectors = block(x, vectors)
+        return x.squeeze(-1)
+
+
 def exported_module(model: AtomisticModel, name: str, source_sha256: str = "") -> _Exported:
-    """The scriptable port of ``model`` (ANI or SchNet), recording the model name and the
-    checkpoint's SHA-256; CheckpointError, one line, for a model without one."""
+    """The scriptable port of ``model`` (ANI, SchNet or ViSNet), recording the model name and
+    the checkpoint's SHA-256; CheckpointError, one line, for a model without one."""
     if isinstance(model, ANIModel):
         return ExportedANI(model, name, source_sha256).eval()
     if isinstance(model, SchNetModel):
         return ExportedSchNet(model, name, source_sha256).eval()
+    if isinstance(model, ViSNetModel):
+        return ExportedViSNet(model, name, source_sha256).eval()
     raise CheckpointError(f"cannot export a {type(model).__name__} ({name}): ekd-export has "
-                          "scriptable ports of ANI (ani2x, ani1x, ani2x_wide) and SchNet "
-                          "(schnet, schnet_small) only; torch-geometric's ViSNet layers are not "
-                          "ported (use EKDCalculator or the torch-sim wrapper for ViSNet)")
+                          "scriptable ports of ANI, SchNet and ViSNet models only")
 
 
 def script_model(model: AtomisticModel, name: str, source_sha256: str = ""):

@@ -40,7 +40,7 @@ from ..core.units import HARTREE_TO_EV, symbol_to_number  # noqa: E402
 
 class MetatomicEnsemble(nn.Module):
     """metatomic's ``ModelInterface`` over exported members (``export._Exported``: ANI,
-    SchNet), their mean energy in eV, and their spread for two or more members."""
+    SchNet, ViSNet), their mean energy in eV, and their spread for two or more members."""
 
     def __init__(self, members: list[nn.Module]):
         super().__init__()
