@@ -147,3 +147,24 @@ def test_report_calls_a_comparison_with_capped_runs_budget_matched():
     note = convergence_note({"baseline-seed0": {**done, "max_epochs": 40}, "oracle-seed0": capped})
     assert note.startswith("budget-matched") and "1 of 2" in note and "oracle-seed0" in note
     assert "cap of 40 epochs" in note
+
+
+def test_a_converged_baseline_beside_capped_runs_is_not_called_budget_matched():
+    """``pipeline.baseline_max_epochs`` caps the baselines alone (the quick start's converged
+    reference): the students and the oracle keep ``pipeline.max_epochs``, and the report names
+    the comparison "not converged" with the runs the rule ended, never "budget-matched"
+    (mutation: applying the baseline cap to every role, or keeping the old note)."""
+    from ekd_lightning.workflow.compose import compose_train
+    from ekd_lightning.workflow.pipeline import convergence_note, variant_specs
+
+    cfg = compose_train(["experiment=ekd", "pipeline.max_epochs=30", "pipeline.baseline_max_epochs=200"])
+    caps = {role: {s.max_epochs for s in variant_specs(cfg, role, "labels.h5")}
+            for role in ("baseline", "student", "oracle")}
+    assert caps == {"baseline": {200}, "student": {30}, "oracle": {30}}
+    plain = compose_train(["experiment=ekd", "pipeline.max_epochs=30"])
+    assert {s.max_epochs for s in variant_specs(plain, "baseline")} == {30}
+
+    note = convergence_note({"baseline-seed0": {"epochs": 143, "stopped_early": True, "max_epochs": 200},
+                             "student-seed0": {"epochs": 30, "stopped_early": False, "max_epochs": 30}})
+    assert note.startswith("not converged") and "student-seed0" in note
+    assert note.endswith("ended by the rule: baseline-seed0")

@@ -119,7 +119,7 @@ def variant_specs(cfg: DictConfig, role: str, labels: Path | None = None,
                   hessian: Path | None = None) -> list[RunSpec]:
     """Step 3's runs of ``role`` (student, baseline or oracle; its ``conf/stage`` file), the
     pipeline's model, one per seed (``pipeline.seeds``; the oracle, a reference bound,
-    ``pipeline.oracle_seeds``); the student's config gets the labels and
+    ``pipeline.oracle_seeds``), each capped by :func:`role_cap`; the student's config gets the labels and
     ``pipeline.student_overrides`` (e.g. a loss setting); student and oracle, the roles trained
     on forces, get ``pipeline.force_overrides`` (e.g. the force weight, so that the oracle keeps
     the student's recipe), and ``extra_geometries`` (:func:`extra_geometries`) its
@@ -139,8 +139,17 @@ def variant_specs(cfg: DictConfig, role: str, labels: Path | None = None,
         if hessian:
             variant.append(f"++loss.hessian.labels={override_value(str(hessian))}")
     seeds = p.oracle_seeds if role == "oracle" else p.seeds
-    return [RunSpec(role, role, cfg.model.name, int(seed), int(p.max_epochs), tuple(variant))
+    return [RunSpec(role, role, cfg.model.name, int(seed), role_cap(cfg, role), tuple(variant))
             for seed in seeds]
+
+
+def role_cap(cfg: DictConfig, role: str) -> int:
+    """The epoch cap of step 3's ``role``: ``pipeline.max_epochs``, or for the baselines
+    ``pipeline.baseline_max_epochs`` when set (a converged reference beside capped runs)."""
+    p = cfg.pipeline
+    if role == "baseline" and p.get("baseline_max_epochs"):
+        return int(p.baseline_max_epochs)
+    return int(p.max_epochs)
 
 
 def variant_jobs(cfg: DictConfig, role: str, store: Path, labels: Path | None = None,

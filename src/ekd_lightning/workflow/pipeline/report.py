@@ -118,15 +118,21 @@ def training_record(runs: Sequence[Run]) -> dict[str, dict]:
 
 def convergence_note(training: Mapping[str, Mapping]) -> str:
     """``converged``: every run ended by its stopping rule; else ``budget-matched, not
-    converged: k of n runs reached the cap of N epochs (names)``; ``unknown`` without records."""
+    converged: k of n runs reached the cap of N epochs (names)``, or, when the caps differ
+    (``pipeline.baseline_max_epochs``), ``not converged: ...``, naming the runs that converged;
+    ``unknown`` without records."""
     capped = [name for name, t in training.items() if t.get("stopped_early") is False]
     if not training:
         return "unknown: no training records"
     if not capped:
         return "converged: every run ended by early stopping"
     caps = sorted({t.get("max_epochs") for t in training.values() if t.get("max_epochs")})
-    return (f"budget-matched, not converged: {len(capped)} of {len(training)} runs reached the "
-            f"cap of {'/'.join(map(str, caps))} epochs ({', '.join(capped)})")
+    note = (f"{len(capped)} of {len(training)} runs reached the cap of "
+            f"{'/'.join(map(str, caps))} epochs ({', '.join(capped)})")
+    if len(caps) < 2:
+        return f"budget-matched, not converged: {note}"
+    stopped = [name for name, t in training.items() if t.get("stopped_early")]
+    return (f"not converged: {note}; ended by the rule: {', '.join(stopped) or 'none'}")
 
 
 def inference_cost(models: Mapping[str, object], records, names: Sequence[str],
@@ -179,9 +185,12 @@ def _training_section(cfg, training: Mapping[str, Mapping], inference: Mapping[s
     stop = (cfg.get("callbacks") or {}).get("early_stopping")
     rule = (f"early stopping on `{stop.monitor}` (fixed force weight), patience {stop.patience} "
             f"epochs" if stop else "no early stopping")
+    baseline_cap = cfg.pipeline.get("baseline_max_epochs")
+    cap = (f"at most {cfg.pipeline.max_epochs} epochs" if not baseline_cap else
+           f"at most {cfg.pipeline.max_epochs} epochs, the baselines {baseline_cap} (a converged "
+           "reference: the others are compared with it at their own cap)")
     text = ["## Training: one stopping rule", "",
-            f"Every model: {rule}, at most {cfg.pipeline.max_epochs} epochs, best checkpoint "
-            "(lowest val loss).", "",
+            f"Every model: {rule}, {cap}, best checkpoint (lowest val loss).", "",
             "| run | epochs | best epoch | stopped early | train time (s) |", "|---|---|---|---|---|"]
     for name, t in training.items():
         time_s = t.get("train_time_s")
