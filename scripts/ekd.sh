@@ -16,5 +16,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export WANDB_MODE=${WANDB_MODE:-offline} WANDB_SILENT=true
-python train.py experiment=ekd ensemble@pipeline.teachers=ani_visnet pipeline.max_epochs=30 \
-    pipeline.baseline_max_epochs=200 "$@"
+python train.py experiment=ekd ensemble@pipeline.teachers=ani_visnet pipeline.max_epochs=30 pipeline.baseline_max_epochs=200 "$@"

@@ -176,6 +176,11 @@ def _split_section(split: str, title: str, rows, runs: Sequence[RunSpec], report
     gap = f"**{closed:.0%}**" if math.isfinite(closed) else why
     text += ["", "Force-error gap closed by the student, (baseline − student) / (baseline − "
              f"oracle), every model under the same stopping rule ({report['convergence']}): {gap}", ""]
+    if report["convergence"].startswith("not converged") and student:
+        text += ["The student and its teachers stopped at their cap while the baselines ran to "
+                 "convergence: this compares a budget-limited student with a converged baseline. "
+                 "For converged students under the same rule, rerun with "
+                 "`pipeline.max_epochs=200` (or `experiment=ekd_best`, the best recipe measured).", ""]
     return text
 
 
