@@ -252,3 +252,14 @@ def test_batched_md_leaves_the_device_only_at_failure_checks(device, monkeypatch
     short, long = transfers(100), transfers(300)  # 1 and 3 checks; 200 more steps and frames
     assert 0 < long - short <= 2 * 12  # at most a dozen transfers per extra check
     assert short < 50
+
+
+def test_a_start_structure_with_atoms_on_top_of_each_other_is_refused_before_any_step():
+    """Batched MD checks its starting structures as ekd-md does: an H 0.01 Å from its O is a
+    one-line DataError naming the structure, not a trajectory that "fails" at step 0
+    (mutation: dropping the check lets the run start and report a failure)."""
+    water = molecule("H2O")
+    water.positions[1] = water.positions[0] + [0, 0, 0.01]
+    with pytest.raises(DataError, match=r"starting structure H2O: atoms 0 \(O\) and 1 \(H\) are 0.010 Å"):
+        run_replicas(ElasticNetwork(molecule("H2O")), [water], [300.0], 2, 8, record_every=4,
+                     check_every=8)

@@ -206,6 +206,24 @@ def test_atoms_on_top_of_each_other_are_refused_by_predict_md_and_calculator(tea
         atoms.get_forces()
 
 
+
+def test_atoms_on_each_others_periodic_image_are_refused(teachers):
+    """In a periodic cell, an atom 0.02 Å from another's image (10 Å apart in the box) is as
+    meaningless as one on top of it (mutation: checking positions without the images)."""
+    from ase import Atoms
+
+    from ekd_lightning import EKDCalculator
+    from ekd_lightning.core.errors import DataError
+
+    atoms = Atoms("OH", positions=[[0.01, 5, 5], [9.99, 5, 5]], cell=[10, 10, 10], pbc=True)
+    atoms.calc = EKDCalculator.from_checkpoint(teachers[0])
+    with pytest.raises(DataError, match=r"atoms 0 \(O\) and 1 \(H\) are 0.020 Å apart "
+                                        r"\(through the periodic cell\)"):
+        atoms.get_forces()
+    atoms.positions[1, 0] = 8.0  # 2 Å away through the cell: a fine structure
+    assert atoms.get_forces().shape == (2, 3)
+
+
 # =========================================================================== outputs
 def test_evaluate_finds_an_unwritable_out_before_the_work(teachers, tmp_path):
     (tmp_path / "afile").write_text("not a folder")

@@ -46,7 +46,7 @@ from ..dynamics.replicas import (
     make_replicas,
     potential,
 )
-from ..inference.calculator import torch_threads
+from ..inference.calculator import check_structure, torch_threads
 from ..inference.members import load_members, model_device
 from .md import (
     FU_CRITERIA,
@@ -146,6 +146,8 @@ def run_replicas(
     if check_every % record_every or steps % record_every:
         raise ValueError(f"check_every {check_every} and steps {steps} must be multiples of "
                          f"record_every {record_every} (every frame is checked)")
+    for atoms in molecules:  # before any work: a clear error, not a failed trajectory
+        check_structure(atoms, f"starting structure {atoms.get_chemical_formula()}")
     start = time.perf_counter()
     device = model_device(model, device)
     generator = torch.Generator(device=device).manual_seed(seed)
