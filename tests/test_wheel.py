@@ -98,11 +98,18 @@ def test_wheel_commands_run_outside_the_checkout(venv, tmp_path):
 
 def test_pyproject_lists_every_package():
     """pyproject.toml lists the packages by hand (its package-dir maps ekd_lightning.conf to the
-    top-level conf/, which packages.find cannot): a package missing from the list would be missing
-    from the wheel."""
+    top-level conf/, which packages.find cannot), the folders of data files alone included (so
+    setuptools neither warns nor guesses): a package missing from the list would be missing from
+    the wheel."""
     import tomllib
-    from setuptools import find_packages
+
+    from setuptools import find_namespace_packages
+
+    def folders(root: Path, prefix: str) -> set[str]:
+        return {f"{prefix}.{name}" if name else prefix
+                for name in ["", *find_namespace_packages(root, exclude=["*__pycache__*"])]}
 
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = set(find_packages(ROOT / "src")) | {"ekd_lightning.conf"}
+    found = (folders(ROOT / "src" / "ekd_lightning", "ekd_lightning")
+             | folders(ROOT / "conf", "ekd_lightning.conf"))
     assert listed == found
