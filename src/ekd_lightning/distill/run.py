@@ -45,7 +45,7 @@ from ..core.files import atomic_path, write_json_atomic
 from ..core.hashing import cached_sha256
 from ..core.outputs import check_writable, exclusive, launched_rank_zero
 from ..core.provenance import code_version, creation_time
-from ..data.labels import COMPACT_VERSION, read_label_metadata, write_labels
+from ..data.labels import COMPACT_VERSION, OPTIONAL_ARRAYS, read_label_metadata, write_labels
 from ..data.packed import PackedConformations, PackedSplit
 from ..data.readers import MoleculeRecord, detect_format, open_h5, read_molecules
 from ..inference.calculator import torch_threads
@@ -353,7 +353,7 @@ def write_shard(job: DistillJob, chunk: int, arrays: Mapping[str, np.ndarray], r
     path = job.shard_path(chunk)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for name, value in arrays.items():
-            if name != "teacher_forces" or job.member_forces:
+            if job.member_forces or name not in OPTIONAL_ARRAYS:
                 f.create_dataset(name, data=value)
         f.attrs.update({"fingerprint": job.fingerprint, "chunk": chunk, "rank": rank})
     return path
