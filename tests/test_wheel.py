@@ -102,7 +102,6 @@ def test_pyproject_lists_every_package():
     setuptools neither warns nor guesses): a package missing from the list would be missing from
     the wheel."""
     import tomllib
-
     from setuptools import find_namespace_packages
 
     def folders(root: Path, prefix: str) -> set[str]:
