@@ -168,3 +168,23 @@ def test_a_converged_baseline_beside_capped_runs_is_not_called_budget_matched():
                              "student-seed0": {"epochs": 30, "stopped_early": False, "max_epochs": 30}})
     assert note.startswith("not converged") and "student-seed0" in note
     assert note.endswith("ended by the rule: baseline-seed0")
+
+
+def test_the_report_flags_a_capped_student_against_a_converged_baseline_from_the_records():
+    """The report's "budget-limited student against a converged baseline" sentence follows the
+    runs' own records (every student at its cap, every baseline ended by the rule), and its
+    rerun hint names the baselines' cap (mutation: ignoring the baselines' stopped_early flags
+    the comparison when both sides were capped)."""
+    from ekd_lightning.workflow.pipeline.report import capped_against_converged
+
+    def report(student_stopped: bool, baseline_stopped: bool) -> dict:
+        training = {"student-seed0": {"stopped_early": student_stopped, "max_epochs": 30},
+                    "baseline-seed0": {"stopped_early": baseline_stopped, "max_epochs": 200},
+                    "teacher0": {"stopped_early": False, "max_epochs": 30}}
+        roles = {"student-seed0": "student", "baseline-seed0": "baseline", "teacher0": "teacher"}
+        return {"training": training, "runs": {n: {"role": r} for n, r in roles.items()}}
+
+    assert capped_against_converged(report(False, True)) == 200
+    assert capped_against_converged(report(False, False)) is None
+    assert capped_against_converged(report(True, True)) is None
+

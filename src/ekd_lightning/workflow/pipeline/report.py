@@ -176,12 +176,28 @@ def _split_section(split: str, title: str, rows, runs: Sequence[RunSpec], report
     gap = f"**{closed:.0%}**" if math.isfinite(closed) else why
     text += ["", "Force-error gap closed by the student, (baseline − student) / (baseline − "
              f"oracle), every model under the same stopping rule ({report['convergence']}): {gap}", ""]
-    if report["convergence"].startswith("not converged") and student:
-        text += ["The student and its teachers stopped at their cap while the baselines ran to "
-                 "convergence: this compares a budget-limited student with a converged baseline. "
-                 "For converged students under the same rule, rerun with "
-                 "`pipeline.max_epochs=200` (or `experiment=ekd_best`, the best recipe measured).", ""]
+    if student and (baseline_cap := capped_against_converged(report)):
+        text += ["The students stopped at their epoch cap while the baselines ran to convergence: "
+                 "this compares a budget-limited student with a converged baseline. For converged "
+                 f"students under the same rule, rerun with `pipeline.max_epochs={baseline_cap}` "
+                 "(or `experiment=ekd_best`, the best recipe measured).", ""]
     return text
+
+
+def capped_against_converged(report: Mapping) -> int | None:
+    """The baselines' epoch cap when every student reached its cap and every baseline ended by
+    the rule (``pipeline.baseline_max_epochs``: a capped student against a converged baseline),
+    else None."""
+    def records(role: str) -> list[Mapping]:
+        return [report["training"][name] for name, run in report["runs"].items()
+                if run["role"] == role and name in report["training"]]
+
+    students, baselines = records("student"), records("baseline")
+    caps = [int(t["max_epochs"]) for t in baselines if t.get("max_epochs")]
+    if (students and caps and all(t.get("stopped_early") is False for t in students)
+            and all(t.get("stopped_early") for t in baselines)):
+        return max(caps)
+    return None
 
 
 def _training_section(cfg, training: Mapping[str, Mapping], inference: Mapping[str, float],
