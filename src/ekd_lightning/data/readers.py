@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -233,15 +233,26 @@ def _check_geometry(path: Path, group: h5py.Group, coordinates: np.ndarray) -> N
             )
 
 
-def closest_pair(positions: np.ndarray) -> tuple[int, int, float] | None:
-    """The first pair of atoms (i, j, distance Å) of one structure (positions (n_atoms, 3) Å)
+def closest_pair(positions: np.ndarray, cell: np.ndarray | None = None,
+                 pbc: Sequence[bool] | None = None) -> tuple[int, int, float] | None:
+    """The closest pair of atoms (i, j, distance Å) of one structure (positions (n_atoms, 3) Å)
     closer than :data:`MIN_DISTANCE`, the distance below which training refuses a
-    conformation; None if there is none."""
+    conformation; None if there is none. With a periodic ``cell`` ((3, 3) Å, vectors as rows)
+    and ``pbc`` (3 bools), periodic images count (vesin's neighbour list)."""
     positions = np.asarray(positions, dtype=np.float64)
-    if len(positions) < 2:
+    if pbc is not None and any(pbc):
+        from vesin import NeighborList
+
+        i, j, squared = NeighborList(cutoff=MIN_DISTANCE, full_list=False).compute(
+            positions, np.asarray(cell, dtype=np.float64), [bool(p) for p in pbc], quantities="ijd")
+        squared = squared**2
+    elif len(positions) < 2:
         return None
-    i, j = np.triu_indices(len(positions), k=1)
-    squared = ((positions[i] - positions[j]) ** 2).sum(-1)
+    else:
+        i, j = np.triu_indices(len(positions), k=1)
+        squared = ((positions[i] - positions[j]) ** 2).sum(-1)
+    if len(squared) == 0:
+        return None
     p = int(np.argmin(squared))
     return (int(i[p]), int(j[p]), float(np.sqrt(squared[p]))) if squared[p] < MIN_DISTANCE**2 else None
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from ase.calculators.calculator import Calculator, all_changes
-from vesin import NeighborList
 
 from ..core.errors import DataError
 from ..core.units import HARTREE_TO_EV
@@ -33,25 +32,13 @@ def check_structure(atoms, where: str = "EKDCalculator") -> None:
     refuses a conformation (:data:`~ekd_lightning.data.readers.MIN_DISTANCE`, 0.1 Å): the
     model's energy and forces there are meaningless (e.g. 3e7 eV/Å for an H on an O). In a
     periodic cell the distances include the periodic images (an atom on another's image)."""
-    if (pair := closest_image_pair(atoms) if atoms.pbc.any() else closest_pair(atoms.positions)):
+    if (pair := closest_pair(atoms.positions, atoms.cell.array, atoms.pbc)) is not None:
         i, j, distance = pair
         symbols = atoms.get_chemical_symbols()
         image = " (through the periodic cell)" if atoms.pbc.any() else ""
         raise DataError(
             f"{where}: atoms {i} ({symbols[i]}) and {j} ({symbols[j]}) are {distance:.3f} Å "
             f"apart{image} (below {MIN_DISTANCE} Å: a duplicated atom?); fix the geometry")
-
-
-def closest_image_pair(atoms) -> tuple[int, int, float] | None:
-    """The closest pair of atoms (i, j, distance Å) of a periodic ``atoms`` closer than
-    :data:`~ekd_lightning.data.readers.MIN_DISTANCE`, periodic images included (vesin); None
-    if there is none."""
-    i, j, d = NeighborList(cutoff=MIN_DISTANCE, full_list=False).compute(
-        atoms.positions, atoms.cell.array, atoms.pbc.tolist(), quantities="ijd")
-    if len(d) == 0:
-        return None
-    p = int(d.argmin())
-    return int(i[p]), int(j[p]), float(d[p])
 
 
 @contextlib.contextmanager
