@@ -226,3 +226,41 @@ def test_seed_salt_gives_other_deterministic_samples():
     np.testing.assert_array_equal(runs[0].forces, runs[1].forces)
     assert runs[0].coordinates.shape == runs[2].coordinates.shape
     assert np.abs(runs[0].coordinates - runs[2].coordinates).max() > 1e-3
+
+
+def test_stretched_frames_pull_one_terminal_bond_and_keep_the_other_arrays():
+    """``stretch_frames`` appends frames in which exactly one terminal bond (an X-H here) is
+    longer than in some training MD frame by 0.1-0.8 Å, labelled by xTB like the rest (energies
+    far above the thermal frames'), and leaves the preset's other arrays untouched."""
+    pytest.importorskip("tblite")
+    pytest.importorskip("rdkit")
+    import dataclasses
+
+    tiny = presets.PRESETS["tiny"]
+    stretched = dataclasses.replace(tiny, stretch_frames=6)
+    plain, pulled = build.compute([build.Job("train", "CH4O", "CO", p) for p in (tiny, stretched)],
+                                  workers=1, log=lambda message: None)
+    n = len(plain.coordinates)
+    np.testing.assert_array_equal(pulled.coordinates[:n], plain.coordinates)
+    np.testing.assert_array_equal(pulled.energies[:n], plain.energies)
+    assert pulled.sampling.endswith(",stretch0.1-0.8A:6") and len(pulled.coordinates) == n + 6
+    md = plain.coordinates[: 2 * tiny.md_frames]
+    for x in pulled.coordinates[n:]:
+        moved = np.abs(md - x).max(axis=2) > 1e-9  # (n_md, n_atoms): atoms off each MD frame
+        base = int(np.argmin(moved.sum(axis=1)))
+        assert moved[base].sum() == 1  # one atom moved
+        atom = int(np.flatnonzero(moved[base])[0])
+        assert plain.numbers[atom] == 1  # CH3OH: every terminal atom is an H
+        delta = np.linalg.norm(x[atom] - md[base][atom])
+        assert 0.1 <= delta <= 0.8
+        bond = np.linalg.norm(md[base] - md[base][atom], axis=1)
+        anchor = int(np.argsort(bond)[1])  # its bonded partner: the nearest other atom
+        assert np.linalg.norm(x[anchor] - x[atom]) == pytest.approx(bond[anchor] + delta)
+    thermal = (plain.energies - plain.energies.min()) * KCAL
+    assert ((pulled.energies[n:] - plain.energies.min()) * KCAL).max() > thermal.max() + 10
+
+
+def test_terminal_bonds_point_from_anchor_to_terminal_atom():
+    """Formaldehyde H2C=O: both C-H bonds and the C=O bond end on a terminal atom, pulled from C."""
+    pairs = build.terminal_bonds(np.array([6, 8, 1, 1]), [(0, 1), (0, 2), (3, 0)])
+    assert sorted(pairs) == [(0, 1), (0, 2), (0, 3)]

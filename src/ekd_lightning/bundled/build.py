@@ -21,7 +21,7 @@ single-threaded worker process, so the arrays do not depend on ``--workers``.
 
 CLI::
 
-    python -m ekd_lightning.bundled.build --out-dir DIR [--preset default|tiny|second] [--workers N]
+    python -m ekd_lightning.bundled.build --out-dir DIR [--preset default|tiny|second|stretched|second_stretched] [--workers N]
 
 The ``second`` preset is an independent dataset for checking conclusions on data no one tuned
 to: other molecules (:data:`SECOND_TRAIN_SMILES` etc., disjoint from the bundled lists) and
@@ -271,6 +271,35 @@ def normal_mode_frames(engine, positions, bonds, rng, frames, temps, e_cap=0.08)
     return np.array(out)
 
 
+def terminal_bonds(numbers: np.ndarray, bonds: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Bonds to a terminal atom (one bond), as (anchor, terminal) index pairs: every X-H and,
+    e.g., a carbonyl O; the terminal atom can be pulled out along its bond alone."""
+    degree = np.bincount(np.array(bonds, dtype=int).ravel(), minlength=len(numbers))
+    pairs = []
+    for i, j in bonds:
+        if degree[j] == 1 and (degree[i] > 1 or numbers[j] <= numbers[i]):
+            pairs.append((i, j))
+        elif degree[i] == 1:
+            pairs.append((j, i))
+    return pairs
+
+
+def stretched_frames(numbers, bases, bonds, rng, frames, stretch) -> np.ndarray:
+    """Thermal frames with one terminal bond pulled out: a random base frame (n_bases, n_atoms,
+    3) Å, a random bond of :func:`terminal_bonds`, its terminal atom moved along the bond by
+    ``delta`` ~ U(``stretch``) Å. Where hot MD breaks a model (X-H bonds 0.5 Å long) and no
+    thermal sample goes. Returns (frames, n_atoms, 3) positions, Å."""
+    pairs = terminal_bonds(numbers, bonds)
+    out = np.empty((frames, len(numbers), 3))
+    for n in range(frames):
+        x = bases[rng.integers(len(bases))].copy()
+        anchor, end = pairs[rng.integers(len(pairs))]
+        axis = x[end] - x[anchor]
+        x[end] += rng.uniform(*stretch) * axis / np.linalg.norm(axis)
+        out[n] = x
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Jobs (one molecule each, run in worker processes)
 # --------------------------------------------------------------------------------------------
@@ -317,21 +346,27 @@ def _prepared(job: Job) -> tuple[np.ndarray, np.ndarray, list, XtbEngine, np.ran
 
 
 def sample_train(job: Job) -> Sample:
-    """MD at each ``md_temps`` plus normal-mode samples; atoms sorted by Z descending."""
+    """MD at each ``md_temps`` plus normal-mode samples, then ``stretch_frames`` MD frames with a
+    terminal bond pulled out (their own seed, so the other arrays do not change); atoms sorted by
+    Z descending."""
     p = job.preset
     numbers, positions, bonds, engine, rng = _prepared(job)
     parts = [
         langevin_frames(engine, numbers, positions, rng, t, p.md_frames, p.md_stride, p.md_equil)
         for t in p.md_temps
     ]
+    md = np.concatenate(parts)
     parts.append(normal_mode_frames(engine, positions, bonds, rng, p.nm_frames, p.nm_temps))
+    sampling = [f"md{t:g}K:{p.md_frames}" for t in p.md_temps]
+    sampling.append(f"nm{p.nm_temps[0]:g}-{p.nm_temps[1]:g}K:{p.nm_frames}")
+    if p.stretch_frames:
+        stretch_rng = np.random.default_rng(p.seed("stretch", job.smiles))
+        parts.append(stretched_frames(numbers, md, bonds, stretch_rng, p.stretch_frames, p.stretch))
+        sampling.append(f"stretch{p.stretch[0]:g}-{p.stretch[1]:g}A:{p.stretch_frames}")
     frames = np.concatenate(parts)
     energies, forces = label(engine, frames)
     order = np.argsort(-numbers, kind="stable")
-    sampling = ",".join(
-        [f"md{t:g}K:{p.md_frames}" for t in p.md_temps]
-        + [f"nm{p.nm_temps[0]:g}-{p.nm_temps[1]:g}K:{p.nm_frames}"]
-    )
+    sampling = ",".join(sampling)
     return Sample(job.key, job.smiles, numbers[order], frames[:, order], energies,
                   forces[:, order], sampling)
 

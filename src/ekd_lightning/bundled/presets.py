@@ -82,6 +82,8 @@ class Preset:
 
     MD: Langevin, 0.5 fs, friction 0.02 1/fs; ``md_equil`` steps, then one frame every
     ``md_stride`` steps. Normal-mode (NM) sampling: temperature uniform in ``nm_temps`` (K).
+    Stretched frames (``stretch_frames`` per training molecule, none by default): a training MD
+    frame with one terminal bond (X-H, C=O) pulled out by U(``stretch``) Å.
     """
 
     name: str
@@ -100,6 +102,8 @@ class Preset:
     test_md_stride: int = 100
     dimer_starts: int = 4
     opt_steps: int = 300
+    stretch_frames: int = 0
+    stretch: tuple[float, float] = (0.1, 0.8)
     seed_salt: str = ""
 
     def seed(self, *parts: str) -> int:
@@ -167,4 +171,12 @@ PRESETS: dict[str, Preset] = {
         "second", train_smiles=SECOND_TRAIN_SMILES, test_smiles=SECOND_TEST_SMILES,
         dimer_smiles=SECOND_DIMER_SMILES, seed_salt="second", md_frames=25,
     ),  # 80 conformations per molecule (not 100), to build in about half an hour on 2 cores
+    "stretched": Preset("stretched", stretch_frames=20),
+    "second_stretched": Preset(
+        "second_stretched", train_smiles=SECOND_TRAIN_SMILES, test_smiles=SECOND_TEST_SMILES,
+        dimer_smiles=SECOND_DIMER_SMILES, seed_salt="second", md_frames=25, stretch_frames=16,
+    ),
 }
+"""``stretched`` and ``second_stretched``: ``default`` and ``second`` (the same arrays) plus 20% of
+frames with a terminal bond pulled out 0.1-0.8 Å (issue 24's data lever: reference energies where
+hot MD breaks the models)."""
