@@ -8,7 +8,7 @@ the two normal-mode generators, with no energy evaluated:
   force constants floored at 0.03 Hartree/Å², rejecting a bond outside 0.8-1.3x its length or
   atoms closer than 0.7 Å (the builder's 50 kcal/mol energy cap, which needs xTB, is left out:
   it can only narrow the bundled side further);
-* ``ani1``: ANI-1's normal-mode sampling (Smith, Isayev, Roitberg, Chem. Sci. 2017, 8, 3192),
+* ``ani1``: ANI-1's normal-mode sampling (:func:`~ekd_lightning.bundled.build.ani1_normal_mode_frames`) (Smith, Isayev, Roitberg, Chem. Sci. 2017, 8, 3192),
   R_i = ±sqrt(3 c_i N_a k_B T / K_i) with the c_i a random partition of a random fraction of 1
   (as in its published generator), at ``--ani-temperatures`` (ANI-1: 300 K), rejecting atoms
   closer than 0.006 Z_i Z_j + 0.6 Å or moved more than 2 Å.
@@ -30,13 +30,18 @@ import argparse
 import numpy as np
 
 from ekd_lightning.bundled.build import (
-    KB_HARTREE, XtbEngine, _bonds_ok, embed_smiles, hessian, optimise, vibrational_modes,
+    KB_HARTREE,
+    XtbEngine,
+    _bonds_ok,
+    ani1_normal_mode_frames,
+    embed_smiles,
+    hessian,
+    optimise,
+    vibrational_modes,
 )
 
 MOLECULES = ("CO", "CCO", "CC=O", "CC(N)=O", "CCCC", "c1ccncc1")
 """Training molecules of the bundled set (H/C/N/O, 2-6 heavy atoms)."""
-MDYN_PER_A = 0.2293710
-"""1 mdyn/Å in Hartree/Å²."""
 
 
 def bundled_samples(positions, bonds, k, modes, rng, n, temps=(200.0, 1000.0)) -> np.ndarray:
@@ -47,28 +52,6 @@ def bundled_samples(positions, bonds, k, modes, rng, n, temps=(200.0, 1000.0)) -
         kt = KB_HARTREE * rng.uniform(*temps)
         trial = positions + (modes @ (rng.standard_normal(len(k)) * np.sqrt(kt / k))).reshape(-1, 3)
         if _bonds_ok(trial, positions, bonds):
-            out.append(trial)
-    return np.array(out)
-
-
-def ani1_samples(numbers, positions, k, modes, rng, n, temps) -> np.ndarray:
-    """ANI-1's normal-mode samples: (n, n_atoms, 3) Å."""
-    k = np.maximum(k, 1e-3 * MDYN_PER_A)  # ANI-1's floor, 1e-3 mdyn/Å
-    close = 0.006 * np.outer(numbers, numbers) + 0.6
-    np.fill_diagonal(close, 0.0)
-    out = []
-    while len(out) < n:
-        cuts = np.sort(rng.random(len(k) + 1))
-        cuts[0] = 0.0
-        total = rng.random()
-        cuts = total * cuts
-        cuts[-1] = total
-        c = np.diff(cuts)
-        kt = KB_HARTREE * rng.uniform(*temps)
-        r = rng.choice([-1.0, 1.0], len(k)) * np.minimum(np.sqrt(3 * c * len(numbers) * kt / k), 2.0)
-        trial = positions + (modes @ r).reshape(-1, 3)
-        dist = np.linalg.norm(trial[:, None] - trial[None], axis=-1) + np.eye(len(numbers)) * 99
-        if (dist > close).all() and np.linalg.norm(trial - positions, axis=1).max() <= 2.0:
             out.append(trial)
     return np.array(out)
 
@@ -98,9 +81,11 @@ def main(argv=None) -> int:
         k, modes = vibrational_modes(positions, hessian(engine, positions))
         frames = {
             "bundled (200-1000 K)": bundled_samples(positions, bonds, k, modes, rng, args.samples),
-            "ani1": ani1_samples(numbers, positions, k, modes, rng, args.samples, args.ani_temperatures),
-            "ani1, bundled's floor": ani1_samples(numbers, positions, np.maximum(k, 0.03), modes,
-                                                  rng, args.samples, args.ani_temperatures),
+            "ani1": ani1_normal_mode_frames(numbers, positions, k, modes, rng, args.samples,
+                                            args.ani_temperatures),
+            "ani1, bundled's floor": ani1_normal_mode_frames(
+                numbers, positions, np.maximum(k, 0.03), modes, rng, args.samples,
+                args.ani_temperatures),
         }
         for name, x in frames.items():
             stretches.setdefault(name, []).append(xh_stretch(x, positions, numbers, bonds))

@@ -264,3 +264,21 @@ def test_terminal_bonds_point_from_anchor_to_terminal_atom():
     """Formaldehyde H2C=O: both C-H bonds and the C=O bond end on a terminal atom, pulled from C."""
     pairs = build.terminal_bonds(np.array([6, 8, 1, 1]), [(0, 1), (0, 2), (3, 0)])
     assert sorted(pairs) == [(0, 1), (0, 2), (0, 3)]
+
+
+def test_ani1_normal_mode_sampling_puts_its_published_energy_in_the_modes():
+    """ANI-1's generator: the harmonic energy sum_i K_i R_i^2 / 2 of a sample is a uniform
+    fraction of 3/2 N_a k_B T (mean 3/4 N_a k_B T, never above 3/2 N_a k_B T), spread over the
+    modes in random signs. Stiff modes of four far-apart atoms, so nothing is clipped or rejected."""
+    numbers = np.ones(4, dtype=np.int64)
+    positions = 5.0 * np.eye(4, 3)
+    modes = np.eye(12)[:, :6]
+    k = np.full(6, 0.5)
+    rng = np.random.default_rng(0)
+    frames = build.ani1_normal_mode_frames(numbers, positions, k, modes, rng, 4000, (300.0, 300.0))
+    amplitudes = (frames - positions).reshape(len(frames), -1) @ modes  # (n, n_vib) Å
+    energy = 0.5 * (k * amplitudes**2).sum(axis=1)
+    bound = 1.5 * len(numbers) * build.KB_HARTREE * 300.0
+    assert energy.max() <= bound * (1 + 1e-9)
+    assert energy.mean() == pytest.approx(0.5 * bound, rel=0.04)
+    assert 0.45 < (amplitudes > 0).mean() < 0.55

@@ -21,7 +21,7 @@ single-threaded worker process, so the arrays do not depend on ``--workers``.
 
 CLI::
 
-    python -m ekd_lightning.bundled.build --out-dir DIR [--preset default|tiny|second|stretched|second_stretched] [--workers N]
+    python -m ekd_lightning.bundled.build --out-dir DIR [--preset NAME] [--workers N]
 
 The ``second`` preset is an independent dataset for checking conclusions on data no one tuned
 to: other molecules (:data:`SECOND_TRAIN_SMILES` etc., disjoint from the bundled lists) and
@@ -271,6 +271,39 @@ def normal_mode_frames(engine, positions, bonds, rng, frames, temps, e_cap=0.08)
     return np.array(out)
 
 
+MDYN_PER_A = 0.2293710
+"""1 mdyn/Å in Hartree/Å²."""
+
+
+def ani1_normal_mode_frames(numbers, positions, k, modes, rng, frames, temps) -> np.ndarray:
+    """ANI-1's normal-mode sampling (Smith, Isayev, Roitberg, Chem. Sci. 2017, 8, 3192) as its
+    published generator does it: R_i = ±sqrt(3 c_i N_a k_B T / K_i) along each mode (force
+    constants ``k`` (n_vib,) Hartree/Å², floored at 1e-3 mdyn/Å; at most 2 Å), the c_i a random
+    partition of a random fraction of 1, T uniform in ``temps`` K; rejects atoms closer than
+    0.006 Z_i Z_j + 0.6 Å or moved more than 2 Å. No energy cap. Unlike :func:`normal_mode_frames`
+    it moves soft modes (torsions) far along their linearised direction, which also stretches
+    the bonds they swing. Returns (frames, n_atoms, 3) positions, Å."""
+    k = np.maximum(k, 1e-3 * MDYN_PER_A)
+    close = 0.006 * np.outer(numbers, numbers) + 0.6
+    np.fill_diagonal(close, 0.0)
+    out: list[np.ndarray] = []
+    for _ in range(100 * frames):
+        if len(out) == frames:
+            break
+        total = rng.random()
+        cuts = total * np.sort(rng.random(len(k) + 1))
+        cuts[0], cuts[-1] = 0.0, total
+        twice_energy = 3.0 * np.diff(cuts) * len(numbers) * KB_HARTREE * rng.uniform(*temps)
+        amplitude = rng.choice([-1.0, 1.0], len(k)) * np.minimum(np.sqrt(twice_energy / k), 2.0)
+        trial = positions + (modes @ amplitude).reshape(-1, 3)
+        dist = np.linalg.norm(trial[:, None] - trial[None], axis=-1)
+        if (dist >= close).all() and np.linalg.norm(trial - positions, axis=1).max() <= 2.0:
+            out.append(trial)
+    if len(out) < frames:
+        raise RuntimeError(f"ANI-1 normal-mode sampling accepted only {len(out)}/{frames} samples")
+    return np.array(out)
+
+
 def terminal_bonds(numbers: np.ndarray, bonds: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Bonds to a terminal atom (one bond), as (anchor, terminal) index pairs: every X-H and,
     e.g., a carbonyl O; the terminal atom can be pulled out along its bond alone."""
@@ -356,9 +389,14 @@ def sample_train(job: Job) -> Sample:
         for t in p.md_temps
     ]
     md = np.concatenate(parts)
-    parts.append(normal_mode_frames(engine, positions, bonds, rng, p.nm_frames, p.nm_temps))
     sampling = [f"md{t:g}K:{p.md_frames}" for t in p.md_temps]
-    sampling.append(f"nm{p.nm_temps[0]:g}-{p.nm_temps[1]:g}K:{p.nm_frames}")
+    if p.nm_scheme == "ani1":
+        k, modes = vibrational_modes(positions, hessian(engine, positions))
+        parts.append(ani1_normal_mode_frames(numbers, positions, k, modes, rng, p.nm_frames, p.nm_temps))
+        sampling.append(f"ani1-nm{p.nm_temps[0]:g}-{p.nm_temps[1]:g}K:{p.nm_frames}")
+    else:
+        parts.append(normal_mode_frames(engine, positions, bonds, rng, p.nm_frames, p.nm_temps))
+        sampling.append(f"nm{p.nm_temps[0]:g}-{p.nm_temps[1]:g}K:{p.nm_frames}")
     if p.stretch_frames:
         stretch_rng = np.random.default_rng(p.seed("stretch", job.smiles))
         parts.append(stretched_frames(numbers, md, bonds, stretch_rng, p.stretch_frames, p.stretch))

@@ -82,6 +82,8 @@ class Preset:
 
     MD: Langevin, 0.5 fs, friction 0.02 1/fs; ``md_equil`` steps, then one frame every
     ``md_stride`` steps. Normal-mode (NM) sampling: temperature uniform in ``nm_temps`` (K).
+    ``nm_scheme``: ``boltzmann`` (the builder's harmonic samples) or ``ani1`` (ANI-1's generator,
+    :func:`~ekd_lightning.bundled.build.ani1_normal_mode_frames`) for the training NM frames.
     Stretched frames (``stretch_frames`` per training molecule, none by default): a training MD
     frame with one terminal bond (X-H, C=O) pulled out by U(``stretch``) Å.
     """
@@ -96,6 +98,7 @@ class Preset:
     md_equil: int = 200
     nm_frames: int = 30
     nm_temps: tuple[float, float] = (200.0, 1000.0)
+    nm_scheme: str = "boltzmann"
     test_nm_frames: int = 10
     test_md_temp: float = 300.0
     test_md_frames: int = 10
@@ -172,6 +175,7 @@ PRESETS: dict[str, Preset] = {
         dimer_smiles=SECOND_DIMER_SMILES, seed_salt="second", md_frames=25,
     ),  # 80 conformations per molecule (not 100), to build in about half an hour on 2 cores
     "stretched": Preset("stretched", stretch_frames=20),
+    "ani1_nms": Preset("ani1_nms", nm_scheme="ani1", nm_temps=(300.0, 300.0)),
     "second_stretched": Preset(
         "second_stretched", train_smiles=SECOND_TRAIN_SMILES, test_smiles=SECOND_TEST_SMILES,
         dimer_smiles=SECOND_DIMER_SMILES, seed_salt="second", md_frames=25, stretch_frames=16,
@@ -179,4 +183,5 @@ PRESETS: dict[str, Preset] = {
 }
 """``stretched`` and ``second_stretched``: ``default`` and ``second`` (the same arrays) plus 20% of
 frames with a terminal bond pulled out 0.1-0.8 Å (issue 24's data lever: reference energies where
-hot MD breaks the models)."""
+hot MD breaks the models). ``ani1_nms``: ``default`` with its training normal-mode frames drawn
+as ANI-1 drew them (300 K), which stretches X-H bonds further (``benchmarks/nms_width.py``)."""
