@@ -30,9 +30,10 @@ another seed salt: 4,080 training conformations of 51 molecules and 284 test con
 on a shared 2-core machine at load 13-15).
 
 Issue 24's data levers: ``stretched`` and ``second_stretched`` add to ``default`` and ``second``
-(their arrays unchanged) frames with one terminal bond pulled out 0.1-0.8 Å (``stretched``: 287
-s with 2 workers; ``second_stretched``: 686 s with 1 worker beside two trainings); ``ani1_nms`` draws the training normal-mode frames with ANI-1's generator (943 s with
-1 worker). Results: docs/md-stability-results.md.
+(their arrays unchanged) frames with one terminal bond pulled out 0.1-0.8 Å (``stretched``:
+287 s with 2 workers; ``second_stretched``: 686 s with 1 worker beside two trainings);
+``ani1_nms`` draws the training normal-mode frames with ANI-1's generator (943 s with 1 worker
+beside two trainings). Results: docs/md-stability-results.md.
 """
 
 from __future__ import annotations
