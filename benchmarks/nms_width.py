@@ -8,7 +8,8 @@ the two normal-mode generators, with no energy evaluated:
   force constants floored at 0.03 Hartree/Å², rejecting a bond outside 0.8-1.3x its length or
   atoms closer than 0.7 Å (the builder's 50 kcal/mol energy cap, which needs xTB, is left out:
   it can only narrow the bundled side further);
-* ``ani1``: ANI-1's normal-mode sampling (:func:`~ekd_lightning.bundled.build.ani1_normal_mode_frames`) (Smith, Isayev, Roitberg, Chem. Sci. 2017, 8, 3192),
+* ``ani1``: ANI-1's normal-mode sampling (Smith, Isayev, Roitberg, Chem. Sci. 2017, 8, 3192;
+  :func:`~ekd_lightning.bundled.build.ani1_normal_mode_frames`),
   R_i = ±sqrt(3 c_i N_a k_B T / K_i) with the c_i a random partition of a random fraction of 1
   (as in its published generator), at ``--ani-temperatures`` (ANI-1: 300 K), rejecting atoms
   closer than 0.006 Z_i Z_j + 0.6 Å or moved more than 2 Å.
@@ -45,7 +46,8 @@ MOLECULES = ("CO", "CCO", "CC=O", "CC(N)=O", "CCCC", "c1ccncc1")
 
 
 def bundled_samples(positions, bonds, k, modes, rng, n, temps=(200.0, 1000.0)) -> np.ndarray:
-    """The builder's normal-mode samples without the energy cap: (n, n_atoms, 3) Å."""
+    """The builder's normal-mode samples (``build.normal_mode_frames``, which computes its own
+    Hessian and needs xTB for its energy cap) on given modes, without the cap: (n, n_atoms, 3) Å."""
     k = np.maximum(k, 0.03)
     out = []
     while len(out) < n:

@@ -61,6 +61,8 @@ BOHR = float(units.Bohr)
 """1 Bohr in Å."""
 KB_HARTREE = float(units.kB / units.Hartree)
 """Boltzmann constant in Hartree/K."""
+MDYN_PER_A = 0.2293710
+"""1 mdyn/Å in Hartree/Å²."""
 TRAIN_NAME = "xtb_train.h5"
 TEST_NAME = "xtb_comp6.h5"
 ENERGY_KEY = "gfn2_xtb.energy"
@@ -275,10 +277,6 @@ def normal_mode_frames(engine, positions, bonds, rng, frames, temps, e_cap=0.08)
     if len(out) < frames:
         raise RuntimeError(f"normal-mode sampling accepted only {len(out)}/{frames} samples")
     return np.array(out)
-
-
-MDYN_PER_A = 0.2293710
-"""1 mdyn/Å in Hartree/Å²."""
 
 
 def ani1_normal_mode_frames(numbers, positions, k, modes, rng, frames, temps) -> np.ndarray:
