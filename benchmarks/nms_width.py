@@ -33,8 +33,8 @@ import numpy as np
 from ekd_lightning.bundled.build import (
     KB_HARTREE,
     XtbEngine,
-    _bonds_ok,
     ani1_normal_mode_frames,
+    bonds_ok,
     embed_smiles,
     hessian,
     optimise,
@@ -53,7 +53,7 @@ def bundled_samples(positions, bonds, k, modes, rng, n, temps=(200.0, 1000.0)) -
     while len(out) < n:
         kt = KB_HARTREE * rng.uniform(*temps)
         trial = positions + (modes @ (rng.standard_normal(len(k)) * np.sqrt(kt / k))).reshape(-1, 3)
-        if _bonds_ok(trial, positions, bonds):
+        if bonds_ok(trial, positions, bonds):
             out.append(trial)
     return np.array(out)
 

@@ -247,7 +247,7 @@ def vibrational_modes(positions: np.ndarray, hess: np.ndarray) -> tuple[np.ndarr
     return k, basis @ modes
 
 
-def _bonds_ok(positions: np.ndarray, ref: np.ndarray, bonds: list[tuple[int, int]]) -> bool:
+def bonds_ok(positions: np.ndarray, ref: np.ndarray, bonds: list[tuple[int, int]]) -> bool:
     """Bond lengths within 0.8-1.3x the reference and no two atoms closer than 0.7 Å."""
     dist = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
     np.fill_diagonal(dist, np.inf)
@@ -272,7 +272,7 @@ def normal_mode_frames(engine, positions, bonds, rng, frames, temps, e_cap=0.08)
             break
         kt = KB_HARTREE * rng.uniform(*temps)
         trial = positions + (modes @ (rng.standard_normal(len(k)) * np.sqrt(kt / k))).reshape(-1, 3)
-        if _bonds_ok(trial, positions, bonds) and engine(trial)[0] - e_ref < e_cap:
+        if bonds_ok(trial, positions, bonds) and engine(trial)[0] - e_ref < e_cap:
             out.append(trial)
     if len(out) < frames:
         raise RuntimeError(f"normal-mode sampling accepted only {len(out)}/{frames} samples")
