@@ -52,6 +52,8 @@ def _stack_plan(model: AtomisticModel) -> tuple[dict[str, list[nn.Linear]], nn.M
     :func:`~ekd_lightning.models.ani.activation_backward`."""
     if type(model) is not ANIModel:
         return f"{type(model).__name__} has no batched implementation"
+    if model.repulsion is not None:
+        return "it carries a pair repulsion prior, which StackedANI does not add"
     layers, activations = {}, set()
     for element, net in model.networks.items():
         modules = list(net)

@@ -52,7 +52,8 @@ from ..task.checkpoint import load_potential
 
 
 class _Exported(nn.Module):
-    """What every exported model shares: element checks, the energy sum, forces by autograd.
+    """What every exported model shares: element checks, the energy sum (with the model's pair
+    repulsion prior, if any), forces by autograd.
 
     Subclasses implement ``contributions(species, i, j, vec) -> (n_atoms,)``, the dimensionless
     per-atom outputs from a full neighbour list: directed pairs (i, j) in both directions and
@@ -72,6 +73,7 @@ class _Exported(nn.Module):
         self.register_buffer("species_of_number", model.species_of_number.clone())
         self.register_buffer("self_energies", model.self_energies.clone())  # (S,) Hartree, f64
         self.register_buffer("energy_scale", model.energy_scale.clone())  # () Hartree, f64
+        self.repulsion = copy.deepcopy(model.repulsion)  # the pair prior, or None
 
     def species(self, numbers: Tensor, positions: Tensor) -> Tensor:
         """Species index (n_atoms,) of the atomic numbers; an error for bad input."""
@@ -95,7 +97,10 @@ class _Exported(nn.Module):
         """Per-atom energies (n_atoms,) float64 Hartree from a full neighbour list (see the
         class); their sum is the energy, differentiable in ``vec``."""
         atomic = self.energy_scale * self.contributions(species, i, j, vec).to(torch.float64)
-        return atomic + self.self_energies[species]
+        atomic = atomic + self.self_energies[species]
+        if self.repulsion is not None:
+            atomic = atomic + self.repulsion(species, i, j, vec)
+        return atomic
 
     def forward(self, numbers: Tensor, positions: Tensor) -> Tensor:
         """Energy () float64 in Hartree of one molecule: numbers (n_atoms,), positions

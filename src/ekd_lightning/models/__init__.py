@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from ..core.errors import CheckpointError, ConfigError
 from .base import AtomisticModel, energy_and_forces
+from .repulsion import build_repulsion
 
 NOT_ARGUMENTS = ("name",)
 """Keys of a model config that name its runs and are not the model class's arguments."""
@@ -29,7 +30,8 @@ def model_arguments(model_cfg: Mapping) -> dict:
 def instantiate_model(model_cfg: Mapping, elements: Sequence[str]) -> AtomisticModel:
     """The model of a model config (``{_target_: an AtomisticModel class, **its kwargs}``;
     ``name`` is ignored) for ``elements``, built with :func:`hydra.utils.instantiate`
-    (ConfigError for a ``_target_`` that is not a model class)."""
+    (ConfigError for a ``_target_`` that is not a model class), with the pair repulsion prior
+    named by ``repulsion`` (absent or null: none; :mod:`~ekd_lightning.models.repulsion`)."""
     from ..core.instantiate import instantiate_checked
     from .losses import renamed_key
 
@@ -37,7 +39,10 @@ def instantiate_model(model_cfg: Mapping, elements: Sequence[str]) -> AtomisticM
     for key in ("arch", "kwargs"):  # a model config of the layout before _target_
         if key in arguments:
             raise ConfigError(f"model config {model_cfg.get('name')!r}: {renamed_key(f'model.{key}')}")
-    return instantiate_checked(arguments, AtomisticModel, "model", elements=list(elements))
+    repulsion = arguments.pop("repulsion", None)
+    model = instantiate_checked(arguments, AtomisticModel, "model", elements=list(elements))
+    model.repulsion = build_repulsion(repulsion, model.elements)
+    return model
 
 
 LEGACY_TARGETS = {

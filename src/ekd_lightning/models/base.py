@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from ..core.errors import DataError
 from ..core.units import number_to_symbol, symbol_to_number
-from .neighbors import Pairs
+from .neighbors import Pairs, model_pairs, pair_vectors
+from .repulsion import ZBLRepulsion
 
 
 class AtomisticModel(nn.Module):
@@ -25,10 +26,13 @@ class AtomisticModel(nn.Module):
             fixes the species index used by the networks.
 
     Subclasses set ``cutoff`` (Å), the largest pair distance they use: a neighbour list given
-    to :meth:`forward` must hold every pair within it.
+    to :meth:`forward` must hold every pair within it. ``repulsion``: an optional pair
+    repulsion prior added to the energy (:mod:`~ekd_lightning.models.repulsion`; set by
+    :func:`~ekd_lightning.models.instantiate_model` from the config's ``repulsion`` key).
     """
 
     cutoff: float
+    repulsion: ZBLRepulsion | None
 
     def __init__(self, elements: Sequence[str]):
         super().__init__()
@@ -39,6 +43,7 @@ class AtomisticModel(nn.Module):
         self.register_buffer("species_of_number", index, persistent=False)
         self.register_buffer("self_energies", torch.zeros(len(numbers), dtype=torch.float64))
         self.register_buffer("energy_scale", torch.ones((), dtype=torch.float64))
+        self.repulsion = None
 
     @property
     def num_species(self) -> int:
@@ -79,8 +84,20 @@ class AtomisticModel(nn.Module):
                 each molecule, no periodic images.
         """
         species = self.species(z)
-        return self.sum_energies(species, self.atomic_contributions(species, pos, batch, pairs),
-                                 batch, num_molecules)
+        energies = self.sum_energies(species, self.atomic_contributions(species, pos, batch, pairs),
+                                     batch, num_molecules)
+        return self.add_prior(energies, species, pos, batch, pairs)
+
+    def add_prior(self, energies: Tensor, species: Tensor, pos: Tensor, batch: Tensor,
+                  pairs: Pairs | None = None) -> Tensor:
+        """``energies`` (num_molecules,) Hartree plus the repulsion prior's (if any) of the
+        atoms at ``pos`` (n_atoms, 3) Å; differentiable in ``pos``."""
+        if self.repulsion is None:
+            return energies
+        edge_index, shifts = model_pairs(pos, batch, self.repulsion.cutoff, pairs)
+        vec = pair_vectors(pos, edge_index, shifts)[0]
+        atomic = self.repulsion(species, edge_index[0], edge_index[1], vec)
+        return energies.index_add(0, batch, atomic)
 
     def sum_energies(self, species: Tensor, contributions: Tensor, batch: Tensor,
                      num_molecules: int) -> Tensor:

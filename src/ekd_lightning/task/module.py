@@ -130,7 +130,8 @@ class FeatureCache:
         if not held or any(rows is None for rows in held):
             return None
         features = torch.cat(held)
-        return model.energies_from_features(batch.z, features, batch.batch, batch.num_graphs)
+        return model.energies_from_features(batch.z, features, batch.batch, batch.num_graphs,
+                                            batch.pos)
 
 
 class PotentialModule(pl.LightningModule):

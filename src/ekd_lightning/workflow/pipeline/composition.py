@@ -25,6 +25,8 @@ from .runs import Job, RunSpec
 
 SET_PER_RUN = ("stage", "model", "seed", "trainer.max_epochs", "run_name")
 """Keys each run sets itself (:meth:`RunSpec.overrides`): the command's values are dropped."""
+EVERY_MODEL = ("model.repulsion",)
+"""Model keys a pipeline's command sets for the runs of every architecture, not its model's alone."""
 
 
 def run_overrides(command: Sequence[str], spec: RunSpec, cfg: DictConfig) -> list[str]:
@@ -33,13 +35,15 @@ def run_overrides(command: Sequence[str], spec: RunSpec, cfg: DictConfig) -> lis
     sets (:data:`SET_PER_RUN`), the pipeline's own settings (``pipeline.*``, deleted from the
     run's config: ``~pipeline``) and Hydra's but ``hydra.searchpath``; less ``model.*`` for a
     run of another model than ``cfg.model`` (a teacher of another architecture gets its model
-    file as it is); then the run's own (:meth:`RunSpec.overrides`)."""
+    file as it is) but ``model.repulsion``, the prior every compared model gets
+    (:mod:`~ekd_lightning.models.repulsion`); then the run's own (:meth:`RunSpec.overrides`)."""
     kept = []
     for override in parse(command):
         key = override.key_or_group
         if (key in SET_PER_RUN or key.split(".")[0] == "pipeline"
                 or (key.startswith("hydra") and key != "hydra.searchpath")
-                or (key.startswith("model.") and spec.model != cfg.model.name)):
+                or (key.startswith("model.") and key not in EVERY_MODEL
+                    and spec.model != cfg.model.name)):
             continue
         kept.append(override.input_line)
     return [*kept, *(["~pipeline"] if "pipeline" in cfg else []), *spec.overrides()]
