@@ -175,6 +175,39 @@ def test_teacher_from_cached_features_equals_teacher_from_positions(ani1x_file, 
         torch.testing.assert_close(value, plain["state_dict"][key], rtol=0, atol=1e-6)
 
 
+def test_compiled_visnet_teacher_trains_to_the_eager_weights(ani1x_file, tmp_path, monkeypatch):
+    """compile=true runs ViSNet's representation through torch.compile in training mode: the
+    compiled graph is the one the training steps call, and the run ends with the eager run's
+    weights to float32 rounding (same keys: the checkpoint is an eager model's); the config
+    hash keeps compile=false runs where they were and tells compile=true ones apart."""
+    from ekd_lightning.models.visnet import ViSNetModel
+    from ekd_lightning.train.training import config_sha256
+
+    visnet = ("stage=teacher", "model=visnet_small", "trainer.max_epochs=2", "model.hidden_channels=16",
+              "data.batch_size=32")
+    calls = {"compiled": 0}
+    original = ViSNetModel.atomic_contributions
+
+    def counting(self, species, pos, batch, pairs=None):
+        if self.training and self.compiled_representation is not None:
+            calls["compiled"] += 1
+        return original(self, species, pos, batch, pairs)
+
+    monkeypatch.setattr(ViSNetModel, "atomic_contributions", counting)
+    eager_cfg, compiled_cfg = (make_cfg(ani1x_file, *visnet, f"compile={c}") for c in ("false", "true"))
+    run_training(eager_cfg, tmp_path / "eager")
+    assert calls["compiled"] == 0
+    run_training(compiled_cfg, tmp_path / "compiled")
+    assert calls["compiled"] >= 2  # every training step of both epochs
+    eager, compiled = (torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+                       for d in ("eager", "compiled"))
+    assert eager.keys() == compiled.keys()
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-5)
+    without = make_cfg(ani1x_file, *visnet, "~compile")  # as the runs stored before the key
+    assert config_sha256(eager_cfg) == config_sha256(without) != config_sha256(compiled_cfg)
+
+
 def test_feature_cache_fills_reuses_and_stops_at_its_size(ani1x_file):
     cfg = make_cfg(ani1x_file, "stage=teacher", SMALL_ANI)
     dm = build_datamodule(cfg)

@@ -70,6 +70,12 @@ class AtomisticModel(nn.Module):
         """Dimensionless per-atom outputs (n_atoms,); scaled and shifted by :meth:`forward`."""
         raise NotImplementedError
 
+    def compile_for_training(self) -> bool:
+        """Compile (``torch.compile``) the part of the model whose training step was measured
+        to get faster, used in training mode only; True if something was compiled. The base
+        class compiles nothing (ViSNet compiles its representation)."""
+        return False
+
     def forward(self, z: Tensor, pos: Tensor, batch: Tensor, num_molecules: int,
                 pairs: Pairs | None = None) -> Tensor:
         """Energies (num_molecules,) in Hartree, float64.

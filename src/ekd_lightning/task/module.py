@@ -11,6 +11,7 @@ kcal/mol/Å: ``{split}/energy_mae|energy_rmse`` and, when the data has reference
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import pytorch_lightning as pl
@@ -21,6 +22,8 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError
 from ..core.units import HARTREE_TO_KCALMOL as KCAL
 from ..models import instantiate_model, legacy_model_config, model_arguments
 from ..models.losses import build_loss_terms
+
+log = logging.getLogger(__name__)
 
 ENERGY_ONLY = {"_target_": "ekd_lightning.models.losses.EnergyLoss", "weight": 1.0}
 """The energy term of every stage (``conf/stage/*.yaml``: ``loss.energy``)."""
@@ -158,6 +161,11 @@ class PotentialModule(pl.LightningModule):
             Not a hyperparameter saved in checkpoints: it changes speed and memory, and the
             result only through float32 rounding (kept in the config hash, so that a run in the
             store is reproduced bit for bit).
+        compile: while training on energies alone, run the model's heaviest block compiled
+            (:meth:`~ekd_lightning.models.base.AtomisticModel.compile_for_training`; ViSNet's
+            representation); evaluation stays eager. Not a hyperparameter saved in checkpoints
+            either (the weights are the same modules); a force-trained fit stays eager
+            (compiled graphs have no double backward).
 
     Checkpoints of the previous layout (``model_name``/``model_kwargs`` and flat loss keys) are
     read through :func:`upgrade_hparams`.
@@ -177,6 +185,7 @@ class PotentialModule(pl.LightningModule):
         lr_patience: int = 5,
         lr_cycle_epochs: int | None = None,
         feature_cache_mb: float = 0.0,
+        compile: bool = False,
     ):
         super().__init__()
         elements = list(elements)
@@ -191,6 +200,7 @@ class PotentialModule(pl.LightningModule):
         )
         self.model = instantiate_model(model, elements)
         self.model.set_energy_statistics(self_energies, energy_scale)
+        self.compile_training = bool(compile)
         self.feature_cache = None
         if feature_cache_mb > 0 and hasattr(self.model, "energies_from_features"):
             self.feature_cache = FeatureCache(int(feature_cache_mb * 2**20))
@@ -289,6 +299,13 @@ class PotentialModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.feature_cache is not None:  # features of another fit's data are not reused
             self.feature_cache.clear()
+        if self.compile_training:
+            if any(term.needs_forces or term.needs_model for term in self.loss_terms.values()):
+                log.warning("compile=true: this fit trains on forces (a double backward, which "
+                            "compiled graphs lack); it runs eager")
+            elif not self.model.compile_for_training():
+                log.info("compile=true: %s compiles nothing (measured to pay for ViSNet only)",
+                         type(self.model).__name__)
 
     def on_train_epoch_start(self) -> None:
         """Fill the feature cache (once per fit, :meth:`FeatureCache.fill`) before the first

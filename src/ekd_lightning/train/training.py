@@ -104,6 +104,7 @@ def build_module(cfg: DictConfig, datamodule: EKDDataModule) -> PotentialModule:
         loss=OmegaConf.to_container(cfg.loss, resolve=True),
         **OmegaConf.to_container(cfg.optim, resolve=True),
         feature_cache_mb=float(cfg.get("feature_cache_mb", 0.0)),
+        compile=bool(cfg.get("compile", False)),
     )
 
 
@@ -201,12 +202,15 @@ def provenance(cfg: DictConfig, datamodule: EKDDataModule) -> dict:
 SHOWN_ONLY = ("resume", "logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
               "distill.out", "distill.store", "callbacks.lr_monitor")
 """Config keys that change how a run is shown, logged or where a file goes, never its result."""
+ABSENT_AT_DEFAULT = {"compile": False}
+"""Keys added after runs were stored, left out of the hash at these values (the runs before
+them computed the same), in it at any other (a compiled run differs in float rounding)."""
 
 
 def computed_config(cfg: DictConfig) -> dict:
     """What a run computes: the resolved config as JSON data (``_target_`` paths as named before
     issue 25 moved modules, :func:`~ekd_lightning.core.moved.with_old_targets`) without
-    :data:`SHOWN_ONLY`, without
+    :data:`SHOWN_ONLY` and :data:`ABSENT_AT_DEFAULT` at their defaults, without
     ``distill`` for a stage that trains on no distilled labels, and without
     ``distill.default_teachers`` once labels or teachers are given."""
     container = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
@@ -218,6 +222,9 @@ def computed_config(cfg: DictConfig) -> dict:
             node = node.get(parent) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(leaf, None)
+    for key, default in ABSENT_AT_DEFAULT.items():
+        if container.get(key, default) == default:
+            container.pop(key, None)
     distill = container.get("distill")
     if "labels" not in loss_targets(container.get("loss")):
         container.pop("distill", None)
