@@ -3,7 +3,8 @@
 Energies are in Hartree. Each model predicts per-atom contributions; the total is
 ``sum_atoms(energy_scale * contribution + self_energy[element])``, where the self atomic energies
 (SAE, Hartree) are fitted by linear regression on the training split and ``energy_scale`` is the
-spread of the residual energy per atom, so that networks see targets of order one. Forces are
+spread of the residual energy per atom, so that networks see targets of order one; a model
+may add a fixed short-range pair repulsion to it (``repulsion``, :mod:`.repulsion`). Forces are
 always -dE/dx by autograd (:func:`energy_and_forces`), never a separate output.
 """
 
