@@ -51,15 +51,20 @@ def main(argv=None) -> None:
     parser.add_argument("--max-epochs", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary one)")
     args = parser.parse_args(argv)
+    if args.max_epochs < 2:
+        parser.error("--max-epochs must be at least 2: the time per epoch is taken after the first")
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_compile-"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     rows = []
     for seed in args.seeds:
         dirs = {c: out / f"visnet-seed{seed}-{'compiled' if c else 'eager'}" for c in (False, True)}
-        jobs = [subprocess.Popen(command(seed, c, args.max_epochs, d), env=env, cwd=ROOT,
-                                 stdout=subprocess.DEVNULL, stderr=open(d.with_suffix(".log"), "w"))
-                for c, d in dirs.items() if not d.mkdir(parents=True, exist_ok=True)]
-        if any(job.wait() for job in jobs):
+        jobs = []
+        for compiled, run_dir in dirs.items():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir.with_suffix(".log"), "w") as log:  # the child keeps its own handle
+                jobs.append(subprocess.Popen(command(seed, compiled, args.max_epochs, run_dir),
+                                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log))
+        if any([job.wait() for job in jobs]):  # a list: wait for both before failing
             raise SystemExit(f"a run failed: see {out}/*.log")
         rows += [result(seed, c, d) for c, d in dirs.items()]
     print("| seed | compiled | epochs | training time s | first epoch s | median epoch s | test force MAE | test energy MAE |")

@@ -19,19 +19,20 @@ printed apart).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import benchlib
 import torch
 from bench_train_step import ours_step
+from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
+import ekd_lightning.conf
+from ekd_lightning.models import instantiate_model
 from ekd_lightning.models.ani import ANIModel
 from ekd_lightning.models.visnet import ViSNetModel
 
 MATMUL = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul")
-VISNET_SMALL = {"hidden_channels": 32, "num_layers": 2, "num_heads": 2, "num_rbf": 16, "lmax": 1,
-                "cutoff": 4.5}
-"""conf/model/visnet_small.yaml's sizes."""
 GEOMETRY = ("distance", "sphere", "distance_expansion")
 """ViSNet submodules whose output depends on the positions alone."""
 
@@ -92,8 +93,10 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     def make_model():
-        return (ANIModel(benchlib.ANI2X_ELEMENTS) if args.model == "ani2x"
-                else ViSNetModel(benchlib.ANI2X_ELEMENTS, **VISNET_SMALL))
+        if args.model == "ani2x":
+            return ANIModel(benchlib.ANI2X_ELEMENTS)
+        config = OmegaConf.load(Path(ekd_lightning.conf.__file__).parent / "model" / "visnet_small.yaml")
+        return instantiate_model(OmegaConf.to_container(config), benchlib.ANI2X_ELEMENTS)
 
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), 1e-4)
