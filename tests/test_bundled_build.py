@@ -260,6 +260,52 @@ def test_stretched_frames_pull_one_terminal_bond_and_keep_the_other_arrays():
     assert ((pulled.energies[n:] - plain.energies.min()) * KCAL).max() > thermal.max() + 10
 
 
+def test_hydrogen_shift_frames_put_one_h_on_a_shift_path_and_keep_the_other_arrays():
+    """``shift_frames`` appends frames in which exactly one H of a training MD frame sits on the
+    1,2-shift path between its heavy atom and that atom's heavy neighbour (CH3OH: C-H towards O,
+    O-H towards C): in the X-Y-H plane of the base frame, 15-85% of the way along X-Y and
+    0.7-1.2 Å off it, labelled by xTB far above the thermal frames; the other arrays (stretched
+    frames included) are untouched."""
+    pytest.importorskip("tblite")
+    pytest.importorskip("rdkit")
+    import dataclasses
+
+    stretched = dataclasses.replace(presets.PRESETS["tiny"], stretch_frames=2)
+    shifted = dataclasses.replace(stretched, shift_frames=6)
+    plain, moved_h = build.compute([build.Job("train", "CH4O", "CO", p) for p in (stretched, shifted)],
+                                   workers=1, log=lambda message: None)
+    n = len(plain.coordinates)
+    np.testing.assert_array_equal(moved_h.coordinates[:n], plain.coordinates)
+    np.testing.assert_array_equal(moved_h.energies[:n], plain.energies)
+    assert moved_h.sampling.endswith(",hshift0.7-1.2A:6") and len(moved_h.coordinates) == n + 6
+    md = plain.coordinates[: 2 * stretched.md_frames]
+    heavy = np.flatnonzero(plain.numbers > 1)  # C and O
+    for x in moved_h.coordinates[n:]:
+        moved = np.abs(md - x).max(axis=2) > 1e-9
+        base = int(np.argmin(moved.sum(axis=1)))
+        assert moved[base].sum() == 1
+        h = int(np.flatnonzero(moved[base])[0])
+        assert plain.numbers[h] == 1
+        donor = heavy[np.argmin(np.linalg.norm(md[base][heavy] - md[base][h], axis=1))]
+        acceptor = heavy[heavy != donor][0]
+        axis = x[acceptor] - x[donor]
+        along = np.dot(x[h] - x[donor], axis) / np.dot(axis, axis)
+        off = x[h] - x[donor] - along * axis
+        assert 0.15 <= along <= 0.85 and 0.7 <= np.linalg.norm(off) <= 1.2
+        normal = np.cross(axis, md[base][h] - x[donor])  # the base frame's X-Y-H plane
+        assert abs(np.dot(off, normal)) < 1e-9 * np.linalg.norm(normal)
+    thermal = (plain.energies[: 2 * stretched.md_frames] - plain.energies.min()) * KCAL
+    assert ((moved_h.energies[n:] - plain.energies.min()) * KCAL).min() > thermal.max()
+
+
+def test_shift_paths_pair_each_h_with_its_atoms_heavy_neighbours():
+    """Methanol (C0, O1, H2-H4 on C, H5 on O): each C-H towards O, the O-H towards C; no path
+    to an H or to the H's own atom."""
+    bonds = [(0, 1), (0, 2), (0, 3), (0, 4), (1, 5)]
+    paths = build.shift_paths(np.array([6, 8, 1, 1, 1, 1]), bonds)
+    assert sorted(paths) == [(0, 2, 1), (0, 3, 1), (0, 4, 1), (1, 5, 0)]
+
+
 def test_terminal_bonds_point_from_anchor_to_terminal_atom():
     """Formaldehyde H2C=O: both C-H bonds and the C=O bond end on a terminal atom, pulled from C."""
     pairs = build.terminal_bonds(np.array([6, 8, 1, 1]), [(0, 1), (0, 2), (3, 0)])

@@ -337,6 +337,44 @@ def stretched_frames(numbers, bases, bonds, rng, frames, stretch) -> np.ndarray:
     return out
 
 
+def shift_paths(numbers: np.ndarray, bonds: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """1,2-hydrogen shifts a molecule allows, as (donor, hydrogen, acceptor) index triples: an H
+    bonded to heavy atom X, and a heavy atom Y bonded to X (the path of every hydrogen transfer
+    seen in hot model MD: C-H to O, C-H to N, N-H to C)."""
+    neighbours: dict[int, set[int]] = {k: set() for k in range(len(numbers))}
+    for i, j in bonds:
+        neighbours[i].add(j)
+        neighbours[j].add(i)
+    return [(x, h, y) for h in range(len(numbers)) if numbers[h] == 1
+            for x in sorted(neighbours[h]) if numbers[x] != 1
+            for y in sorted(neighbours[x]) if y != h and numbers[y] != 1]
+
+
+def hydrogen_shift_frames(numbers, bases, bonds, rng, frames, height, closest=0.9) -> np.ndarray:
+    """Thermal frames with one H moved onto a 1,2-shift path from its heavy atom X towards a
+    heavy neighbour Y of X (:func:`shift_paths`): placed at X + t (Y - X) + h n, where n is the
+    unit vector from the X-Y axis to the H in the base frame, t ~ U(0.15, 0.85) and h ~
+    U(``height``) Å, redrawn while the H is nearer than ``closest`` Å to any atom: the bridged
+    geometries a hydrogen transfer passes, where no thermal sample goes. ``bases`` (n_bases,
+    n_atoms, 3) Å. Returns (frames, n_atoms, 3) positions, Å."""
+    paths = shift_paths(numbers, bonds)
+    out = np.empty((frames, len(numbers), 3))
+    for n in range(frames):
+        for _ in range(1000):
+            x = bases[rng.integers(len(bases))].copy()
+            donor, h, acceptor = paths[rng.integers(len(paths))]
+            axis = x[acceptor] - x[donor]
+            off_axis = x[h] - x[donor] - axis * np.dot(x[h] - x[donor], axis) / np.dot(axis, axis)
+            along, off = rng.uniform(0.15, 0.85), rng.uniform(*height)
+            x[h] = x[donor] + along * axis + off * off_axis / np.linalg.norm(off_axis)
+            if np.delete(np.linalg.norm(x - x[h], axis=1), h).min() >= closest:
+                break
+        else:
+            raise RuntimeError(f"no hydrogen-shift frame keeps its H {closest} Å from every atom")
+        out[n] = x
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Jobs (one molecule each, run in worker processes)
 # --------------------------------------------------------------------------------------------
@@ -384,8 +422,8 @@ def _prepared(job: Job) -> tuple[np.ndarray, np.ndarray, list, XtbEngine, np.ran
 
 def sample_train(job: Job) -> Sample:
     """MD at each ``md_temps`` plus normal-mode samples, then ``stretch_frames`` MD frames with a
-    terminal bond pulled out (their own seed, so the other arrays do not change); atoms sorted by
-    Z descending."""
+    terminal bond pulled out and ``shift_frames`` with an H moved along a 1,2-shift path (each
+    from its own seed, so the other arrays do not change); atoms sorted by Z descending."""
     p = job.preset
     numbers, positions, bonds, engine, rng = _prepared(job)
     parts = [
@@ -405,6 +443,10 @@ def sample_train(job: Job) -> Sample:
         stretch_rng = np.random.default_rng(p.seed("stretch", job.smiles))
         parts.append(stretched_frames(numbers, md, bonds, stretch_rng, p.stretch_frames, p.stretch))
         sampling.append(f"stretch{p.stretch[0]:g}-{p.stretch[1]:g}A:{p.stretch_frames}")
+    if p.shift_frames and shift_paths(numbers, bonds):
+        shift_rng = np.random.default_rng(p.seed("shift", job.smiles))
+        parts.append(hydrogen_shift_frames(numbers, md, bonds, shift_rng, p.shift_frames, p.shift_height))
+        sampling.append(f"hshift{p.shift_height[0]:g}-{p.shift_height[1]:g}A:{p.shift_frames}")
     frames = np.concatenate(parts)
     energies, forces = label(engine, frames)
     order = np.argsort(-numbers, kind="stable")

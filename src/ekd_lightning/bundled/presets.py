@@ -85,7 +85,9 @@ class Preset:
     ``nm_scheme``: ``boltzmann`` (the builder's harmonic samples) or ``ani1`` (ANI-1's generator,
     :func:`~ekd_lightning.bundled.build.ani1_normal_mode_frames`) for the training NM frames.
     Stretched frames (``stretch_frames`` per training molecule, none by default): a training MD
-    frame with one terminal bond (X-H, C=O) pulled out by U(``stretch``) Å.
+    frame with one terminal bond (X-H, C=O) pulled out by U(``stretch``) Å. Hydrogen-shift
+    frames (``shift_frames``, none by default): a training MD frame with one H moved onto the
+    path of a 1,2-shift to a heavy neighbour of its atom, U(``shift_height``) Å off that bond.
     """
 
     name: str
@@ -107,6 +109,8 @@ class Preset:
     opt_steps: int = 300
     stretch_frames: int = 0
     stretch: tuple[float, float] = (0.1, 0.8)
+    shift_frames: int = 0
+    shift_height: tuple[float, float] = (0.7, 1.2)
     seed_salt: str = ""
 
     def seed(self, *parts: str) -> int:
@@ -180,8 +184,17 @@ PRESETS: dict[str, Preset] = {
         "second_stretched", train_smiles=SECOND_TRAIN_SMILES, test_smiles=SECOND_TEST_SMILES,
         dimer_smiles=SECOND_DIMER_SMILES, seed_salt="second", md_frames=25, stretch_frames=16,
     ),
+    "stretched_shift": Preset("stretched_shift", stretch_frames=20, shift_frames=20),
+    "second_stretched_shift": Preset(
+        "second_stretched_shift", train_smiles=SECOND_TRAIN_SMILES, test_smiles=SECOND_TEST_SMILES,
+        dimer_smiles=SECOND_DIMER_SMILES, seed_salt="second", md_frames=25, stretch_frames=16,
+        shift_frames=16,
+    ),
 }
 """``stretched`` and ``second_stretched``: ``default`` and ``second`` (the same arrays) plus 20% of
 frames with a terminal bond pulled out 0.1-0.8 Å (issue 24's data lever: reference energies where
 hot MD breaks the models). ``ani1_nms``: ``default`` with its training normal-mode frames drawn
-as ANI-1 drew them (300 K), which stretches X-H bonds further (``benchmarks/nms_width.py``)."""
+as ANI-1 drew them (300 K), which stretches X-H bonds further (``benchmarks/nms_width.py``).
+``stretched_shift`` and ``second_stretched_shift``: the stretched presets (the same arrays) plus as
+many hydrogen-shift frames (issue 24: hydrogen transfers, the failures the stretched frames
+left)."""
