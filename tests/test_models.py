@@ -17,6 +17,7 @@ picked up with no edit here), on every device of the conftest ``device`` fixture
 Models are built by :func:`build` alone, at tiny sizes where the config has the size keys.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def config(request) -> Path:
 
 
 def test_every_model_config_is_collected():
-    assert {"ani1x", "ani2x", "schnet", "schnet_small", "visnet_small"} <= {p.stem for p in MODEL_CONFIGS}
+    assert {"ani1x", "ani2x", "schnet", "schnet_small", "visnet_small", "mace_small"} <= {p.stem for p in MODEL_CONFIGS}
 
 
 def dimer() -> Atoms:
@@ -342,3 +343,27 @@ def test_given_pairs_of_a_molecule_equal_its_own(config, device):
     given_energies, given_forces = evaluate(model, z, pos, batch, len(mols), pairs=pairs)
     torch.testing.assert_close(given_energies, energies, rtol=0, atol=1e-10)
     torch.testing.assert_close(given_forces, forces, rtol=0, atol=1e-10)
+
+
+def test_building_a_mace_model_leaves_torch_load_safe(tmp_path):
+    """mace-torch sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 for the process on import, which makes
+    every later ``torch.load`` unpickle arbitrary objects. After building a MACE model (a fresh
+    process, so mace is imported here) the variable is unset and ``torch.load`` still refuses
+    a pickled object."""
+    import subprocess
+    import sys
+
+    code = """
+import os, pickle, torch
+from ekd_lightning.models.mace import MACEModel
+MACEModel()
+assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
+torch.save({"obj": pickle.loads(pickle.dumps(os.sep)), "cls": pickle.PickleError}, "x.pt")
+try:
+    torch.load("x.pt")
+except pickle.UnpicklingError:
+    print("refused")
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("refused"), run.stderr[-2000:]

@@ -21,6 +21,7 @@ from ekd_lightning.core.errors import CheckpointError
 from ekd_lightning.models import instantiate_model
 from ekd_lightning.models.ani import ANIModel
 from ekd_lightning.models.losses import ForceLoss
+from ekd_lightning.models.mace import MACEModel
 from ekd_lightning.models.schnet import SchNetModel
 from ekd_lightning.models.visnet import ViSNetModel
 from ekd_lightning.task.checkpoint import AtomicCheckpointIO, load_potential
@@ -42,7 +43,7 @@ def test_default_run_folders_of_every_model_config_differ():
             classes.add(type(instantiate_model(cfg.model, ["H", "C", "N", "O"])))
     assert len(MODEL_CONFIGS) >= 4 and len(set(folders.values())) == len(folders), folders
     assert all(folders[name] == f"runs/teacher-{name}-seed0" for name in MODEL_CONFIGS)
-    assert classes == {ANIModel, SchNetModel, ViSNetModel}
+    assert classes == {ANIModel, SchNetModel, ViSNetModel, MACEModel}
 
 
 def _small_ani() -> PotentialModule:

@@ -43,7 +43,8 @@ def save_checkpoint(module, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoints(ani1x_file, tmp_path_factory) -> dict[str, Path]:
-    """Trained ANI, SchNet and ViSNet checkpoints (seconds), and a random ANI with ANI-1x constants."""
+    """Trained ANI, SchNet, ViSNet and MACE checkpoints (seconds), and a random ANI with ANI-1x
+    constants."""
     root = tmp_path_factory.mktemp("use_model")
     torch.manual_seed(5)
     ani1x = PotentialModule({"_target_": ANI, "aev": ANI1X_AEV, "hidden": {e: [16] for e in "HCNO"}},
@@ -56,6 +57,8 @@ def checkpoints(ani1x_file, tmp_path_factory) -> dict[str, Path]:
                              "model.num_filters=16", "model.num_gaussians=16"),
         "visnet": train_tiny(ani1x_file, root / "visnet", *ORACLE, "model=visnet_small",
                              "model.hidden_channels=16", "model.num_layers=1"),
+        "mace": train_tiny(ani1x_file, root / "mace", *ORACLE, "model=mace_small",
+                           "model.hidden_irreps=8x0e+8x1o", "model.mlp_irreps=8x0e"),
         "ani1x": save_checkpoint(ani1x, root / "ani1x.ckpt"),
     }
 
@@ -302,7 +305,8 @@ for case in cases:
         raise AssertionError("sulphur accepted")
     except torch.jit.Error as exc:
         assert "not among this model's elements" in str(exc)
-for package in ("ekd_lightning", "pytorch_lightning", "lightning", "torch_geometric", "hydra"):
+for package in ("ekd_lightning", "pytorch_lightning", "lightning", "torch_geometric", "hydra", "e3nn",
+                "mace"):
     assert package not in sys.modules, package
 print("checked", sum(len(c["molecules"]) for c in cases))
 """

@@ -24,7 +24,8 @@ model computes in the dtype it was trained in (float32): energies and forces agr
 ekd-lightning's to float32 rounding.
 
 Both formats share one scriptable port per architecture (:class:`ExportedANI`,
-:class:`ExportedSchNet`, :class:`ExportedViSNet`) working on a full neighbour list.
+:class:`ExportedSchNet`, :class:`ExportedViSNet`, :class:`ExportedMACE`) working on a full
+neighbour list.
 """
 
 from __future__ import annotations
@@ -413,9 +414,29 @@ class ExportedViSNet(_Exported):
         return x.squeeze(-1)
 
 
+class ExportedMACE(_Exported):
+    """:class:`~ekd_lightning.models.mace.MACEModel`: its :class:`~ekd_lightning.models.mace.MACEBody`
+    (the very forward the model trains with), compiled by e3nn's TorchScript compiler
+    (``e3nn.util.jit.compile``, which scripts e3nn's generated tensor products). An atom's
+    output depends on atoms up to ``num_interactions * cutoff`` away."""
+
+    def __init__(self, model: AtomisticModel, name: str = "mace_small", source_sha256: str = ""):
+        from e3nn.util import jit as e3nn_jit
+
+        super().__init__(model, name, source_sha256)
+        self.interaction_range = self.cutoff * len(model.body.interactions)
+        self.body = e3nn_jit.compile(copy.deepcopy(model.body))
+
+    def contributions(self, species: Tensor, i: Tensor, j: Tensor, vec: Tensor) -> Tensor:
+        i, j, vec, _ = _within(i, j, vec, self.cutoff)
+        return self.body(species, i, j, vec)
+
+
 def exported_module(model: AtomisticModel, name: str, source_sha256: str = "") -> _Exported:
-    """The scriptable port of ``model`` (ANI, SchNet or ViSNet), recording the model name and
-    the checkpoint's SHA-256; CheckpointError, one line, for a model without one."""
+    """The scriptable port of ``model`` (ANI, SchNet, ViSNet or MACE), recording the model name
+    and the checkpoint's SHA-256; CheckpointError, one line, for a model without one."""
+    if type(model).__name__ == "MACEModel":  # mace-torch is an extra: not imported here
+        return ExportedMACE(model, name, source_sha256).eval()
     if isinstance(model, ANIModel):
         return ExportedANI(model, name, source_sha256).eval()
     if isinstance(model, SchNetModel):
@@ -423,7 +444,7 @@ def exported_module(model: AtomisticModel, name: str, source_sha256: str = "") -
     if isinstance(model, ViSNetModel):
         return ExportedViSNet(model, name, source_sha256).eval()
     raise CheckpointError(f"cannot export a {type(model).__name__} ({name}): ekd-export has "
-                          "scriptable ports of ANI, SchNet and ViSNet models only")
+                          "scriptable ports of ANI, SchNet, ViSNet and MACE models only")
 
 
 def script_model(model: AtomisticModel, name: str, source_sha256: str = ""):
