@@ -33,7 +33,9 @@ Issue 24's data levers: ``stretched`` and ``second_stretched`` add to ``default`
 (their arrays unchanged) frames with one terminal bond pulled out 0.1-0.8 Å (``stretched``:
 287 s with 2 workers; ``second_stretched``: 686 s with 1 worker beside two trainings);
 ``ani1_nms`` draws the training normal-mode frames with ANI-1's generator (943 s with 1 worker
-beside two trainings). Results: docs/md-stability-results.md.
+beside two trainings); ``stretched_shift`` and ``second_stretched_shift`` add to the stretched
+presets as many frames with an H on a 1,2-shift path (``second_stretched_shift``: 854 s with 1
+worker beside three trainings). Results: docs/md-stability-results.md.
 """
 
 from __future__ import annotations
