@@ -71,9 +71,9 @@ class FeatureCache:
     resumed from ``last.ckpt`` holds the same bits as the uninterrupted run, and reaches the
     same weights. Energies from held features equal those from positions to float32 rounding
     (an AEV computed within another batch can differ in its last bit). A model with a repulsion
-    prior has the prior's energy of each conformation held beside its features (measured: the
-    prior computed at every step added 21% to the forward and backward pass of a cached
-    ``ani2x`` batch of 64 molecules). Keyed by conformation
+    prior has the prior's energy of each conformation held beside its features (computed at
+    every step, it cost 1.12x the step without a prior; held, 0.98x:
+    ``benchmarks/bench_prior_cache.py``). Keyed by conformation
     (``batch.mol``, ``batch.conf``); rows are packed into slabs of ``SLAB_BYTES`` (large
     allocations, handed back to the system when :meth:`clear` frees them); at most
     ``max_bytes`` are held (the first conformations in stored order), after which batches with
