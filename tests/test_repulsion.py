@@ -129,6 +129,19 @@ def test_every_model_adds_the_prior_to_its_energy_and_forces(config):
     assert float((f - plain_f).abs().max()) > 0.1
 
 
+class OneBatch:
+    """A split of the two conformations of ``batch``, served as one batch (as PackedSplit)."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __len__(self):
+        return self.batch.num_graphs
+
+    def __getitems__(self, rows):
+        return self.batch
+
+
 def test_the_feature_cache_gives_the_prior_too():
     """Energy-only training reads cached AEVs: the prior, which depends on the positions, must
     still be added (else a teacher trained with the cache learns without the prior)."""
@@ -137,12 +150,13 @@ def test_the_feature_cache_gives_the_prior_too():
     z, pos, batch = flat([compressed_ethanol(), molecule("CH3OH")], "cpu", torch.float32)
     data = SimpleNamespace(z=z, pos=pos, batch=batch, num_graphs=2, mol=torch.tensor([0, 1]),
                            conf=torch.tensor([0, 0]))
-    cache = FeatureCache(2**20)
-    cache.rows = {(0, 0): prior.features(z[:9], pos[:9], batch[:9]),
-                  (1, 0): prior.features(z[9:], pos[9:], batch[9:] - 1)}
+    data.to = lambda device: data
+    cache = FeatureCache(FeatureCache.SLAB_BYTES)
+    cache.fill(prior, OneBatch(data), batch_size=2)  # held: AEVs and the prior's energies
     with torch.no_grad():
         direct = prior(z, pos, batch, 2)
         cached = cache.energies(prior, data)
+    assert sorted(cache.priors) == [(0, 0), (1, 0)]  # held, not computed at every step
     # the prior here is above 0.1 Hartree: leaving it out would miss by far more than rounding
     np.testing.assert_allclose(cached.numpy(), direct.numpy(), rtol=0, atol=1e-5)
 

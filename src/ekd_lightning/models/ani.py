@@ -134,17 +134,22 @@ class ANIModel(AtomisticModel):
             return self.aev(self.species(z), pos.to(self.dtype), batch)
 
     def energies_from_features(self, z: Tensor, features: Tensor, batch: Tensor,
-                               num_molecules: int, pos: Tensor | None = None) -> Tensor:
+                               num_molecules: int, prior_energies: Tensor | None = None) -> Tensor:
         """Energies (num_molecules,) Hartree, float64, from :meth:`features` of these atoms: the
-        same values as ``forward`` on their positions ``pos`` (n_atoms, 3) Å, which only the
-        repulsion prior reads (no forces: features are constants)."""
+        same values as ``forward`` on their positions (no forces: features are constants).
+        ``prior_energies`` (num_molecules,) Hartree: the repulsion prior's energies of these
+        conformations (:meth:`~.base.AtomisticModel.prior_energies`), needed when the model has
+        a prior."""
         species = self.species(z)
         energies = self.sum_energies(
             species, self.atomic_contributions(species, None, batch, features=features),
             batch, num_molecules)
-        if self.repulsion is not None and pos is None:
-            raise ValueError("energies_from_features needs pos: the model has a repulsion prior")
-        return energies if pos is None else self.add_prior(energies, species, pos, batch)
+        if self.repulsion is None:
+            return energies
+        if prior_energies is None:
+            raise ValueError("energies_from_features needs prior_energies: the model has a "
+                             "repulsion prior")
+        return energies + prior_energies
 
     def atomic_contributions(self, species: Tensor, pos: Tensor | None, batch: Tensor,
                              pairs: Pairs | None = None, features: Tensor | None = None) -> Tensor:

@@ -106,6 +106,14 @@ class AtomisticModel(nn.Module):
         atomic = self.repulsion(species, edge_index[0], edge_index[1], vec)
         return energies.index_add(0, batch, atomic)
 
+    def prior_energies(self, species: Tensor, pos: Tensor, batch: Tensor, num_molecules: int
+                       ) -> Tensor:
+        """The repulsion prior's energies (num_molecules,) Hartree, float64, of the molecules
+        at ``pos`` (n_atoms, 3) Å (zeros without a prior): constants of a conformation, which
+        energy-only training can hold (:class:`~ekd_lightning.task.module.FeatureCache`)."""
+        zeros = torch.zeros(num_molecules, dtype=torch.float64, device=pos.device)
+        return self.add_prior(zeros, species, pos, batch)
+
     def sum_energies(self, species: Tensor, contributions: Tensor, batch: Tensor,
                      num_molecules: int) -> Tensor:
         """Energies (num_molecules,) Hartree, float64, from the per-atom outputs (n_atoms,):

@@ -70,7 +70,10 @@ class FeatureCache:
     batches of an epoch), so the held values depend on the data and the batch size only: a run
     resumed from ``last.ckpt`` holds the same bits as the uninterrupted run, and reaches the
     same weights. Energies from held features equal those from positions to float32 rounding
-    (an AEV computed within another batch can differ in its last bit). Keyed by conformation
+    (an AEV computed within another batch can differ in its last bit). A model with a repulsion
+    prior has the prior's energy of each conformation held beside its features (computed at
+    every step, it cost 1.12x the step without a prior; held, 0.98x:
+    ``benchmarks/bench_prior_cache.py``). Keyed by conformation
     (``batch.mol``, ``batch.conf``); rows are packed into slabs of ``SLAB_BYTES`` (large
     allocations, handed back to the system when :meth:`clear` frees them); at most
     ``max_bytes`` are held (the first conformations in stored order), after which batches with
@@ -86,6 +89,7 @@ class FeatureCache:
     def clear(self) -> None:
         self.slabs: list[Tensor] = []
         self.rows: dict[tuple[int, int], Tensor] = {}  # views into the slabs
+        self.priors: dict[tuple[int, int], Tensor] = {}  # () Hartree: the prior's energy
         self.used = 0  # rows used in the last slab
         self.nbytes = 0  # bytes of the slabs
         self.full = False
@@ -119,11 +123,15 @@ class FeatureCache:
             features = model.features(batch.z, batch.pos, batch.batch)
             sizes = torch.bincount(batch.batch, minlength=batch.num_graphs).tolist()
             keys = zip(batch.mol.tolist(), batch.conf.tolist(), strict=True)
-            for key, rows in zip(keys, features.split(sizes), strict=True):
+            with torch.no_grad():
+                priors = model.prior_energies(model.species(batch.z), batch.pos, batch.batch,
+                                              batch.num_graphs)
+            for key, rows, prior in zip(keys, features.split(sizes), priors, strict=True):
                 if (copy := self._hold(rows)) is None:
                     self.full = True
                     return
                 self.rows[key] = copy
+                self.priors[key] = prior
 
     def energies(self, model, batch) -> Tensor | None:
         """Energies (n_molecules,) Hartree of ``batch`` from held features; None when a
@@ -133,8 +141,10 @@ class FeatureCache:
         if not held or any(rows is None for rows in held):
             return None
         features = torch.cat(held)
+        priors = torch.stack([self.priors[key] for key in zip(batch.mol.tolist(), batch.conf.tolist(),
+                                                               strict=True)])
         return model.energies_from_features(batch.z, features, batch.batch, batch.num_graphs,
-                                            batch.pos)
+                                            priors)
 
 
 class PotentialModule(pl.LightningModule):
