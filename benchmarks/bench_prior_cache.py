@@ -57,11 +57,9 @@ def main(argv=None) -> None:
         "prior from positions": lambda: step(lambda: model.prior_energies(species, pos, batch, n)),
         "prior held": lambda: step(lambda: held),
     }, args.repeats)
-    base = benchlib.median(times["no prior"])
     print(f"energy-only ani2x step from cached AEVs, {n} bundled conformations, {len(z)} atoms, "
           f"1 thread, {benchlib.cpu_model()}")
-    for name, values in times.items():
-        print(f"  {name:22s} {1e3 * benchlib.median(values):7.2f} ms  {benchlib.median(values) / base:5.2f}x")
+    benchlib.print_ratios(times, "no prior")
 
 
 if __name__ == "__main__":

@@ -43,11 +43,9 @@ def main(argv=None) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         steps[name] = lambda m=model, o=optimizer: ours_step(m, o, flat, with_forces=False)
     times = benchlib.alternate(steps, args.repeats)
-    base = benchlib.median(times[args.models[0]])
     print(f"energy-only step, {len(flat[3])} bundled conformations, {len(flat[0])} atoms, 1 thread, "
           f"{benchlib.cpu_model()}")
-    for name, values in times.items():
-        print(f"  {name:14s} {1e3 * benchlib.median(values):8.2f} ms  {benchlib.median(values) / base:6.2f}x")
+    benchlib.print_ratios(times, args.models[0])
 
 
 if __name__ == "__main__":

@@ -208,6 +208,14 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def print_ratios(times: dict[str, list[float]], base: str) -> None:
+    """One line per method of :func:`alternate`'s times: median in ms and ratio to ``base``'s."""
+    reference = median(times[base])
+    width = max(len(name) for name in times)
+    for name, values in times.items():
+        print(f"  {name:{width}s} {1e3 * median(values):8.2f} ms  {median(values) / reference:6.2f}x")
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -228,6 +228,19 @@ def test_seed_salt_gives_other_deterministic_samples():
     assert np.abs(runs[0].coordinates - runs[2].coordinates).max() > 1e-3
 
 
+def with_extra_frames(preset, extended, sampling_suffix: str, extra: int):
+    """Methanol's training samples under ``preset`` and ``extended`` (the same preset with
+    frames added): ``extended``'s arrays begin with ``preset``'s, bit for bit, and
+    add ``extra`` frames named by ``sampling_suffix``. Returns both samples."""
+    plain, more = build.compute([build.Job("train", "CH4O", "CO", p) for p in (preset, extended)],
+                                workers=1, log=lambda message: None)
+    n = len(plain.coordinates)
+    np.testing.assert_array_equal(more.coordinates[:n], plain.coordinates)
+    np.testing.assert_array_equal(more.energies[:n], plain.energies)
+    assert more.sampling.endswith(sampling_suffix) and len(more.coordinates) == n + extra
+    return plain, more
+
+
 def test_stretched_frames_pull_one_terminal_bond_and_keep_the_other_arrays():
     """``stretch_frames`` appends frames in which exactly one terminal bond (an X-H here) is
     longer than in some training MD frame by 0.1-0.8 Å, labelled by xTB like the rest (energies
@@ -237,13 +250,9 @@ def test_stretched_frames_pull_one_terminal_bond_and_keep_the_other_arrays():
     import dataclasses
 
     tiny = presets.PRESETS["tiny"]
-    stretched = dataclasses.replace(tiny, stretch_frames=6)
-    plain, pulled = build.compute([build.Job("train", "CH4O", "CO", p) for p in (tiny, stretched)],
-                                  workers=1, log=lambda message: None)
+    plain, pulled = with_extra_frames(tiny, dataclasses.replace(tiny, stretch_frames=6),
+                                      ",stretch0.1-0.8A:6", 6)
     n = len(plain.coordinates)
-    np.testing.assert_array_equal(pulled.coordinates[:n], plain.coordinates)
-    np.testing.assert_array_equal(pulled.energies[:n], plain.energies)
-    assert pulled.sampling.endswith(",stretch0.1-0.8A:6") and len(pulled.coordinates) == n + 6
     md = plain.coordinates[: 2 * tiny.md_frames]
     for x in pulled.coordinates[n:]:
         moved = np.abs(md - x).max(axis=2) > 1e-9  # (n_md, n_atoms): atoms off each MD frame
@@ -271,13 +280,9 @@ def test_hydrogen_shift_frames_put_one_h_on_a_shift_path_and_keep_the_other_arra
     import dataclasses
 
     stretched = dataclasses.replace(presets.PRESETS["tiny"], stretch_frames=2)
-    shifted = dataclasses.replace(stretched, shift_frames=6)
-    plain, moved_h = build.compute([build.Job("train", "CH4O", "CO", p) for p in (stretched, shifted)],
-                                   workers=1, log=lambda message: None)
+    plain, moved_h = with_extra_frames(stretched, dataclasses.replace(stretched, shift_frames=6),
+                                       ",hshift0.7-1.2A:6", 6)
     n = len(plain.coordinates)
-    np.testing.assert_array_equal(moved_h.coordinates[:n], plain.coordinates)
-    np.testing.assert_array_equal(moved_h.energies[:n], plain.energies)
-    assert moved_h.sampling.endswith(",hshift0.7-1.2A:6") and len(moved_h.coordinates) == n + 6
     md = plain.coordinates[: 2 * stretched.md_frames]
     heavy = np.flatnonzero(plain.numbers > 1)  # C and O
     for x in moved_h.coordinates[n:]:
