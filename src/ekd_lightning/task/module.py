@@ -89,7 +89,7 @@ class FeatureCache:
     def clear(self) -> None:
         self.slabs: list[Tensor] = []
         self.rows: dict[tuple[int, int], Tensor] = {}  # views into the slabs
-        self.priors: dict[tuple[int, int], Tensor] = {}  # () Hartree: the prior's energy
+        self.priors: dict[tuple[int, int], Tensor | None] = {}  # () Hartree, None: no prior
         self.used = 0  # rows used in the last slab
         self.nbytes = 0  # bytes of the slabs
         self.full = False
@@ -123,9 +123,11 @@ class FeatureCache:
             features = model.features(batch.z, batch.pos, batch.batch)
             sizes = torch.bincount(batch.batch, minlength=batch.num_graphs).tolist()
             keys = zip(batch.mol.tolist(), batch.conf.tolist(), strict=True)
-            with torch.no_grad():
-                priors = model.prior_energies(model.species(batch.z), batch.pos, batch.batch,
-                                              batch.num_graphs)
+            priors = [None] * batch.num_graphs
+            if model.repulsion is not None:
+                with torch.no_grad():
+                    priors = model.prior_energies(model.species(batch.z), batch.pos, batch.batch,
+                                                  batch.num_graphs)
             for key, rows, prior in zip(keys, features.split(sizes), priors, strict=True):
                 if (copy := self._hold(rows)) is None:
                     self.full = True
@@ -141,8 +143,10 @@ class FeatureCache:
         if not held or any(rows is None for rows in held):
             return None
         features = torch.cat(held)
-        priors = torch.stack([self.priors[key] for key in zip(batch.mol.tolist(), batch.conf.tolist(),
-                                                               strict=True)])
+        priors = None
+        if model.repulsion is not None:
+            keys = zip(batch.mol.tolist(), batch.conf.tolist(), strict=True)
+            priors = torch.stack([self.priors[key] for key in keys])
         return model.energies_from_features(batch.z, features, batch.batch, batch.num_graphs,
                                             priors)
 
