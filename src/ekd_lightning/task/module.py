@@ -138,14 +138,13 @@ class FeatureCache:
     def energies(self, model, batch) -> Tensor | None:
         """Energies (n_molecules,) Hartree of ``batch`` from held features; None when a
         conformation of the batch is not held (not filled yet, or the cache is full)."""
-        keys = zip(batch.mol.tolist(), batch.conf.tolist(), strict=True)
+        keys = list(zip(batch.mol.tolist(), batch.conf.tolist(), strict=True))
         held = [self.rows.get(key) for key in keys]
         if not held or any(rows is None for rows in held):
             return None
         features = torch.cat(held)
         priors = None
         if model.repulsion is not None:
-            keys = zip(batch.mol.tolist(), batch.conf.tolist(), strict=True)
             priors = torch.stack([self.priors[key] for key in keys])
         return model.energies_from_features(batch.z, features, batch.batch, batch.num_graphs,
                                             priors)
